@@ -1,0 +1,196 @@
+"""The `gemma-jobs` command line: run the pieces, the whole stack, and administer keys."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from shared.settings import SettingsError, get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run one subcommand."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except SettingsError as exc:
+        print(f"gemma-jobs: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Describe every subcommand and its options."""
+    parser = argparse.ArgumentParser(prog="gemma-jobs", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="command")
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema to head")
+    migrate.set_defaults(run=cmd_migrate)
+
+    gateway = commands.add_parser("gateway", help="run the HTTP gateway (gunicorn)")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    gateway.add_argument("--threads", type=int, default=16, help="threads per process")
+    gateway.set_defaults(run=cmd_gateway)
+
+    worker = commands.add_parser("worker", help="run a worker on one GPU or the CPU")
+    device = worker.add_mutually_exclusive_group()
+    device.add_argument("--gpu", type=int, help="GPU index; sets CUDA_VISIBLE_DEVICES")
+    device.add_argument("--device", choices=["cpu"], help="run on the CPU (the default)")
+    worker.add_argument("--models", default=None, help="comma-separated model ids to serve")
+    worker.set_defaults(run=cmd_worker)
+
+    up = commands.add_parser("up", help="run the whole stack on this machine")
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(run=cmd_up)
+
+    demo = commands.add_parser("demo", help="start the stack, run one generation over HTTP, stop")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--prompt", default="Write a haiku about queues of GPUs.")
+    demo.set_defaults(run=cmd_demo)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_commands = keys.add_subparsers(required=True, metavar="action")
+    create = key_commands.add_parser("create", help="create a key; prints it alone on stdout")
+    create.add_argument("--role", choices=["admin", "user"], default="user")
+    create.add_argument("--name", default="")
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--tpm", type=int)
+    create.add_argument("--max-concurrent", type=int)
+    create.set_defaults(run=cmd_keys_create)
+    listing = key_commands.add_parser("list", help="list keys (never their secrets)")
+    listing.set_defaults(run=cmd_keys_list)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=cmd_keys_revoke)
+    return parser
+
+
+def _database():
+    from shared.db import Database
+
+    return Database(get_settings().database_url_or_default)
+
+
+def _checked_database():
+    """Return the database, or exit with a clear message if its schema is behind."""
+    from shared.db import SchemaOutOfDate
+
+    db = _database()
+    try:
+        db.check_schema()
+    except SchemaOutOfDate as exc:
+        print(f"gemma-jobs: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return db
+
+
+def cmd_migrate(_args) -> int:
+    """Upgrade the configured database to the migrations' head."""
+    from shared.migrate import head_revision, upgrade
+
+    upgrade(get_settings().database_url_or_default)
+    print(f"database at revision {head_revision()}", file=sys.stderr)
+    return 0
+
+
+def cmd_gateway(args) -> int:
+    """Run the gateway under gunicorn with threads (waiting requests hold a thread)."""
+    from services.server import serve_gateway
+    from shared.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format, process="gateway")
+    _checked_database().dispose()
+    serve_gateway(args.host, args.port, workers=args.workers, threads=args.threads,
+                  timeout_s=int(settings.max_wait_s) + 30)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """Pin the device, then start the worker (torch is imported only after this point)."""
+    from shared.registry import DEFAULT_MODEL_ID
+
+    if args.gpu is not None:
+        # Must happen before torch is imported anywhere in this process.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        device = "cuda"
+    else:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+        device = "cpu"
+    models = [m.strip() for m in (args.models or DEFAULT_MODEL_ID).split(",") if m.strip()]
+    from workers.main import run_worker
+
+    run_worker(get_settings(), device, models)
+    return 0
+
+
+def cmd_up(args) -> int:
+    """Run the embedded stack until Ctrl-C."""
+    from services.stack import Stack
+
+    with Stack(get_settings(), port=args.port) as stack:
+        stack.announce()
+        stack.wait()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Start the stack, send one generation job over HTTP, print its result, stop."""
+    from services.stack import Stack, run_sample_job
+
+    with Stack(get_settings(), port=args.port) as stack:
+        stack.announce()
+        return run_sample_job(stack, args.prompt)
+
+
+def cmd_keys_create(args) -> int:
+    """Create a key and print it alone on stdout."""
+    from services.domain.keys import create_key
+
+    with _checked_database().session_scope() as session:
+        row, plaintext = create_key(
+            session,
+            role=args.role,
+            name=args.name,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            max_concurrent=args.max_concurrent,
+        )
+    print(f"created {row.role} key {row.id}", file=sys.stderr)
+    print(plaintext)
+    return 0
+
+
+def cmd_keys_list(_args) -> int:
+    """Print a table of keys."""
+    from services.domain.keys import list_keys
+
+    with _checked_database().session_scope() as session:
+        rows = list_keys(session)
+        print(f"{'id':32} {'role':6} {'prefix':12} {'revoked':8} name")
+        for row in rows:
+            revoked = "yes" if row.revoked_at else "no"
+            print(f"{row.id:32} {row.role:6} {row.key_prefix:12} {revoked:8} {row.name}")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    """Revoke a key by id."""
+    from services.domain.keys import revoke_key
+    from shared.errors import NotFound
+
+    try:
+        with _checked_database().session_scope() as session:
+            revoke_key(session, args.key_id)
+    except NotFound as exc:
+        print(f"gemma-jobs: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

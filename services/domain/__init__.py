@@ -1,0 +1,1 @@
+"""Domain functions: take a session, never commit, raise DomainError subclasses."""

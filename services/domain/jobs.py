@@ -1,0 +1,152 @@
+"""Creating, reading and listing jobs."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from services.domain.keys import Caller
+from shared.celery_app import queue_for
+from shared.errors import InvalidField, NotFound
+from shared.ids import new_id
+from shared.jobs import JobKind, JobStatus
+from shared.models import Job, UsageRecord, utcnow
+from shared.registry import ModelRegistry
+from shared.schemas import GenerationRequest
+from shared.schemas import Job as JobOut
+from shared.settings import Settings
+
+
+def create_generation(
+    session: Session,
+    caller: Caller,
+    request: GenerationRequest,
+    *,
+    registry: ModelRegistry,
+    settings: Settings,
+) -> Job:
+    """Validate a generation request against server limits and record it as queued."""
+    entry = registry.get(request.model)
+    if entry is None:
+        known = ", ".join(model.id for model in registry.all())
+        raise InvalidField(
+            f"unknown model {request.model!r}; GET /v1/models lists them ({known})",
+            details=[{"field": "model", "message": "unknown model"}],
+        )
+    max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
+    if max_new_tokens > settings.max_new_tokens:
+        raise InvalidField(
+            f"max_new_tokens is at most {settings.max_new_tokens} on this server",
+            details=[{"field": "max_new_tokens", "message": "too large"}],
+        )
+    if request.messages is not None and len(request.messages) > settings.max_messages:
+        raise InvalidField(
+            f"at most {settings.max_messages} messages per request",
+            details=[{"field": "messages", "message": "too many"}],
+        )
+    prompt_chars = (
+        len(request.prompt)
+        if request.prompt is not None
+        else sum(len(message.content) for message in request.messages or [])
+    )
+    if prompt_chars > settings.max_prompt_chars:
+        raise InvalidField(
+            f"the prompt is {prompt_chars} characters; the limit is {settings.max_prompt_chars}",
+            details=[{"field": "messages" if request.messages else "prompt"}],
+        )
+    params = request.model_dump(exclude={"model", "metadata"}, exclude_none=True)
+    params["max_new_tokens"] = max_new_tokens
+    job = Job(
+        id=new_id("job"),
+        owner_key_id=caller.key_id,
+        kind=JobKind.GENERATION,
+        model=request.model,
+        queue=queue_for(JobKind.GENERATION, request.model),
+        status=JobStatus.QUEUED,
+        params=params,
+        metadata_=request.metadata,
+        created_at=utcnow(),
+        attempts=0,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, caller: Caller, job_id: str) -> Job:
+    """Return one of the caller's jobs; someone else's job is 'not found' too."""
+    job = session.get(Job, job_id)
+    if job is None or job.owner_key_id != caller.key_id:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    caller: Caller,
+    *,
+    limit: int,
+    after: str | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+) -> tuple[list[Job], bool]:
+    """Return a page of the caller's jobs, newest first, and whether more follow."""
+    query = select(Job).where(Job.owner_key_id == caller.key_id)
+    if after:
+        # Ids are time-ordered, so the cursor is the last id seen: a keyset, not an offset.
+        query = query.where(Job.id < after)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """Return how many jobs wait ahead of a queued job in its queue."""
+    if job.status != JobStatus.QUEUED:
+        return None
+    return session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.queue == job.queue, Job.status == JobStatus.QUEUED, Job.id < job.id)
+    )
+
+
+def describe_jobs(session: Session, jobs: list[Job]) -> list[JobOut]:
+    """Build the public view of job rows, fetching their usage in one query."""
+    ids = [job.id for job in jobs]
+    usage_by_job = {
+        record.job_id: record
+        for record in session.scalars(select(UsageRecord).where(UsageRecord.job_id.in_(ids)))
+    } if ids else {}
+    return [_to_response(job, usage_by_job.get(job.id), queue_position(session, job)) for job in jobs]
+
+
+def _to_response(job: Job, usage: UsageRecord | None, position: int | None) -> JobOut:
+    return JobOut(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        model=job.model,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        queue_position=position,
+        result=job.result,
+        error=job.error,
+        progress=job.progress,
+        usage=(
+            {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "train_tokens": usage.train_tokens,
+                "gpu_seconds": usage.gpu_seconds,
+            }
+            if usage
+            else None
+        ),
+        metadata=job.metadata_,
+    )

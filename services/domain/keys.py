@@ -1,0 +1,103 @@
+"""Creating, finding and revoking API keys."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.errors import InvalidField, NotFound, Unauthenticated
+from shared.ids import new_id
+from shared.keys import SHOWN_PREFIX_CHARS, generate_key, hash_key, looks_like_key
+from shared.models import ApiKey, utcnow
+
+ROLES = ("admin", "user")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated key behind a request."""
+
+    key_id: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        """Return whether the caller holds an admin key."""
+        return self.role == "admin"
+
+
+def create_key(
+    session: Session,
+    *,
+    role: str,
+    name: str = "",
+    rpm: int | None = None,
+    tpm: int | None = None,
+    max_concurrent: int | None = None,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key; return its row and the plaintext, which is never stored."""
+    if role not in ROLES:
+        raise InvalidField(f"role must be one of {', '.join(ROLES)}", details={"field": "role"})
+    plaintext = generate_key()
+    row = ApiKey(
+        id=new_id("key"),
+        key_hash=hash_key(plaintext),
+        key_prefix=plaintext[:SHOWN_PREFIX_CHARS],
+        name=name,
+        role=role,
+        rpm=rpm,
+        tpm=tpm,
+        max_concurrent=max_concurrent,
+        expires_at=expires_at,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row, plaintext
+
+
+def authenticate(session: Session, plaintext: str | None) -> Caller:
+    """Return the caller for a bearer key, or raise Unauthenticated."""
+    if not plaintext or not looks_like_key(plaintext):
+        raise Unauthenticated("send `Authorization: Bearer gj_...` with a valid API key")
+    digest = hash_key(plaintext)
+    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+    # The lookup is by hash, so timing reveals nothing about the key; compare anyway.
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        raise Unauthenticated("unknown API key")
+    now = utcnow()
+    if row.revoked_at is not None:
+        raise Unauthenticated("this API key has been revoked")
+    if row.expires_at is not None and row.expires_at <= now:
+        raise Unauthenticated("this API key has expired")
+    return Caller(key_id=row.id, role=row.role)
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    """Return every key, newest first."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id.desc())))
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    """Revoke a key; revoking twice is fine."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"no API key {key_id!r}")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
+def has_active_admin(session: Session) -> bool:
+    """Return whether any unrevoked admin key exists."""
+    return (
+        session.scalars(
+            select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
+        ).first()
+        is not None
+    )

@@ -1,0 +1,54 @@
+"""The Flask gateway: validates, authenticates, records jobs and enqueues them."""
+
+from __future__ import annotations
+
+import uuid
+
+import structlog
+from flask import Flask, g, request
+
+from services.gateway.context import GatewayContext
+from services.gateway.errors import register_error_handlers
+from shared.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, check_schema: bool = True) -> Flask:
+    """Build the gateway app; refuses to start on an out-of-date database schema."""
+    settings = settings or get_settings()
+    app = Flask("gemma_jobs_gateway")
+    # Werkzeug refuses larger bodies with 413 before anything parses them.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    context = GatewayContext.create(settings)
+    if check_schema:
+        context.db.check_schema()
+    app.extensions["gemma_jobs"] = context
+
+    register_error_handlers(app)
+    _register_request_context(app)
+
+    from services.gateway.api import jobs, models, system
+
+    app.register_blueprint(system.blueprint)
+    app.register_blueprint(jobs.blueprint)
+    app.register_blueprint(models.blueprint)
+    return app
+
+
+def _register_request_context(app: Flask) -> None:
+    """Bind a request id to every log line of a request and echo it back."""
+
+    @app.before_request
+    def bind_request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if 0 < len(incoming) <= 100 else uuid.uuid4().hex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            request_id=g.request_id, method=request.method, path=request.path
+        )
+
+    @app.after_request
+    def add_request_id(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response

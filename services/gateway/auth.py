@@ -1,0 +1,38 @@
+"""Bearer-key authentication for routes."""
+
+from __future__ import annotations
+
+from functools import wraps
+
+import structlog
+from flask import g, request
+
+from services.domain.keys import Caller, authenticate
+from services.gateway.context import gateway
+from shared.errors import Forbidden
+
+
+def require_key(role: str | None = None):
+    """Authenticate the request's bearer key (and check its role) before the route runs."""
+
+    def decorate(view):
+        @wraps(view)
+        def wrapper(*args, **kwargs):
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            with gateway().db.session_scope() as session:
+                caller = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
+            if role == "admin" and not caller.is_admin:
+                raise Forbidden("this route needs an admin key")
+            g.caller = caller
+            structlog.contextvars.bind_contextvars(key_id=caller.key_id)
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def current_caller() -> Caller:
+    """Return the authenticated caller of this request."""
+    return g.caller

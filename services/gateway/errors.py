@@ -1,0 +1,62 @@
+"""The one place domain and HTTP errors become JSON error responses."""
+
+from __future__ import annotations
+
+import structlog
+from flask import Flask, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from shared.errors import DomainError
+
+log = structlog.get_logger(__name__)
+
+
+def error_response(status: int, code: str, message: str, details=None):
+    """Return a Flask response in the error shape of the contract."""
+    response = jsonify({"error": {"code": code, "message": message, "details": details}})
+    response.status_code = status
+    return response
+
+
+def validation_details(exc: ValidationError) -> list[dict]:
+    """Turn pydantic errors into `[{field, message}]`, fields as dotted paths."""
+    return [
+        {
+            "field": ".".join(str(part) for part in error["loc"]) or "(body)",
+            "message": error["msg"],
+        }
+        for error in exc.errors(include_url=False)
+    ]
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Map every error to the JSON error shape with the right status."""
+
+    @app.errorhandler(DomainError)
+    def domain_error(exc: DomainError):
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(ValidationError)
+    def invalid_body(exc: ValidationError):
+        details = validation_details(exc)
+        fields = ", ".join(detail["field"] for detail in details)
+        return error_response(422, "invalid_field", f"invalid value for: {fields}", details)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        codes = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
+        }
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = f"request body is over the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
+        return error_response(exc.code or 500, codes.get(exc.code, "http_error"), message)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled_error")
+        return error_response(500, "internal_error", "internal server error; see gateway logs")

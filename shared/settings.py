@@ -1,0 +1,90 @@
+"""Typed settings, read once from the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "GEMMA_JOBS_"
+
+
+class SettingsError(RuntimeError):
+    """A setting read from the environment has a bad value."""
+
+
+class Settings(BaseSettings):
+    """Everything gemma-jobs reads from the environment, with its defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Path("./var")
+    # Unset means "SQLite under data_dir"; see `database_url_or_default`.
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL"))
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL")
+    )
+    # A JSON file of extra model entries; the built-in gemma-3-270m is always present.
+    model_registry: Path | None = None
+    # Converted model weights (safetensors) live here; unset means data_dir/models.
+    model_cache_dir: Path | None = None
+
+    max_wait_s: float = Field(default=60.0, gt=0, le=600)
+    max_new_tokens: int = Field(default=2048, ge=1, le=32768)
+    default_max_new_tokens: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_messages: int = Field(default=256, ge=1)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    page_limit_max: int = Field(default=100, ge=1)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    @field_validator("database_url", "redis_url")
+    @classmethod
+    def _has_scheme(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("must be a URL such as postgresql://host/db or redis://host:6379/0")
+        return value
+
+    @property
+    def database_url_or_default(self) -> str:
+        """Return the database URL, defaulting to a SQLite file under the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'gemma-jobs.db').resolve()}"
+
+    @property
+    def model_cache_path(self) -> Path:
+        """Return the folder that holds converted model weights."""
+        return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+
+def env_name(field: str) -> str:
+    """Return the environment variable that sets a settings field."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, naming the variable on a bad value."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            name = env_name(field) if field in Settings.model_fields else field
+            problems.append(f"{name}: {error['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""Celery workers: the only code that imports torch, transformers and peft."""

@@ -1,0 +1,56 @@
+"""The worker process: set up the runtime, preload models, then consume the model queues."""
+
+from __future__ import annotations
+
+import structlog
+import torch
+
+from shared.celery_app import make_celery, queue_for
+from shared.jobs import JobKind
+from shared.logging import configure_logging
+from shared.settings import Settings
+from workers.runtime import WorkerRuntime, set_runtime
+from workers.tasks import register_tasks
+
+log = structlog.get_logger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Return the torch device to run on; CUDA must really be there if asked for."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu was given but CUDA is not available to this process")
+    return torch.device("cuda:0" if device == "cuda" else "cpu")
+
+
+def run_worker(settings: Settings, device: str, model_ids: list[str]) -> None:
+    """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
+    configure_logging(settings.log_level, settings.log_format, process="worker")
+    rt = WorkerRuntime.create(settings, resolve_device(device))
+    rt.db.check_schema()
+    unknown = [model_id for model_id in model_ids if rt.models.registry.get(model_id) is None]
+    if unknown:
+        raise SystemExit(f"--models names unregistered models: {', '.join(unknown)}")
+    structlog.contextvars.bind_contextvars(worker_id=rt.worker_id)
+    set_runtime(rt)
+    if device == "cpu":
+        # Torch defaults to all cores; say so in the log, it is the biggest speed lever here.
+        log.info("cpu_threads", threads=torch.get_num_threads())
+    rt.models.preload(model_ids)
+    app = make_celery(settings.redis_url)
+    register_tasks(app)
+    queues = [queue_for(JobKind.GENERATION, model_id) for model_id in model_ids]
+    log.info("worker_ready", queues=queues, models=rt.models.loaded_ids())
+    # The solo pool runs tasks in this process, where the model already lives: no fork
+    # after torch (or CUDA) has been initialised.
+    app.worker_main(
+        argv=[
+            "--quiet",  # no banner on stdout; our logs say the same as JSON
+            "worker",
+            "--pool=solo",
+            "--queues=" + ",".join(queues),
+            f"--hostname={rt.worker_id.replace(':', '-')}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            f"--loglevel={settings.log_level.upper()}",
+        ]
+    )

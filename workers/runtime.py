@@ -1,0 +1,56 @@
+"""Per-process state of a worker, built once at start-up (after any fork)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import redis
+import torch
+
+from shared.db import Database
+from shared.registry import ModelRegistry
+from shared.settings import Settings
+from workers.model_cache import ModelCache
+
+
+@dataclass
+class WorkerRuntime:
+    """The database, Redis client, model cache and identity of this worker process."""
+
+    settings: Settings
+    db: Database
+    redis: redis.Redis
+    models: ModelCache
+    worker_id: str
+    device: torch.device
+
+    @classmethod
+    def create(cls, settings: Settings, device: torch.device) -> "WorkerRuntime":
+        """Connect to the database and Redis and set up an empty model cache."""
+        registry = ModelRegistry.load(settings.model_registry)
+        return cls(
+            settings=settings,
+            db=Database(settings.database_url_or_default),
+            redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3),
+            models=ModelCache(registry, settings.model_cache_path, device),
+            worker_id=f"{socket.gethostname()}:{os.getpid()}:{device}",
+            device=device,
+        )
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def set_runtime(runtime: WorkerRuntime) -> None:
+    """Install this process's runtime; tasks read it with `runtime()`."""
+    global _runtime
+    _runtime = runtime
+
+
+def runtime() -> WorkerRuntime:
+    """Return this process's runtime."""
+    if _runtime is None:
+        raise RuntimeError("worker runtime not initialised; start workers with `gemma-jobs worker`")
+    return _runtime
