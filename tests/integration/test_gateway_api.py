@@ -1,0 +1,242 @@
+"""The gateway's HTTP contract on a real database (SQLite and PostgreSQL) and real Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from services.domain.keys import create_key
+from services.gateway import create_app
+from shared.celery_app import queue_for
+from shared.db import Database
+from shared.models import Job
+from shared.settings import load_settings
+
+QUEUE = queue_for("generation", "gemma-3-270m")
+
+
+@pytest.fixture()
+def app(settings, redis_client):
+    """The gateway app on the test database and an empty Redis db."""
+    application = create_app(settings)
+    yield application
+    application.extensions["gemma_jobs"].db.dispose()
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+def make_key(app, role: str = "user") -> str:
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        _, plaintext = create_key(session, role=role)
+    return plaintext
+
+
+@pytest.fixture()
+def auth(app) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key(app)}"}
+
+
+def submit(client, auth, **overrides):
+    body = {"model": "gemma-3-270m", "prompt": "Hello", "max_new_tokens": 4, **overrides}
+    return client.post("/v1/generations", json=body, headers=auth)
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    return error
+
+
+def test_submit_records_then_enqueues(client, auth, app, redis_client):
+    response = submit(client, auth, metadata={"team": "search"})
+    assert response.status_code == 202
+    job = response.get_json()
+    assert job["id"].startswith("job_")
+    assert job["status"] == "queued"
+    assert job["queue_position"] == 0
+    assert job["metadata"] == {"team": "search"}
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    # The message on the model's queue carries only the job id.
+    (raw,) = redis_client.lrange(QUEUE, 0, -1)
+    message = json.loads(raw)
+    assert json.loads(__import__("base64").b64decode(message["body"]))[0] == [job["id"]]
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        row = session.get(Job, job["id"])
+        assert row.params["max_new_tokens"] == 4
+        assert row.params["temperature"] == 1.0
+
+
+def test_queue_position_counts_jobs_ahead(client, auth):
+    ids = [submit(client, auth).get_json()["id"] for _ in range(3)]
+    positions = [client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["queue_position"] for job_id in ids]
+    assert positions == [0, 1, 2]
+
+
+def test_missing_and_bad_keys_are_401(client, app):
+    assert_error(client.get("/v1/jobs"), 401, "unauthenticated")
+    assert_error(client.get("/v1/jobs", headers={"Authorization": "Bearer gj_not-a-real-key-at-all"}), 401, "unauthenticated")
+    assert_error(client.get("/v1/jobs", headers={"Authorization": "Basic abc"}), 401, "unauthenticated")
+    assert_error(client.get("/v1/models"), 401, "unauthenticated")
+
+
+def test_keys_are_stored_only_as_hashes(app):
+    plaintext = make_key(app)
+    with app.extensions["gemma_jobs"].db.engine.connect() as connection:
+        dump = repr(connection.exec_driver_sql("SELECT * FROM api_keys").all())
+    assert plaintext not in dump
+    assert plaintext[len("gj_"):] not in dump
+
+
+def test_malformed_json_is_400(client, auth):
+    response = client.post("/v1/generations", data="{not json", headers={**auth, "Content-Type": "application/json"})
+    assert_error(response, 400, "malformed_request")
+    assert_error(client.post("/v1/generations", data="[1, 2]", headers=auth), 400, "malformed_request")
+    assert_error(client.post("/v1/generations", headers=auth), 400, "malformed_request")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": "many"}, "max_new_tokens"),
+        ({"seed": -5}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"surprise": True}, "surprise"),
+        ({"messages": [{"role": "robot", "content": "hi"}], "prompt": None}, "messages.0.role"),
+    ],
+)
+def test_bad_fields_are_422_naming_the_field(client, auth, overrides, field):
+    body = {"model": "gemma-3-270m", "prompt": "Hello", **overrides}
+    body = {key: value for key, value in body.items() if value is not None}
+    error = assert_error(client.post("/v1/generations", json=body, headers=auth), 422, "invalid_field")
+    assert field in [detail["field"] for detail in error["details"]]
+    assert field in error["message"]
+
+
+def test_prompt_and_messages_together_is_422(client, auth):
+    response = submit(client, auth, messages=[{"role": "user", "content": "hi"}])
+    error = assert_error(response, 422, "invalid_field")
+    assert "exactly one of `messages` or `prompt`" in json.dumps(error)
+
+
+def test_unknown_model_is_422(client, auth):
+    error = assert_error(submit(client, auth, model="gpt-17"), 422, "invalid_field")
+    assert "gpt-17" in error["message"] and "gemma-3-270m" in error["message"]
+
+
+def test_server_maximum_of_new_tokens_is_422(client, auth, app):
+    limit = app.extensions["gemma_jobs"].settings.max_new_tokens
+    error = assert_error(submit(client, auth, max_new_tokens=limit + 1), 422, "invalid_field")
+    assert str(limit) in error["message"]
+
+
+def test_oversized_body_is_413(client, auth, app):
+    limit = app.extensions["gemma_jobs"].settings.max_body_bytes
+    response = submit(client, auth, prompt="x" * (limit + 10))
+    error = assert_error(response, 413, "payload_too_large")
+    assert str(limit) in error["message"]
+
+
+def test_unknown_and_foreign_jobs_are_404(client, auth, app):
+    job_id = submit(client, auth).get_json()["id"]
+    other = {"Authorization": f"Bearer {make_key(app)}"}
+    assert_error(client.get(f"/v1/jobs/{job_id}", headers=other), 404, "not_found")
+    assert_error(client.get("/v1/jobs/job_doesnotexist", headers=auth), 404, "not_found")
+    assert client.get("/v1/jobs", headers=other).get_json()["data"] == []
+    assert_error(client.get("/v1/nothing-here", headers=auth), 404, "not_found")
+    assert_error(client.delete("/v1/generations", headers=auth), 405, "method_not_allowed")
+
+
+def test_list_is_newest_first_with_a_cursor(client, auth):
+    ids = [submit(client, auth).get_json()["id"] for _ in range(5)]
+    seen, after = [], None
+    while True:
+        query = "/v1/jobs?limit=2" + (f"&after={after}" if after else "")
+        page = client.get(query, headers=auth).get_json()
+        seen += [job["id"] for job in page["data"]]
+        if not page["has_more"]:
+            assert page["next_after"] is None
+            break
+        after = page["next_after"]
+    assert seen == list(reversed(ids))
+
+
+def test_list_filters_and_bad_query(client, auth):
+    submit(client, auth)
+    assert len(client.get("/v1/jobs?status=queued", headers=auth).get_json()["data"]) == 1
+    assert client.get("/v1/jobs?status=succeeded", headers=auth).get_json()["data"] == []
+    assert client.get("/v1/jobs?kind=fine_tune", headers=auth).get_json()["data"] == []
+    error = assert_error(client.get("/v1/jobs?limit=1000", headers=auth), 422, "invalid_field")
+    assert error["details"][0]["field"] == "limit"
+    assert_error(client.get("/v1/jobs?status=done", headers=auth), 422, "invalid_field")
+
+
+def test_prefer_wait_returns_202_when_nothing_finishes(client, auth):
+    started = time.monotonic()
+    response = client.post(
+        "/v1/generations",
+        json={"model": "gemma-3-270m", "prompt": "Hi"},
+        headers={**auth, "Prefer": "wait=1"},
+    )
+    assert response.status_code == 202
+    assert response.headers["Preference-Applied"] == "wait=1"
+    assert 0.9 <= time.monotonic() - started < 4
+
+
+def test_models_lists_the_registry(client, auth):
+    models = client.get("/v1/models", headers=auth).get_json()
+    assert [model["id"] for model in models["data"]] == ["gemma-3-270m"]
+    assert models["data"][0]["context_length"] == 32768
+
+
+def test_health_readiness_and_openapi(client):
+    assert client.get("/healthz").get_json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"] == {"database": "ok", "redis": "ok"}
+    document = client.get("/openapi.json").get_json()
+    assert document["openapi"].startswith("3.1")
+    assert set(document["paths"]) >= {"/v1/generations", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/models"}
+    schemas = document["components"]["schemas"]
+    assert "prompt" in schemas["GenerationRequest"]["properties"]
+    assert schemas["Job"]["properties"]["status"]["enum"] == ["queued", "running", "succeeded", "failed", "cancelled"]
+    refs = {v for v in _refs(document)}
+    assert all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _refs(item)
+
+
+def test_readiness_is_503_without_redis(database_url, tmp_path):
+    settings = load_settings(database_url=database_url, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
+    response = create_app(settings).test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["redis"].startswith("error")
+
+
+def test_submit_without_redis_keeps_the_job(database_url, tmp_path):
+    """Redis down at submit: the committed job is kept (queued) and the client gets its id."""
+    settings = load_settings(database_url=database_url, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
+    app = create_app(settings)
+    response = submit(app.test_client(), {"Authorization": f"Bearer {make_key(app)}"})
+    assert response.status_code == 202
+    with Database(database_url).session_scope() as session:
+        assert session.get(Job, response.get_json()["id"]).status == "queued"
