@@ -1,0 +1,128 @@
+"""The command line: scriptable keys, `up` with a bundled Redis, `demo`, and device checks."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from services.gateway import create_app
+from shared.settings import load_settings
+from tests.processes import CLI, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def cli_env(tmp_path, model_cache_dir, **extra) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(
+        GEMMA_JOBS_DATA_DIR=str(tmp_path / "var"),
+        GEMMA_JOBS_MODEL_CACHE_DIR=str(model_cache_dir),
+        GEMMA_JOBS_LOG_FORMAT="console",
+        **extra,
+    )
+    return env
+
+
+def test_keys_create_prints_the_key_alone(tmp_path, model_cache_dir, redis_url):
+    env = cli_env(tmp_path, model_cache_dir)
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    result = subprocess.run(
+        [*CLI, "keys", "create", "--role", "admin", "--name", "ops"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    assert re.fullmatch(r"gj_[A-Za-z0-9_-]{43}", key) and result.stdout.count("\n") == 1
+    # The key works against a gateway on the same data dir.
+    settings = load_settings(data_dir=tmp_path / "var", redis_url=redis_url)
+    client = create_app(settings).test_client()
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    listing = subprocess.run([*CLI, "keys", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert "ops" in listing.stdout and key not in listing.stdout
+    key_id = listing.stdout.splitlines()[1].split()[0]
+    subprocess.run([*CLI, "keys", "revoke", key_id], env=env, check=True, capture_output=True, timeout=60)
+    response = client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 401 and "revoked" in response.get_json()["error"]["message"]
+
+
+def test_worker_refuses_a_gpu_it_does_not_have(tmp_path, model_cache_dir):
+    result = subprocess.run(
+        [*CLI, "worker", "--gpu", "0"], env=cli_env(tmp_path, model_cache_dir), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "CUDA is not available" in result.stderr
+
+
+def test_up_runs_everything_with_a_bundled_redis_and_stops_cleanly(tmp_path, model_cache_dir):
+    port = free_port()
+    env = cli_env(tmp_path, model_cache_dir)  # no REDIS_URL: the bundled redis-server starts
+    log = open(tmp_path / "up.log", "w")  # a file, not a pipe nobody drains
+    process = subprocess.Popen(
+        [*CLI, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=log, text=True
+    )
+    try:
+        admin_key = process.stdout.readline().strip()  # printed once stack is ready
+        assert admin_key.startswith("gj_")
+        base = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
+        children = psutil.Process(process.pid).children(recursive=True)
+        names = " ".join(" ".join(child.cmdline()) for child in children)
+        assert "redis-server" in names and " gateway " in names and " worker " in names
+        headers = {"Authorization": f"Bearer {admin_key}", "Prefer": "wait=60"}
+        body = {"model": "gemma-3-270m", "prompt": "Hello", "max_new_tokens": 3}
+        job = requests.post(f"{base}/v1/generations", json=body, headers=headers, timeout=90).json()
+        # The worker may still be loading; the job waits in the queue until it is served.
+        deadline = time.monotonic() + 120
+        while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            job = requests.get(f"{base}/v1/jobs/{job['id']}", headers=headers, timeout=10).json()
+        assert job["status"] == "succeeded", job
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert not [child for child in children if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # A second start finds the admin key and does not print a new one.
+    second = subprocess.Popen(
+        [*CLI, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=log, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        second.send_signal(signal.SIGINT)
+        out, _ = second.communicate(timeout=60)
+        assert "gj_" not in out
+    finally:
+        if second.poll() is None:
+            second.kill()
+
+
+def test_demo_prints_a_real_completion(tmp_path, model_cache_dir, redis_url):
+    env = cli_env(tmp_path, model_cache_dir, REDIS_URL=redis_url.rsplit("/", 1)[0] + "/12")
+    result = subprocess.run(
+        [*CLI, "demo", "--port", str(free_port()), "--prompt", "Name a color."],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "completion:" in result.stdout
+    completion = result.stdout.split("completion:", 1)[1].strip()
+    assert completion
+    assert re.search(r"\d+ tokens in [\d.]+s \([\d.]+ tokens/s\)", result.stderr)
+
+
+def test_gateway_module_imports_no_torch():
+    code = "import sys, services.cli, services.gateway, services.stack; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

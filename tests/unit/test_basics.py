@@ -1,0 +1,79 @@
+"""Small pure pieces: ids, keys, job states, the registry file, Gemma's turn format."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from shared.ids import new_id
+from shared.jobs import JobStatus, can_transition
+from shared.keys import generate_key, hash_key
+from shared.registry import DEFAULT_MODEL_ID, ModelRegistry, RegistryError
+from workers.prompts import gemma_turn_format
+
+
+def test_ids_sort_by_creation_time():
+    first = new_id("job")
+    time.sleep(0.002)
+    second = new_id("job")
+    assert first.startswith("job_") and len(first) == 30
+    assert first < second
+
+
+def test_keys_are_random_and_hashed():
+    key = generate_key()
+    assert key.startswith("gj_") and len(key) >= 3 + 43  # 256 bits in url-safe base64
+    assert generate_key() != key
+    assert hash_key(key) == hash_key(key) and key not in hash_key(key)
+
+
+def test_terminal_states_allow_no_transition():
+    for terminal in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+        assert terminal.is_terminal
+        assert not any(can_transition(terminal, target) for target in JobStatus)
+    assert can_transition(JobStatus.QUEUED, JobStatus.RUNNING)
+    assert not can_transition(JobStatus.QUEUED, JobStatus.SUCCEEDED)
+
+
+def test_registry_file_adds_models(tmp_path):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [{"id": "gemma-3-1b-it", "path": "/models/gemma-3-1b-it"}]}))
+    registry = ModelRegistry.load(path)
+    assert [entry.id for entry in registry.all()] == ["gemma-3-1b-it", DEFAULT_MODEL_ID]
+    assert registry.get(DEFAULT_MODEL_ID).needs_conversion
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        json.dumps({"models": [{"id": "x"}]}),  # no source
+        json.dumps({"models": [{"id": "x", "path": "/a", "hf_hub_id": "google/x"}]}),  # two sources
+        json.dumps({"models": [{"id": "../etc", "path": "/a"}]}),  # id is not a name
+        json.dumps({"models": [{"id": "x", "path": "/a", "url": "https://x"}]}),  # unknown field
+    ],
+)
+def test_bad_registry_files_are_refused(tmp_path, content):
+    path = tmp_path / "models.json"
+    path.write_text(content)
+    with pytest.raises(RegistryError, match="GEMMA_JOBS_MODEL_REGISTRY"):
+        ModelRegistry.load(path)
+
+
+def test_gemma_turn_format_folds_system_into_the_first_user_turn():
+    text = gemma_turn_format(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+        ]
+    )
+    assert text == (
+        "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )

@@ -1,0 +1,56 @@
+"""Settings: defaults, and a bad value fails at start naming its variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shared.settings import SettingsError, load_settings
+
+
+def test_defaults_put_sqlite_under_the_data_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("GEMMA_JOBS_DATA_DIR", str(tmp_path))
+    settings = load_settings()
+    assert settings.database_url_or_default == f"sqlite:///{tmp_path / 'gemma-jobs.db'}"
+    assert settings.model_cache_path == tmp_path / "models"
+
+
+def test_environment_names_are_read(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db.example/jobs")
+    monkeypatch.setenv("REDIS_URL", "redis://cache.example:6379/2")
+    monkeypatch.setenv("GEMMA_JOBS_MAX_WAIT_S", "12.5")
+    settings = load_settings()
+    assert settings.database_url == "postgresql://db.example/jobs"
+    assert settings.redis_url == "redis://cache.example:6379/2"
+    assert settings.max_wait_s == 12.5
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GEMMA_JOBS_MAX_WAIT_S", "soon"),
+        ("GEMMA_JOBS_MAX_NEW_TOKENS", "0"),
+        ("DATABASE_URL", "not a url"),
+        ("REDIS_URL", "localhost"),
+        ("GEMMA_JOBS_LOG_FORMAT", "xml"),
+    ],
+)
+def test_bad_values_name_the_variable(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings()
+
+
+def test_cli_exits_2_with_the_variable_named(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "migrate"],
+        env={"PATH": "/usr/bin:/bin", "GEMMA_JOBS_MAX_BODY_BYTES": "tiny", "GEMMA_JOBS_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "GEMMA_JOBS_MAX_BODY_BYTES" in result.stderr
