@@ -147,7 +147,7 @@ class Stack:
 
     def wait(self) -> None:
         """Block until Ctrl-C / SIGTERM or a child dies."""
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 self.check_alive()
@@ -168,6 +168,11 @@ class Stack:
                 process.kill()
                 process.wait()
         self._children.clear()
+
+
+def _interrupt(*_args) -> None:
+    """Treat SIGTERM like Ctrl-C: stop the children in order."""
+    raise KeyboardInterrupt
 
 
 def run_sample_job(stack: Stack, prompt: str, timeout_s: float = 900) -> int:

@@ -14,8 +14,9 @@ import pytest
 import requests
 
 from services.gateway import create_app
+from services.stack import free_port
 from shared.settings import load_settings
-from tests.processes import CLI, free_port
+from tests.processes import CLI
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,92 @@
+"""Single-job speed: one generation job at a time through the whole stack vs raw `generate`.
+
+Prints the baseline (transformers `generate` on the same cached weights, same dtype, same
+prompt, in this process), the stack's result (HTTP submit with `Prefer: wait` until the
+finished job comes back), and their ratio. Run from the repo root:
+
+    .venv/bin/python bench/single_job.py --jobs 5 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import requests
+
+PROMPT = "The history of the printing press begins"
+
+
+def run_stack(data_dir: Path, port: int, jobs: int, new_tokens: int) -> tuple[float, list[float]]:
+    """Return the stack's tokens/s over sequential jobs and each job's wall seconds."""
+    from services.domain.keys import create_key
+    from services.stack import Stack
+    from shared.db import Database
+    from shared.settings import load_settings
+
+    settings = load_settings(data_dir=data_dir)
+    with Stack(settings, port=port) as stack:
+        db = Database(settings.database_url_or_default)
+        with db.session_scope() as session:
+            _, key = create_key(session, role="user", name="bench")
+        headers = {"Authorization": f"Bearer {key}", "Prefer": "wait=120"}
+        body = {"model": "gemma-3-270m", "prompt": PROMPT, "max_new_tokens": new_tokens, "temperature": 0}
+        url = f"{stack.base_url}/v1/generations"
+        # Warm-up: the worker may still be loading the model; wait until one job is done.
+        deadline = time.monotonic() + 600
+        while requests.post(url, json=body, headers=headers, timeout=130).status_code != 200:
+            if time.monotonic() > deadline:
+                raise SystemExit("the worker never finished a warm-up job")
+        tokens, walls = 0, []
+        for _ in range(jobs):
+            started = time.perf_counter()
+            job = requests.post(url, json=body, headers=headers, timeout=130).json()
+            walls.append(time.perf_counter() - started)
+            assert job["status"] == "succeeded", job
+            tokens += job["usage"]["completion_tokens"]
+    return tokens / sum(walls), walls
+
+
+def run_baseline(cache_dir: Path, jobs: int, new_tokens: int) -> float:
+    """Return tokens/s of transformers `generate` alone on the same weights and prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir / "gemma-3-270m"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    tokens, seconds = 0, 0.0
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)  # warm-up
+        for _ in range(jobs):
+            started = time.perf_counter()
+            output = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[1, 106])
+            seconds += time.perf_counter() - started
+            tokens += output.shape[1] - input_ids.shape[1]
+    return tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--port", type=int, default=8790)
+    parser.add_argument("--data-dir", type=Path, default=Path("var/bench"))
+    args = parser.parse_args()
+    os.environ.setdefault("GEMMA_JOBS_LOG_LEVEL", "warning")
+    stack_rate, walls = run_stack(args.data_dir, args.port, args.jobs, args.new_tokens)
+    base_rate = run_baseline(args.data_dir.resolve() / "models", args.jobs, args.new_tokens)
+    print(f"settings: gemma-3-270m bf16 CPU, greedy, {args.new_tokens} new tokens, {args.jobs} sequential jobs, "
+          f"torch threads={os.cpu_count()}")
+    print(f"baseline  transformers generate alone : {base_rate:7.1f} tokens/s")
+    print(f"result    one job at a time via HTTP  : {stack_rate:7.1f} tokens/s "
+          f"(job wall p50 {statistics.median(walls):.2f}s, submit to finished result)")
+    print(f"ratio     stack / baseline            : {stack_rate / base_rate:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
