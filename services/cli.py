@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start the stack, run one generation over HTTP, stop")
     demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--prompt", default="Write a haiku about queues of GPUs.")
+    demo.add_argument("--prompt", default="Q: What is the capital of France?\nA:")
     demo.set_defaults(run=cmd_demo)
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys")
@@ -141,6 +141,8 @@ def cmd_demo(args) -> int:
     """Start the stack, send one generation job over HTTP, print its result, stop."""
     from services.stack import Stack, run_sample_job
 
+    # Keep the children's logs to warnings so the sample job's output stands out.
+    os.environ.setdefault("GEMMA_JOBS_LOG_LEVEL", "warning")
     with Stack(get_settings(), port=args.port) as stack:
         stack.announce()
         return run_sample_job(stack, args.prompt)

@@ -116,8 +116,9 @@ class Stack:
         return url
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        # Own process group, so Ctrl-C in the terminal reaches only us and we stop children in order.
-        process = subprocess.Popen(command, env=env, start_new_session=True)
+        # Own process group, so Ctrl-C in the terminal reaches only us and we stop children in
+        # order; their output goes to stderr so stdout carries only what we print (the key).
+        process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True)
         self._children.append((name, process))
 
     def _wait_ready(self) -> None:
@@ -185,12 +186,8 @@ def run_sample_job(stack: Stack, prompt: str, timeout_s: float = 900) -> int:
         _, key = create_key(session, role="user", name="demo")
     db.dispose()
     headers = {"Authorization": f"Bearer {key}", "Prefer": "wait=30"}
-    body = {
-        "model": "gemma-3-270m",
-        "messages": [{"role": "user", "content": prompt}],
-        "max_new_tokens": 48,
-        "temperature": 0,
-    }
+    # gemma-3-270m is a base model: a raw completion prompt shows it best.
+    body = {"model": "gemma-3-270m", "prompt": prompt, "max_new_tokens": 48, "temperature": 0, "stop": ["\n"]}
     response = requests.post(f"{stack.base_url}/v1/generations", json=body, headers=headers, timeout=60)
     response.raise_for_status()
     job = response.json()

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteriaList
 
 from workers.model_loader import LoadedModel
 from workers.prompts import input_ids_for
+from workers.stopping import StopOnStrings
 
 
 class GenerationError(RuntimeError):
@@ -73,7 +75,9 @@ def generate(loaded: LoadedModel, params: dict[str, Any]) -> GenerationOutput:
     stop = params.get("stop") or []
     kwargs = sampling_kwargs(params)
     if stop:
-        kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [StopOnStrings(tokenizer, stop, prompt_length=len(prompt_ids))]
+        )
     seed = params.get("seed")
     # One job runs at a time per process, so seeding the global generator is exact.
     torch.manual_seed(seed if seed is not None else secrets.randbits(63))

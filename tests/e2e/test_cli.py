@@ -114,7 +114,7 @@ def test_up_runs_everything_with_a_bundled_redis_and_stops_cleanly(tmp_path, mod
 def test_demo_prints_a_real_completion(tmp_path, model_cache_dir, redis_url):
     env = cli_env(tmp_path, model_cache_dir, REDIS_URL=redis_url.rsplit("/", 1)[0] + "/12")
     result = subprocess.run(
-        [*CLI, "demo", "--port", str(free_port()), "--prompt", "Name a color."],
+        [*CLI, "demo", "--port", str(free_port()), "--prompt", "Q: Name a color.\nA:"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
