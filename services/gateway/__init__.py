@@ -11,8 +11,6 @@ from services.gateway.context import GatewayContext
 from services.gateway.errors import register_error_handlers
 from shared.settings import Settings, get_settings
 
-log = structlog.get_logger(__name__)
-
 
 def create_app(settings: Settings | None = None, *, check_schema: bool = True) -> Flask:
     """Build the gateway app; refuses to start on an out-of-date database schema."""

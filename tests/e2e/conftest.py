@@ -17,8 +17,6 @@ from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
 from tests.conftest import fresh_postgres_database
 from tests.processes import Service, start_gateway, start_worker
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory) -> Path:
