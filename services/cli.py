@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--models", default=None, help="comma-separated model ids to serve")
     worker.set_defaults(run=cmd_worker)
 
+    reaper = commands.add_parser(
+        "reaper", help="run only the reaper (workers run one too): lost workers, TTLs, lost messages"
+    )
+    reaper.set_defaults(run=cmd_reaper)
+
     up = commands.add_parser("up", help="run the whole stack on this machine")
     up.add_argument("--port", type=int, default=8000)
     up.set_defaults(run=cmd_up)
@@ -124,6 +129,31 @@ def cmd_worker(args) -> int:
     from workers.main import run_worker
 
     run_worker(get_settings(), device, models)
+    return 0
+
+
+def cmd_reaper(_args) -> int:
+    """Run reaper passes until interrupted."""
+    import threading
+
+    import redis
+
+    from shared.celery_app import make_celery
+    from shared.logging import configure_logging
+    from shared.reaper import Reaper
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format, process="reaper")
+    reaper = Reaper(
+        settings,
+        _checked_database(),
+        make_celery(settings.redis_url, settings.visibility_timeout_s),
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3),
+    )
+    try:
+        reaper.run_forever(threading.Event())
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 GENERATE_TASK = "gemma_jobs.generate"
-
-# A long job must never be handed to a second worker just because it runs long; the
-# database lease (not Redis) decides when a job is lost. 12 hours covers the longest job.
-VISIBILITY_TIMEOUT_S = 12 * 3600
+TASK_FOR_KIND = {"generation": GENERATE_TASK}
 
 
 def queue_for(kind: str, model: str) -> str:
@@ -16,8 +13,18 @@ def queue_for(kind: str, model: str) -> str:
     return f"{kind}.{model}"
 
 
-def make_celery(redis_url: str) -> Celery:
-    """Create a Celery app on Redis with JSON-only, late-ack delivery."""
+def task_for_queue(queue: str) -> str:
+    """Return the task name that runs the jobs of a queue."""
+    return TASK_FOR_KIND[queue.split(".", 1)[0]]
+
+
+def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600) -> Celery:
+    """Create a Celery app on Redis with JSON-only, late-ack delivery.
+
+    A redelivery after the visibility timeout is harmless (the claim is conditional), but
+    the timeout should exceed the longest job so Redis does not redeliver needlessly; the
+    database lease, not Redis, decides when a job is lost.
+    """
     app = Celery("gemma_jobs", broker=redis_url)
     app.conf.update(
         task_serializer="json",
@@ -29,9 +36,18 @@ def make_celery(redis_url: str) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options=_transport_options(visibility_timeout_s),
         # Fail a submit fast when Redis is down; the job row is already committed.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         broker_connection_timeout=3,
     )
     return app
+
+
+def _transport_options(visibility_timeout_s: int) -> dict:
+    """Redis transport options; a short visibility timeout also gets frequent restore sweeps."""
+    options: dict = {"visibility_timeout": visibility_timeout_s}
+    if visibility_timeout_s < 600:
+        # kombu sweeps unacked messages every interval x throttle seconds (100 s by default).
+        options.update(unacked_restore_interval=max(1, visibility_timeout_s // 2), unacked_restore_throttle=1)
+    return options

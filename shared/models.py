@@ -95,10 +95,19 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Number of times a worker has claimed the job; also the fencing token of its writes.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(200))
+    worker_device: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None]
     lease_expires_at: Mapped[datetime | None]
+    # When its message was last published; the reconciler republishes lost messages.
+    enqueued_at: Mapped[datetime | None]
+    # Past this while still queued (ttl_s), the job fails with `expired` without running.
+    expires_at: Mapped[datetime | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 of the request body, to tell a retried submit from a different one.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         # Newest-first listing of one key's jobs (ids are time-ordered).
@@ -106,6 +115,10 @@ class Job(Base):
         # Queue position: queued jobs of one queue, in order.
         Index("ix_jobs_queue_status_id", "queue", "status", "id"),
         UniqueConstraint("owner_key_id", "idempotency_key", name="uq_jobs_owner_idempotency"),
+        # The reaper's scans: lapsed leases, expired queued jobs, unpublished messages.
+        Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_status_expires_at", "status", "expires_at"),
+        Index("ix_jobs_status_enqueued_at", "status", "enqueued_at"),
     )
 
 

@@ -37,6 +37,12 @@ class GenerationRequest(StrictModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="execution time limit; past it the job fails with `timeout`"
+    )
+    ttl_s: float | None = Field(
+        default=None, gt=0, description="how long it may wait queued; past it the job fails with `expired`"
+    )
     metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
 
     @field_validator("stop", mode="before")

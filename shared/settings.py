@@ -40,6 +40,24 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=200_000, ge=1)
     page_limit_max: int = Field(default=100, ge=1)
 
+    # Reliability: a running job holds a lease it renews; a lapsed lease means its worker died.
+    lease_s: float = Field(default=30.0, ge=1, le=3600)
+    # How often a running job's side thread checks for cancel/lease loss (and the bound on
+    # how long a cancel takes to stop a generation).
+    control_poll_s: float = Field(default=1.0, gt=0, le=60)
+    reaper_interval_s: float = Field(default=5.0, gt=0, le=600)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    # A queued job whose message is not in Redis this long after publishing is republished.
+    republish_after_s: float = Field(default=30.0, gt=0)
+    default_timeout_s: float = Field(default=600.0, gt=0)
+    max_timeout_s: float = Field(default=3600.0, gt=0)
+    max_ttl_s: float = Field(default=7 * 86400.0, gt=0)
+    # On SIGTERM a worker lets its running job go on this long, then hands it back.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # Redis redelivers unacknowledged messages after this; the lease, not this, decides
+    # when a job is lost, so it only needs to exceed the longest job (12 h by default).
+    visibility_timeout_s: int = Field(default=12 * 3600, ge=1)
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from transformers import StoppingCriteriaList
 
 from workers.model_loader import LoadedModel
 from workers.prompts import input_ids_for
-from workers.stopping import StopOnStrings
+from workers.stopping import StopOnStrings, StopWhen
 
 
 class GenerationError(RuntimeError):
@@ -60,8 +61,13 @@ def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def generate(loaded: LoadedModel, params: dict[str, Any]) -> GenerationOutput:
-    """Generate for one job: encode, check the context, sample, decode, apply stop strings."""
+def generate(
+    loaded: LoadedModel, params: dict[str, Any], should_stop: Callable[[], bool] | None = None
+) -> GenerationOutput:
+    """Generate for one job: encode, check the context, sample, decode, apply stop strings.
+
+    `should_stop` is checked between tokens; when it fires, the tokens so far are returned.
+    """
     tokenizer = loaded.tokenizer
     prompt_ids = input_ids_for(tokenizer, params)
     limit = loaded.entry.context_length
@@ -74,10 +80,11 @@ def generate(loaded: LoadedModel, params: dict[str, Any]) -> GenerationOutput:
         )
     stop = params.get("stop") or []
     kwargs = sampling_kwargs(params)
+    criteria = StoppingCriteriaList()
     if stop:
-        kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [StopOnStrings(tokenizer, stop, prompt_length=len(prompt_ids))]
-        )
+        criteria.append(StopOnStrings(tokenizer, stop, prompt_length=len(prompt_ids)))
+    if should_stop is not None:
+        criteria.append(StopWhen(should_stop))
     seed = params.get("seed")
     # One job runs at a time per process, so seeding the global generator is exact.
     torch.manual_seed(seed if seed is not None else secrets.randbits(63))
@@ -89,6 +96,7 @@ def generate(loaded: LoadedModel, params: dict[str, Any]) -> GenerationOutput:
             attention_mask=torch.ones_like(input_ids),
             eos_token_id=loaded.eos_token_ids,
             pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=criteria,
             **kwargs,
         )
     seconds = time.monotonic() - started

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import structlog
 import torch
+from celery import signals
 
-from shared.celery_app import make_celery, queue_for
+from shared.celery_app import queue_for
 from shared.jobs import JobKind
 from shared.logging import configure_logging
+from shared.reaper import Reaper
 from shared.settings import Settings
 from workers.runtime import WorkerRuntime, set_runtime
 from workers.tasks import register_tasks
@@ -22,7 +26,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda:0" if device == "cuda" else "cpu")
 
 
-def run_worker(settings: Settings, device: str, model_ids: list[str]) -> None:
+def run_worker(settings: Settings, device: str, model_ids: list[str], *, reaper: bool = True) -> None:
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
     configure_logging(settings.log_level, settings.log_format, process="worker")
     rt = WorkerRuntime.create(settings, resolve_device(device))
@@ -32,17 +36,20 @@ def run_worker(settings: Settings, device: str, model_ids: list[str]) -> None:
         raise SystemExit(f"--models names unregistered models: {', '.join(unknown)}")
     structlog.contextvars.bind_contextvars(worker_id=rt.worker_id)
     set_runtime(rt)
+    _hand_back_on_shutdown(rt)
     if device == "cpu":
         # Torch defaults to all cores; say so in the log, it is the biggest speed lever here.
         log.info("cpu_threads", threads=torch.get_num_threads())
     rt.models.preload(model_ids)
-    app = make_celery(settings.redis_url)
-    register_tasks(app)
+    if reaper:
+        # Every worker reaps; passes are conditional updates, so they never conflict.
+        Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
+    register_tasks(rt.celery)
     queues = [queue_for(JobKind.GENERATION, model_id) for model_id in model_ids]
     log.info("worker_ready", queues=queues, models=rt.models.loaded_ids())
     # The solo pool runs tasks in this process, where the model already lives: no fork
     # after torch (or CUDA) has been initialised.
-    app.worker_main(
+    rt.celery.worker_main(
         argv=[
             "--quiet",  # no banner on stdout; our logs say the same as JSON
             "worker",
@@ -54,3 +61,12 @@ def run_worker(settings: Settings, device: str, model_ids: list[str]) -> None:
             f"--loglevel={settings.log_level.upper()}",
         ]
     )
+
+
+def _hand_back_on_shutdown(rt: WorkerRuntime) -> None:
+    """On SIGTERM (Celery's warm shutdown) give the running job shutdown_grace_s, then hand it back."""
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def on_shutting_down(**_kwargs) -> None:
+        # Runs inside a signal handler: set a value, log nothing (logging takes locks).
+        rt.shutdown_deadline = time.monotonic() + rt.settings.shutdown_grace_s

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import redis
 import torch
+from celery import Celery
 
+from shared.celery_app import make_celery
 from shared.db import Database
 from shared.registry import ModelRegistry
 from shared.settings import Settings
@@ -17,14 +19,17 @@ from workers.model_cache import ModelCache
 
 @dataclass
 class WorkerRuntime:
-    """The database, Redis client, model cache and identity of this worker process."""
+    """The database, Redis, Celery app, model cache and identity of this worker process."""
 
     settings: Settings
     db: Database
     redis: redis.Redis
+    celery: Celery
     models: ModelCache
     worker_id: str
     device: torch.device
+    # Set (monotonic clock) when SIGTERM arrives: a running job may go on until then.
+    shutdown_deadline: float | None = None
 
     @classmethod
     def create(cls, settings: Settings, device: torch.device) -> "WorkerRuntime":
@@ -34,6 +39,7 @@ class WorkerRuntime:
             settings=settings,
             db=Database(settings.database_url_or_default),
             redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3),
+            celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             models=ModelCache(registry, settings.model_cache_path, device),
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{device}",
             device=device,

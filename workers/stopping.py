@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedTokenizerBase, StoppingCriteria
 
@@ -29,3 +31,13 @@ class StopOnStrings(StoppingCriteria):
             text = self.tokenizer.decode(recent, skip_special_tokens=True)
             done.append(any(stop in text for stop in self.stops))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class StopWhen(StoppingCriteria):
+    """Stop every sequence once a check says so (cancel, deadline, shutdown, lost lease)."""
+
+    def __init__(self, check: Callable[[], bool]):
+        self.check = check
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.check(), dtype=torch.bool, device=input_ids.device)

@@ -9,9 +9,10 @@ from redis import RedisError
 from shared import job_store
 from shared.celery_app import GENERATE_TASK
 from shared.jobs import JobStatus
-from shared.models import Job
 from shared.notify import publish_job_done
-from workers.generation import GenerationError, generate
+from shared.publish import publish_job
+from workers.generation import GenerationError, GenerationOutput, generate
+from workers.job_guard import JobGuard, StopReason
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime, runtime
 
@@ -32,63 +33,81 @@ def register_tasks(app: Celery) -> None:
 
 
 def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
-    """Claim a queued job, generate without holding a DB connection, then store the outcome."""
+    """Claim the job, generate without holding a DB connection, then store the outcome once."""
+    settings = rt.settings
     with rt.db.session_scope() as session:
-        if not job_store.claim(session, job_id, rt.worker_id):
-            # Already taken, finished or cancelled: a redelivery does nothing.
-            log.info("job_not_claimed")
-            return
-        job = session.get(Job, job_id)
-        model_id, params = job.model, dict(job.params)
-    log.info("job_started", model=model_id)
-    try:
-        output = generate(rt.models.get(model_id), params)
-    except GenerationError as exc:
-        _fail(rt, job_id, exc.code, exc.message)
-        return
-    except ModelUnavailable as exc:
-        _fail(rt, job_id, "model_unavailable", str(exc))
-        return
-    except Exception as exc:  # noqa: BLE001 - any crash of one job must not stop the worker
-        log.exception("job_crashed")
-        _fail(rt, job_id, "internal_error", f"{exc.__class__.__name__}: {exc}")
-        return
-    with rt.db.session_scope() as session:
-        stored = job_store.finish(
+        held = job_store.claim(
             session,
-            job,
+            job_id,
             rt.worker_id,
-            result={
-                "text": output.text,
-                "finish_reason": output.finish_reason,
-                "token_ids": output.token_ids,
-            },
-            usage={
-                "prompt_tokens": output.prompt_tokens,
-                "completion_tokens": output.completion_tokens,
-                "gpu_seconds": round(output.seconds, 4),
-            },
+            device=str(rt.device),
+            lease_s=settings.lease_s,
+            max_attempts=settings.max_attempts,
         )
-    log.info(
-        "job_finished" if stored else "job_result_discarded",
-        prompt_tokens=output.prompt_tokens,
-        completion_tokens=output.completion_tokens,
-        seconds=round(output.seconds, 3),
-        tokens_per_s=round(output.completion_tokens / max(output.seconds, 1e-9), 1),
-    )
-    if stored:
-        _announce(rt, job_id, JobStatus.SUCCEEDED)
+    if held is None:
+        # Already taken, finished, cancelled or expired: a redelivery does nothing.
+        log.info("job_not_claimed")
+        return
+    log.info("job_started", model=held.model, attempt=held.attempt)
+    timeout_s = held.params.get("timeout_s", settings.default_timeout_s)
+    output: GenerationOutput | None = None
+    with JobGuard(rt, held, timeout_s) as guard:
+        try:
+            output = generate(rt.models.get(held.model), held.params, should_stop=guard.should_stop)
+        except GenerationError as exc:
+            code, message = exc.code, exc.message
+        except ModelUnavailable as exc:
+            code, message = "model_unavailable", str(exc)
+        except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
+            log.exception("job_crashed")
+            code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
+    if output is None:
+        with rt.db.session_scope() as session:
+            stored = job_store.fail(session, held, rt.worker_id, code=code, message=message)
+        log.warning("job_failed", code=code, message=message)
+        _announce_if(stored, rt, job_id, JobStatus.FAILED)
+        return
+    _store_outcome(rt, held, output, guard.reason, timeout_s)
 
 
-def _fail(rt: WorkerRuntime, job_id: str, code: str, message: str) -> None:
+def _store_outcome(rt: WorkerRuntime, held, output: GenerationOutput, reason: str | None, timeout_s: float) -> None:
+    usage = {
+        "prompt_tokens": output.prompt_tokens,
+        "completion_tokens": output.completion_tokens,
+        "gpu_seconds": round(output.seconds, 4),
+    }
+    facts = {**usage, "tokens_per_s": round(output.completion_tokens / max(output.seconds, 1e-9), 1)}
+    if reason == StopReason.SHUTDOWN:
+        with rt.db.session_scope() as session:
+            handed = job_store.hand_back(session, held, rt.worker_id)
+        if handed:
+            publish_job(rt.celery, held.job_id, held.queue)
+        log.info("job_handed_back" if handed else "job_lost_before_hand_back", **facts)
+        return
+    if reason == StopReason.TIMEOUT:
+        message = f"the job ran past its timeout_s of {timeout_s:g} s and was stopped"
+        with rt.db.session_scope() as session:
+            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=message, usage=usage)
+        log.warning("job_timed_out", **facts)
+        _announce_if(stored, rt, held.job_id, JobStatus.FAILED)
+        return
+    result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
     with rt.db.session_scope() as session:
-        stored = job_store.fail(session, job_id, rt.worker_id, code=code, message=message)
-    log.warning("job_failed", code=code, message=message)
+        stored = job_store.finish(session, held, rt.worker_id, result=result, usage=usage)
+        # Not stored: the job was cancelled (charge what was produced) or taken over (nothing).
+        charged = not stored and job_store.charge_cancelled(session, held, rt.worker_id, usage)
     if stored:
-        _announce(rt, job_id, JobStatus.FAILED)
+        log.info("job_finished", **facts)
+        _announce_if(True, rt, held.job_id, JobStatus.SUCCEEDED)
+    elif charged:
+        log.info("job_cancelled", **facts)
+    else:
+        log.warning("job_result_discarded", reason=reason, **facts)
 
 
-def _announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
+def _announce_if(stored: bool, rt: WorkerRuntime, job_id: str, status: str) -> None:
+    if not stored:
+        return
     try:
         publish_job_done(rt.redis, job_id, status)
     except RedisError as exc:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from datetime import timedelta
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
 from shared.celery_app import queue_for
-from shared.errors import InvalidField, NotFound
+from shared import job_store
+from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
 from shared.models import Job, UsageRecord, utcnow
@@ -24,6 +29,7 @@ def create_generation(
     *,
     registry: ModelRegistry,
     settings: Settings,
+    idempotency_key: str | None = None,
 ) -> Job:
     """Validate a generation request against server limits and record it as queued."""
     entry = registry.get(request.model)
@@ -54,8 +60,20 @@ def create_generation(
             f"the prompt is {prompt_chars} characters; the limit is {settings.max_prompt_chars}",
             details=[{"field": "messages" if request.messages else "prompt"}],
         )
-    params = request.model_dump(exclude={"model", "metadata"}, exclude_none=True)
-    params["max_new_tokens"] = max_new_tokens
+    timeout_s = request.timeout_s or settings.default_timeout_s
+    if timeout_s > settings.max_timeout_s:
+        raise InvalidField(
+            f"timeout_s is at most {settings.max_timeout_s:g} on this server",
+            details=[{"field": "timeout_s", "message": "too large"}],
+        )
+    if request.ttl_s is not None and request.ttl_s > settings.max_ttl_s:
+        raise InvalidField(
+            f"ttl_s is at most {settings.max_ttl_s:g} on this server",
+            details=[{"field": "ttl_s", "message": "too large"}],
+        )
+    params = request.model_dump(exclude={"model", "metadata", "ttl_s"}, exclude_none=True)
+    params.update(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    now = utcnow()
     job = Job(
         id=new_id("job"),
         owner_key_id=caller.key_id,
@@ -65,11 +83,52 @@ def create_generation(
         status=JobStatus.QUEUED,
         params=params,
         metadata_=request.metadata,
-        created_at=utcnow(),
+        created_at=now,
         attempts=0,
+        # Published right after the commit; the reaper republishes it if that never happens.
+        enqueued_at=now,
+        expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s else None,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(request) if idempotency_key else None,
     )
     session.add(job)
     session.flush()
+    return job
+
+
+def request_hash(request: GenerationRequest) -> str:
+    """Return a digest of a request's meaning (field order and defaults do not matter)."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def find_idempotent(
+    session: Session, caller: Caller, idempotency_key: str, request: GenerationRequest
+) -> Job | None:
+    """Return the job an earlier submit with this key created; 409 if its body differed."""
+    job = session.scalars(
+        select(Job).where(Job.owner_key_id == caller.key_id, Job.idempotency_key == idempotency_key)
+    ).first()
+    if job is not None and job.request_hash != request_hash(request):
+        raise Conflict(
+            f"Idempotency-Key {idempotency_key!r} was already used with a different request body "
+            f"(job {job.id}); use a new key for a new request",
+            code="idempotency_key_reused",
+        )
+    return job
+
+
+def cancel_job(session: Session, caller: Caller, job_id: str) -> Job:
+    """Cancel one of the caller's queued or running jobs; cancelling twice is fine."""
+    job = get_job(session, caller, job_id)
+    if not job_store.cancel(session, job.id):
+        session.refresh(job)
+        if job.status != JobStatus.CANCELLED:
+            raise Conflict(
+                f"job {job.id} already {job.status}; only queued or running jobs can be cancelled",
+                code="job_finished",
+            )
+    session.refresh(job)
     return job
 
 

@@ -33,7 +33,7 @@ class GatewayContext:
             redis=redis.Redis.from_url(
                 settings.redis_url, socket_connect_timeout=3, socket_timeout=10
             ),
-            celery=make_celery(settings.redis_url),
+            celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             registry=ModelRegistry.load(settings.model_registry),
         )
 

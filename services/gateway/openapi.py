@@ -18,7 +18,13 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         "Create a generation job",
         schemas.GenerationRequest,
         {200: schemas.Job, 202: schemas.Job, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
-         413: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+         409: schemas.ErrorResponse, 413: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+        True,
+    ),
+    ("post", "/v1/jobs/{job_id}/cancel"): (
+        "Cancel a queued or running job (idempotent)",
+        None,
+        {200: schemas.Job, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse, 409: schemas.ErrorResponse},
         True,
     ),
     ("get", "/v1/jobs/{job_id}"): (
@@ -56,6 +62,8 @@ HEADER_PARAMETERS = {
     ("post", "/v1/generations"): [
         {"name": "Prefer", "in": "header", "schema": {"type": "string"},
          "description": "`wait=N`: hold the request up to N seconds for the finished job"},
+        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+         "description": "same key and body: the same job again; same key, other body: 409"},
     ],
 }
 

@@ -7,51 +7,12 @@ import time
 
 import pytest
 
-from services.domain.keys import create_key
 from services.gateway import create_app
-from shared.celery_app import queue_for
 from shared.db import Database
 from shared.models import Job
 from shared.settings import load_settings
+from tests.integration.helpers import QUEUE, assert_error, make_key, submit
 
-QUEUE = queue_for("generation", "gemma-3-270m")
-
-
-@pytest.fixture()
-def app(settings, redis_client):
-    """The gateway app on the test database and an empty Redis db."""
-    application = create_app(settings)
-    yield application
-    application.extensions["gemma_jobs"].db.dispose()
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
-def make_key(app, role: str = "user") -> str:
-    with app.extensions["gemma_jobs"].db.session_scope() as session:
-        _, plaintext = create_key(session, role=role)
-    return plaintext
-
-
-@pytest.fixture()
-def auth(app) -> dict[str, str]:
-    return {"Authorization": f"Bearer {make_key(app)}"}
-
-
-def submit(client, auth, **overrides):
-    body = {"model": "gemma-3-270m", "prompt": "Hello", "max_new_tokens": 4, **overrides}
-    return client.post("/v1/generations", json=body, headers=auth)
-
-
-def assert_error(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    error = response.get_json()["error"]
-    assert error["code"] == code
-    assert error["message"]
-    return error
 
 
 def test_submit_records_then_enqueues(client, auth, app, redis_client):

@@ -1,67 +1,177 @@
-"""Conditional job updates: a second claim or a stale worker's write changes nothing."""
+"""Conditional job updates: second claims, stale workers and redeliveries change nothing."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
 
 from services.domain.keys import create_key
 from shared import job_store
 from shared.db import Database
 from shared.ids import new_id
-from shared.models import Job, JobEvent, UsageRecord
+from shared.models import Job, JobEvent, UsageRecord, utcnow
+
+RESULT = {"text": "hi", "finish_reason": "stop", "token_ids": [5]}
+USAGE = {"prompt_tokens": 3, "completion_tokens": 1, "gpu_seconds": 0.1}
 
 
-def queued_job(db: Database) -> Job:
+def queued_job(db: Database, **values) -> str:
     with db.session_scope() as session:
         key, _ = create_key(session, role="user")
         job = Job(
             id=new_id("job"), owner_key_id=key.id, kind="generation", model="gemma-3-270m",
             queue="generation.gemma-3-270m", status="queued", params={"prompt": "x"},
+            enqueued_at=utcnow(), **values,
         )
         session.add(job)
-    return job
+    return job.id
+
+
+def claim(db, job_id, worker, lease_s=30, max_attempts=3):
+    with db.session_scope() as session:
+        return job_store.claim(session, job_id, worker, device="cpu", lease_s=lease_s, max_attempts=max_attempts)
+
+
+def lapse_lease(db, job_id):
+    with db.session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def usage_rows(db) -> int:
+    with db.session_scope() as session:
+        return session.scalar(select(func.count()).select_from(UsageRecord))
 
 
 def test_only_one_claim_wins(database_url):
     db = Database(database_url)
-    job = queued_job(db)
+    job_id = queued_job(db)
+    held = claim(db, job_id, "worker-a")
+    assert held.attempt == 1 and held.queue == "generation.gemma-3-270m"
+    assert claim(db, job_id, "worker-b") is None
     with db.session_scope() as session:
-        assert job_store.claim(session, job.id, "worker-a")
+        row = session.get(Job, job_id)
+        assert (row.status, row.worker_id, row.worker_device, row.attempts) == ("running", "worker-a", "cpu", 1)
+        assert row.lease_expires_at > row.heartbeat_at
+
+
+def test_a_lapsed_lease_can_be_claimed_and_fences_the_old_worker(database_url):
+    db = Database(database_url)
+    job_id = queued_job(db)
+    old = claim(db, job_id, "worker-a")
+    lapse_lease(db, job_id)
+    new = claim(db, job_id, "worker-b")
+    assert new.attempt == 2
     with db.session_scope() as session:
-        assert not job_store.claim(session, job.id, "worker-b")
-        row = session.get(Job, job.id)
-        assert (row.status, row.worker_id, row.attempts) == ("running", "worker-a", 1)
+        assert job_store.renew_lease(session, old, "worker-a", 30) == "running"  # not held any more
+        assert not job_store.finish(session, old, "worker-a", result=RESULT, usage=USAGE)
+    with db.session_scope() as session:
+        assert job_store.renew_lease(session, new, "worker-b", 30) is None
+        assert job_store.finish(session, new, "worker-b", result=RESULT, usage=USAGE)
+    assert usage_rows(db) == 1
+
+
+def test_out_of_attempts_a_lapsed_lease_is_not_claimable(database_url):
+    db = Database(database_url)
+    job_id = queued_job(db)
+    claim(db, job_id, "worker-a", max_attempts=1)
+    lapse_lease(db, job_id)
+    assert claim(db, job_id, "worker-b", max_attempts=1) is None
 
 
 def test_result_and_usage_are_written_once_by_the_holder(database_url):
     db = Database(database_url)
-    job = queued_job(db)
+    job_id = queued_job(db)
+    held = claim(db, job_id, "worker-a")
     with db.session_scope() as session:
-        job_store.claim(session, job.id, "worker-a")
-    outcome = {"result": {"text": "hi"}, "usage": {"prompt_tokens": 3, "completion_tokens": 1, "gpu_seconds": 0.1}}
+        assert not job_store.finish(session, held, "worker-b", result=RESULT, usage=USAGE)  # not the holder
     with db.session_scope() as session:
-        assert not job_store.finish(session, job, "worker-b", **outcome)  # not the holder
+        assert job_store.finish(session, held, "worker-a", result=RESULT, usage=USAGE)
     with db.session_scope() as session:
-        assert job_store.finish(session, job, "worker-a", **outcome)
+        assert not job_store.finish(session, held, "worker-a", result=RESULT, usage=USAGE)  # a redelivery
+        assert not job_store.fail(session, held, "worker-a", code="x", message="late failure")
+    assert usage_rows(db) == 1
     with db.session_scope() as session:
-        assert not job_store.finish(session, job, "worker-a", **outcome)  # a redelivery
-        assert not job_store.fail(session, job.id, "worker-a", code="x", message="late failure")
-    with db.session_scope() as session:
-        assert session.scalar(select(func.count()).select_from(UsageRecord)) == 1
-        row = session.get(Job, job.id)
-        assert (row.status, row.result, row.error) == ("succeeded", {"text": "hi"}, None)
+        row = session.get(Job, job_id)
+        assert (row.status, row.result, row.error) == ("succeeded", RESULT, None)
         events = [event.data["status"] for event in session.scalars(select(JobEvent).order_by(JobEvent.id))]
         assert events == ["running", "succeeded"]
 
 
-def test_a_failure_is_recorded_without_a_charge(database_url):
+def test_a_failure_charges_only_tokens_produced(database_url):
     db = Database(database_url)
-    job = queued_job(db)
+    job_id = queued_job(db)
+    held = claim(db, job_id, "worker-a")
     with db.session_scope() as session:
-        job_store.claim(session, job.id, "worker-a")
+        assert job_store.fail(session, held, "worker-a", code="model_unavailable", message="gone")
+    assert usage_rows(db) == 0
+    other = queued_job(db)
+    held = claim(db, other, "worker-a")
     with db.session_scope() as session:
-        assert job_store.fail(session, job.id, "worker-a", code="model_unavailable", message="gone")
+        assert job_store.fail(session, held, "worker-a", code="timeout", message="slow", usage=USAGE)
+    assert usage_rows(db) == 1
+
+
+def test_cancel_then_the_running_worker_charges_once(database_url):
+    db = Database(database_url)
+    job_id = queued_job(db)
+    held = claim(db, job_id, "worker-a")
     with db.session_scope() as session:
-        row = session.get(Job, job.id)
-        assert row.status == "failed" and row.error == {"code": "model_unavailable", "message": "gone"}
-        assert session.scalar(select(func.count()).select_from(UsageRecord)) == 0
+        assert job_store.cancel(session, job_id)
+    with db.session_scope() as session:
+        assert not job_store.cancel(session, job_id)
+        assert job_store.renew_lease(session, held, "worker-a", 30) == "cancelled"
+        assert not job_store.finish(session, held, "worker-a", result=RESULT, usage=USAGE)
+        assert not job_store.charge_cancelled(session, held, "worker-b", USAGE)
+    with db.session_scope() as session:
+        assert job_store.charge_cancelled(session, held, "worker-a", USAGE)
+    with db.session_scope() as session:
+        assert not job_store.charge_cancelled(session, held, "worker-a", USAGE)
+        row = session.get(Job, job_id)
+        assert row.status == "cancelled" and row.result is None
+    assert usage_rows(db) == 1
+
+
+def test_hand_back_requeues_without_a_result(database_url):
+    db = Database(database_url)
+    job_id = queued_job(db)
+    held = claim(db, job_id, "worker-a")
+    with db.session_scope() as session:
+        assert job_store.hand_back(session, held, "worker-a")
+    with db.session_scope() as session:
+        row = session.get(Job, job_id)
+        assert (row.status, row.worker_id, row.lease_expires_at) == ("queued", None, None)
+    assert claim(db, job_id, "worker-b").attempt == 2
+
+
+def test_recover_lapsed_requeues_then_gives_up(database_url):
+    db = Database(database_url)
+    job_id = queued_job(db)
+    claim(db, job_id, "worker-a")
+    with db.session_scope() as session:
+        assert job_store.recover_lapsed(session, utcnow(), max_attempts=2) == ([], [])  # lease still valid
+    lapse_lease(db, job_id)
+    with db.session_scope() as session:
+        requeued, lost = job_store.recover_lapsed(session, utcnow(), max_attempts=2)
+    assert requeued == [(job_id, "generation.gemma-3-270m")] and lost == []
+    claim(db, job_id, "worker-b", max_attempts=2)
+    lapse_lease(db, job_id)
+    with db.session_scope() as session:
+        requeued, lost = job_store.recover_lapsed(session, utcnow(), max_attempts=2)
+    assert requeued == [] and lost == [job_id]
+    with db.session_scope() as session:
+        row = session.get(Job, job_id)
+        assert row.status == "failed" and row.error["code"] == "worker_lost" and row.attempts == 2
+
+
+def test_expire_queued_fails_only_jobs_past_their_ttl(database_url):
+    db = Database(database_url)
+    stale = queued_job(db, expires_at=utcnow() - timedelta(seconds=1))
+    fresh = queued_job(db, expires_at=utcnow() + timedelta(hours=1))
+    forever = queued_job(db)
+    assert claim(db, stale, "worker-a") is None  # a worker will not run it either
+    with db.session_scope() as session:
+        assert job_store.expire_queued(session, utcnow()) == [stale]
+    with db.session_scope() as session:
+        assert session.get(Job, stale).error["code"] == "expired"
+        assert session.get(Job, fresh).status == session.get(Job, forever).status == "queued"

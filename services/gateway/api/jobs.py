@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Literal
 
 import structlog
-from flask import Blueprint, url_for
-from kombu.exceptions import OperationalError
+from flask import Blueprint, request, url_for
 from pydantic import BaseModel, ConfigDict, Field
 from redis import RedisError
+from sqlalchemy.exc import IntegrityError
 
 from services.domain import jobs as job_domain
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import GatewayContext, gateway
 from services.gateway.requests import parse_body, parse_query, prefer_wait_seconds
 from services.gateway.waiting import wait_until_done
-from shared.celery_app import GENERATE_TASK
+from shared.errors import InvalidField
 from shared.jobs import JobStatus
 from shared.models import Job
+from shared.notify import publish_job_done
+from shared.publish import publish_job
 from shared.schemas import GenerationRequest, JobList
 
 log = structlog.get_logger(__name__)
@@ -42,29 +44,53 @@ def create_generation():
     context = gateway()
     body = parse_body(GenerationRequest)
     wait_s = prefer_wait_seconds(context.settings.max_wait_s)
-    with context.db.session_scope() as session:
-        job = job_domain.create_generation(
-            session,
-            current_caller(),
-            body,
-            registry=context.registry,
-            settings=context.settings,
-        )
+    idempotency_key = _idempotency_key()
+    job = _existing_job(context, body, idempotency_key) if idempotency_key else None
+    replayed = job is not None
+    if job is None:
+        try:
+            with context.db.session_scope() as session:
+                job = job_domain.create_generation(
+                    session,
+                    current_caller(),
+                    body,
+                    registry=context.registry,
+                    settings=context.settings,
+                    idempotency_key=idempotency_key,
+                )
+        except IntegrityError:
+            # A concurrent submit with the same Idempotency-Key won the insert: answer with its job.
+            job, replayed = _existing_job(context, body, idempotency_key), True
+            if job is None:
+                raise
     structlog.contextvars.bind_contextvars(job_id=job.id)
-    log.info("job_submitted", model=job.model, kind=job.kind)
-    # Only now is the row committed: a worker that gets the message will find it.
-    _enqueue(context, job)
+    if not replayed:
+        log.info("job_submitted", model=job.model, kind=job.kind)
+        # Only now is the row committed: a worker that gets the message will find it.
+        publish_job(context.celery, job.id, job.queue)
     if wait_s > 0:
         wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
-    return _job_response(context, job.id, wait_s)
+    response = _job_response(context, job.id, wait_s)
+    if replayed:
+        response[2]["Idempotent-Replayed"] = "true"
+    return response
 
 
-def _enqueue(context: GatewayContext, job: Job) -> None:
-    """Publish 'job X is ready to run'; the row stays queued if Redis is unreachable."""
-    try:
-        context.celery.send_task(GENERATE_TASK, args=[job.id], queue=job.queue)
-    except (OperationalError, RedisError, OSError) as exc:
-        log.error("enqueue_failed", job_id=job.id, error=str(exc))
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200:
+        raise InvalidField(
+            "Idempotency-Key must be 1 to 200 characters",
+            details=[{"field": "Idempotency-Key", "message": "bad length"}],
+        )
+    return key
+
+
+def _existing_job(context: GatewayContext, body: GenerationRequest, idempotency_key: str) -> Job | None:
+    with context.db.session_scope() as session:
+        return job_domain.find_idempotent(session, current_caller(), idempotency_key, body)
 
 
 def _is_finished(context: GatewayContext, job_id: str) -> bool:
@@ -82,6 +108,23 @@ def _job_response(context: GatewayContext, job_id: str, wait_s: float):
     if wait_s > 0:
         headers["Preference-Applied"] = f"wait={wait_s:g}"
     return body.model_dump(mode="json"), (200 if finished else 202), headers
+
+
+@blueprint.post("/v1/jobs/<job_id>/cancel")
+@require_key()
+def cancel_job(job_id: str):
+    """Cancel a queued or running job (idempotent); a finished job is a 409."""
+    context = gateway()
+    with context.db.session_scope() as session:
+        job = job_domain.cancel_job(session, current_caller(), job_id)
+        (body,) = job_domain.describe_jobs(session, [job])
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    log.info("job_cancel_requested", status=body.status)
+    try:
+        publish_job_done(context.redis, job_id, body.status)  # wake anyone waiting on it
+    except RedisError:
+        pass  # waiters fall back to reading the row
+    return body.model_dump(mode="json")
 
 
 @blueprint.get("/v1/jobs/<job_id>")

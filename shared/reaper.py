@@ -1,0 +1,88 @@
+"""The reaper: requeues jobs of lost workers, expires stale queued jobs, republishes lost messages."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import redis
+import structlog
+from celery import Celery
+
+from shared import job_store
+from shared.db import Database
+from shared.models import utcnow
+from shared.notify import publish_job_done
+from shared.publish import job_ids_in_redis, publish_job
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class Reaper:
+    """One pass at a time; every change is conditional, so any number may run at once."""
+
+    def __init__(self, settings: Settings, db: Database, celery: Celery, client: redis.Redis):
+        self.settings = settings
+        self.db = db
+        self.celery = celery
+        self.redis = client
+
+    def run_once(self) -> dict[str, int]:
+        """Do one pass; return how many jobs each step touched."""
+        now = utcnow()
+        with self.db.session_scope() as session:
+            requeued, lost = job_store.recover_lapsed(session, now, self.settings.max_attempts)
+            expired = job_store.expire_queued(session, now)
+        for job_id, queue in requeued:
+            publish_job(self.celery, job_id, queue)
+        for job_id in [*lost, *expired]:
+            self._announce(job_id, "failed")
+        republished = self._republish_lost(now)
+        counts = {
+            "requeued": len(requeued),
+            "worker_lost": len(lost),
+            "expired": len(expired),
+            "republished": republished,
+        }
+        if any(counts.values()):
+            log.info("reaper_pass", **counts)
+        return counts
+
+    def _republish_lost(self, now) -> int:
+        """Republish queued jobs whose message is in no Redis queue (never sent, or Redis lost it)."""
+        published_before = now - timedelta(seconds=self.settings.republish_after_s)
+        with self.db.session_scope() as session:
+            stale = job_store.stale_queued(session, published_before)
+        if not stale:
+            return 0
+        try:
+            present = job_ids_in_redis(self.redis, {queue for _, queue in stale})
+        except redis.RedisError as exc:
+            log.warning("reaper_redis_unavailable", error=str(exc))
+            return 0
+        lost = [(job_id, queue) for job_id, queue in stale if job_id not in present]
+        # Reset the clock for all of them: those still in Redis are just waiting their turn.
+        with self.db.session_scope() as session:
+            job_store.mark_published(session, [job_id for job_id, _ in stale], now)
+        return sum(publish_job(self.celery, job_id, queue) for job_id, queue in lost)
+
+    def _announce(self, job_id: str, status: str) -> None:
+        try:
+            publish_job_done(self.redis, job_id, status)
+        except redis.RedisError:
+            pass  # waiters fall back to reading the row
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Run passes every reaper_interval_s until `stop` is set; a failed pass is retried."""
+        while not stop.wait(self.settings.reaper_interval_s):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - the reaper must outlive a database or Redis hiccup
+                log.exception("reaper_pass_failed")
+
+    def start_thread(self) -> threading.Event:
+        """Run in a daemon thread; return the event that stops it."""
+        stop = threading.Event()
+        threading.Thread(target=self.run_forever, args=(stop,), name="reaper", daemon=True).start()
+        return stop

@@ -1,0 +1,26 @@
+"""Fixtures for the gateway's integration tests: the app on a real database and Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway import create_app
+from tests.integration.helpers import make_key
+
+
+@pytest.fixture()
+def app(settings, redis_client):
+    """The gateway app on the test database and an empty Redis db."""
+    application = create_app(settings)
+    yield application
+    application.extensions["gemma_jobs"].db.dispose()
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture()
+def auth(app) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key(app)}"}

@@ -1,0 +1,102 @@
+"""Cancel and Idempotency-Key through the gateway, on SQLite and PostgreSQL with real Redis."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import func, select
+
+from shared import job_store
+from shared.models import Job
+from tests.integration.helpers import QUEUE, assert_error, make_key, submit
+
+
+def db_of(app):
+    return app.extensions["gemma_jobs"].db
+
+
+def test_cancel_a_queued_job_and_again(client, auth, app):
+    job_id = submit(client, auth).get_json()["id"]
+    first = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    assert first.status_code == 200 and first.get_json()["status"] == "cancelled"
+    again = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    assert again.status_code == 200 and again.get_json()["status"] == "cancelled"
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["finished_at"] is not None
+
+
+def test_cancel_a_finished_job_is_409(client, auth, app):
+    job_id = submit(client, auth).get_json()["id"]
+    with db_of(app).session_scope() as session:
+        held = job_store.claim(session, job_id, "w", device="cpu", lease_s=30, max_attempts=3)
+    with db_of(app).session_scope() as session:
+        job_store.finish(session, held, "w", result={"text": "x", "finish_reason": "stop", "token_ids": [1]},
+                         usage={"prompt_tokens": 1, "completion_tokens": 1, "gpu_seconds": 0.1})
+    error = assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=auth), 409, "job_finished")
+    assert "already succeeded" in error["message"]
+
+
+def test_cancel_someone_elses_job_is_404(client, auth, app):
+    job_id = submit(client, auth).get_json()["id"]
+    other = {"Authorization": f"Bearer {make_key(app)}"}
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=other), 404, "not_found")
+    assert_error(client.post("/v1/jobs/job_nope/cancel", headers=auth), 404, "not_found")
+
+
+def test_same_idempotency_key_and_body_gives_the_same_job(client, auth, app, redis_client):
+    headers = {**auth, "Idempotency-Key": "order-17"}
+    first = submit(client, headers)
+    # Same meaning, different field order and explicit defaults.
+    body = {"max_new_tokens": 4, "prompt": "Hello", "model": "gemma-3-270m", "temperature": 1.0}
+    second = client.post("/v1/generations", json=body, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.get_json()["id"] == second.get_json()["id"]
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert redis_client.llen(QUEUE) == 1  # published once
+    with db_of(app).session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_same_key_with_another_body_is_409(client, auth):
+    headers = {**auth, "Idempotency-Key": "order-18"}
+    submit(client, headers)
+    error = assert_error(submit(client, headers, prompt="Something else"), 409, "idempotency_key_reused")
+    assert "different request body" in error["message"]
+    assert_error(submit(client, {**auth, "Idempotency-Key": "k" * 201}), 422, "invalid_field")
+
+
+def test_idempotency_keys_belong_to_their_api_key(client, auth, app):
+    other = {"Authorization": f"Bearer {make_key(app)}", "Idempotency-Key": "shared-name"}
+    mine = submit(client, {**auth, "Idempotency-Key": "shared-name"}).get_json()["id"]
+    theirs = submit(client, other).get_json()["id"]
+    assert mine != theirs
+
+
+def test_concurrent_submits_with_one_key_make_one_job(app, auth, redis_client):
+    results = []
+
+    def send():
+        response = submit(app.test_client(), {**auth, "Idempotency-Key": "race"})
+        results.append((response.status_code, response.get_json()["id"]))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {status for status, _ in results} == {202}
+    assert len({job_id for _, job_id in results}) == 1
+    assert redis_client.llen(QUEUE) == 1
+
+
+def test_deadline_fields_have_server_maxima(client, auth, app):
+    settings = app.extensions["gemma_jobs"].settings
+    error = assert_error(submit(client, auth, timeout_s=settings.max_timeout_s + 1), 422, "invalid_field")
+    assert error["details"][0]["field"] == "timeout_s"
+    error = assert_error(submit(client, auth, ttl_s=settings.max_ttl_s + 1), 422, "invalid_field")
+    assert error["details"][0]["field"] == "ttl_s"
+    assert_error(submit(client, auth, ttl_s=0), 422, "invalid_field")
+    job_id = submit(client, auth, ttl_s=30, timeout_s=5).get_json()["id"]
+    with db_of(app).session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.params["timeout_s"] == 5
+        assert 29 <= (job.expires_at - job.created_at).total_seconds() <= 31

@@ -1,0 +1,72 @@
+"""The reaper against a real database and Redis: lost messages, lost workers, TTLs."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from shared.celery_app import make_celery
+from shared.db import Database
+from shared.models import Job, utcnow
+from shared.publish import UNACKED_KEY, job_ids_in_redis
+from shared.reaper import Reaper
+from tests.integration.test_job_store import claim, lapse_lease, queued_job
+
+QUEUE = "generation.gemma-3-270m"
+
+
+@pytest.fixture()
+def reaper(settings, redis_client):
+    settings = settings.model_copy(update={"republish_after_s": 5, "max_attempts": 2})
+    db = Database(settings.database_url_or_default)
+    yield Reaper(settings, db, make_celery(settings.redis_url), redis_client)
+    db.dispose()
+
+
+def published_long_ago(db, job_id):
+    with db.session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow() - timedelta(minutes=5)))
+
+
+def test_a_job_whose_message_never_reached_redis_is_republished(reaper, redis_client):
+    job_id = queued_job(reaper.db)
+    published_long_ago(reaper.db, job_id)
+    assert reaper.run_once()["republished"] == 1
+    assert job_ids_in_redis(redis_client, {QUEUE}) == {job_id}
+    assert reaper.run_once()["republished"] == 0  # just published: not stale
+    published_long_ago(reaper.db, job_id)
+    assert reaper.run_once()["republished"] == 0  # stale but its message is waiting
+    assert redis_client.llen(QUEUE) == 1
+
+
+def test_a_message_held_unacked_counts_as_present(reaper, redis_client):
+    job_id = queued_job(reaper.db)
+    published_long_ago(reaper.db, job_id)
+    message = {"body": "", "headers": {"id": job_id, "task": "gemma_jobs.generate"}, "properties": {}}
+    redis_client.hset(UNACKED_KEY, "tag-1", json.dumps([message, "", QUEUE]))
+    assert reaper.run_once()["republished"] == 0
+    assert redis_client.llen(QUEUE) == 0
+
+
+def test_a_lost_worker_s_job_is_requeued_then_failed_after_the_cap(reaper, redis_client):
+    job_id = queued_job(reaper.db)
+    claim(reaper.db, job_id, "worker-a", max_attempts=2)
+    lapse_lease(reaper.db, job_id)
+    assert reaper.run_once()["requeued"] == 1
+    assert job_ids_in_redis(redis_client, {QUEUE}) == {job_id}
+    claim(reaper.db, job_id, "worker-b", max_attempts=2)
+    lapse_lease(reaper.db, job_id)
+    assert reaper.run_once()["worker_lost"] == 1
+    with reaper.db.session_scope() as session:
+        assert session.get(Job, job_id).error["code"] == "worker_lost"
+
+
+def test_queued_jobs_past_ttl_expire(reaper):
+    job_id = queued_job(reaper.db, expires_at=utcnow() - timedelta(seconds=1))
+    assert reaper.run_once()["expired"] == 1
+    with reaper.db.session_scope() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.error["code"], job.attempts) == ("failed", "expired", 0)
