@@ -9,8 +9,8 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared import job_store
-from shared.jobs import JobStatus
 from shared.job_store import Claim
+from shared.jobs import JobStatus
 
 log = structlog.get_logger(__name__)
 

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
-from shared.celery_app import queue_for
 from shared import job_store
+from shared.celery_app import queue_for
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
@@ -40,37 +40,8 @@ def create_generation(
             details=[{"field": "model", "message": "unknown model"}],
         )
     max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
-    if max_new_tokens > settings.max_new_tokens:
-        raise InvalidField(
-            f"max_new_tokens is at most {settings.max_new_tokens} on this server",
-            details=[{"field": "max_new_tokens", "message": "too large"}],
-        )
-    if request.messages is not None and len(request.messages) > settings.max_messages:
-        raise InvalidField(
-            f"at most {settings.max_messages} messages per request",
-            details=[{"field": "messages", "message": "too many"}],
-        )
-    prompt_chars = (
-        len(request.prompt)
-        if request.prompt is not None
-        else sum(len(message.content) for message in request.messages or [])
-    )
-    if prompt_chars > settings.max_prompt_chars:
-        raise InvalidField(
-            f"the prompt is {prompt_chars} characters; the limit is {settings.max_prompt_chars}",
-            details=[{"field": "messages" if request.messages else "prompt"}],
-        )
     timeout_s = request.timeout_s or settings.default_timeout_s
-    if timeout_s > settings.max_timeout_s:
-        raise InvalidField(
-            f"timeout_s is at most {settings.max_timeout_s:g} on this server",
-            details=[{"field": "timeout_s", "message": "too large"}],
-        )
-    if request.ttl_s is not None and request.ttl_s > settings.max_ttl_s:
-        raise InvalidField(
-            f"ttl_s is at most {settings.max_ttl_s:g} on this server",
-            details=[{"field": "ttl_s", "message": "too large"}],
-        )
+    _check_limits(request, settings, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
     params = request.model_dump(exclude={"model", "metadata", "ttl_s"}, exclude_none=True)
     params.update(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
     now = utcnow()
@@ -94,6 +65,33 @@ def create_generation(
     session.add(job)
     session.flush()
     return job
+
+
+def _check_limits(
+    request: GenerationRequest, settings: Settings, *, max_new_tokens: int, timeout_s: float
+) -> None:
+    """Refuse (422, field named) what is over this server's maxima."""
+    prompt_field = "messages" if request.messages is not None else "prompt"
+    prompt_chars = (
+        len(request.prompt)
+        if request.prompt is not None
+        else sum(len(message.content) for message in request.messages or [])
+    )
+    checks = [
+        (max_new_tokens > settings.max_new_tokens, "max_new_tokens",
+         f"max_new_tokens is at most {settings.max_new_tokens} on this server"),
+        (len(request.messages or []) > settings.max_messages, "messages",
+         f"at most {settings.max_messages} messages per request"),
+        (prompt_chars > settings.max_prompt_chars, prompt_field,
+         f"the prompt is {prompt_chars} characters; the limit is {settings.max_prompt_chars}"),
+        (timeout_s > settings.max_timeout_s, "timeout_s",
+         f"timeout_s is at most {settings.max_timeout_s:g} on this server"),
+        ((request.ttl_s or 0) > settings.max_ttl_s, "ttl_s",
+         f"ttl_s is at most {settings.max_ttl_s:g} on this server"),
+    ]
+    for over, field, message in checks:
+        if over:
+            raise InvalidField(message, details=[{"field": field, "message": "over the server maximum"}])
 
 
 def request_hash(request: GenerationRequest) -> str:

@@ -14,7 +14,6 @@ from shared.settings import load_settings
 from tests.integration.helpers import QUEUE, assert_error, make_key, submit
 
 
-
 def test_submit_records_then_enqueues(client, auth, app, redis_client):
     response = submit(client, auth, metadata={"team": "search"})
     assert response.status_code == 202

@@ -4,38 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
-from services.domain.keys import create_key
 from shared import job_store
 from shared.db import Database
-from shared.ids import new_id
 from shared.models import Job, JobEvent, UsageRecord, utcnow
-
-RESULT = {"text": "hi", "finish_reason": "stop", "token_ids": [5]}
-USAGE = {"prompt_tokens": 3, "completion_tokens": 1, "gpu_seconds": 0.1}
-
-
-def queued_job(db: Database, **values) -> str:
-    with db.session_scope() as session:
-        key, _ = create_key(session, role="user")
-        job = Job(
-            id=new_id("job"), owner_key_id=key.id, kind="generation", model="gemma-3-270m",
-            queue="generation.gemma-3-270m", status="queued", params={"prompt": "x"},
-            enqueued_at=utcnow(), **values,
-        )
-        session.add(job)
-    return job.id
-
-
-def claim(db, job_id, worker, lease_s=30, max_attempts=3):
-    with db.session_scope() as session:
-        return job_store.claim(session, job_id, worker, device="cpu", lease_s=lease_s, max_attempts=max_attempts)
-
-
-def lapse_lease(db, job_id):
-    with db.session_scope() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+from tests.integration.helpers import RESULT, USAGE, claim, lapse_lease, queued_job
 
 
 def usage_rows(db) -> int:

@@ -13,7 +13,7 @@ from shared.db import Database
 from shared.models import Job, utcnow
 from shared.publish import UNACKED_KEY, job_ids_in_redis
 from shared.reaper import Reaper
-from tests.integration.test_job_store import claim, lapse_lease, queued_job
+from tests.integration.helpers import claim, lapse_lease, queued_job
 
 QUEUE = "generation.gemma-3-270m"
 
