@@ -148,7 +148,7 @@ def cmd_reaper(_args) -> int:
         settings,
         _checked_database(),
         make_celery(settings.redis_url, settings.visibility_timeout_s),
-        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3),
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10),
     )
     try:
         reaper.run_forever(threading.Event())

@@ -34,9 +34,7 @@ def make_engine(url: str) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _configure_sqlite)
-        # pysqlite's own transaction handling defers BEGIN until the first write, which
-        # lets two writers deadlock; we emit BEGIN ourselves (SQLAlchemy's documented recipe).
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        event.listen(engine, "begin", _begin_sqlite)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -51,6 +49,17 @@ def _configure_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _begin_sqlite(connection) -> None:
+    # A deferred BEGIN that reads and then writes fails at once with "database is locked"
+    # when another process wrote in between (SQLite cannot wait: it would deadlock). A
+    # transaction that may write takes the write lock up front, and so waits its turn.
+    read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+READ_ONLY_OPTION = "gemma_jobs_read_only"
+
+
 class Database:
     """One engine and its session factory, created once per process (after any fork)."""
 
@@ -58,11 +67,17 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
+        )
 
     @contextmanager
-    def session_scope(self) -> Iterator[Session]:
-        """Yield a session that commits at the end of the block, or rolls back on error."""
-        session = self._sessions()
+    def session_scope(self, *, read_only: bool = False) -> Iterator[Session]:
+        """Yield a session that commits at the end of the block, or rolls back on error.
+
+        `read_only` sessions do not take SQLite's write lock (they may not write).
+        """
+        session = (self._read_sessions if read_only else self._sessions)()
         try:
             yield session
             session.commit()

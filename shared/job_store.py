@@ -67,6 +67,8 @@ def claim(
             worker_device=device,
             heartbeat_at=now,
             lease_expires_at=now + timedelta(seconds=lease_s),
+            # ttl_s bounds the wait before a job first runs; a retry must not expire.
+            expires_at=None,
         )
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -127,6 +129,11 @@ def _charge(session: Session, held: Claim, status: str, usage: dict[str, Any]) -
                 )
             )
     except IntegrityError:
+        already_charged = session.scalar(
+            select(UsageRecord.id).where(UsageRecord.job_id == held.job_id)
+        )
+        if already_charged is None:
+            raise  # not the duplicate we guard against: a real error
         return False
     return True
 
@@ -224,6 +231,7 @@ def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str
     candidates = session.scalars(
         select(Job.id)
         .where(Job.status == JobStatus.QUEUED, Job.expires_at <= now)
+        .order_by(Job.id)  # one lock order for every reaper: no deadlocks between them
         .limit(limit)
     ).all()
     expired = []
@@ -254,6 +262,7 @@ def recover_lapsed(
     lapsed = session.execute(
         select(Job.id, Job.queue, Job.attempts)
         .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        .order_by(Job.id)
         .limit(limit)
     ).all()
     requeued, failed = [], []
@@ -299,6 +308,7 @@ def stale_queued(session: Session, published_before: datetime, limit: int = 1000
                 Job.status == JobStatus.QUEUED,
                 or_(Job.enqueued_at.is_(None), Job.enqueued_at < published_before),
             )
+            .order_by(Job.id)
             .limit(limit)
         ).all()
     ]

@@ -13,8 +13,10 @@ from shared.celery_app import task_for_queue
 
 log = structlog.get_logger(__name__)
 
-# Where kombu's Redis transport parks delivered-but-unacknowledged messages.
+# Where kombu's Redis transport parks delivered-but-unacknowledged messages, and the
+# sorted set of their delivery times.
 UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 def publish_job(celery: Celery, job_id: str, queue: str) -> bool:
@@ -28,13 +30,22 @@ def publish_job(celery: Celery, job_id: str, queue: str) -> bool:
     return True
 
 
-def job_ids_in_redis(client: redis.Redis, queues: set[str]) -> set[str]:
-    """Return the job ids that have a message waiting in these queues or held unacked."""
+def job_ids_in_redis(client: redis.Redis, queues: set[str], delivered_since: float) -> set[str]:
+    """Return the job ids with a message waiting in these queues, or delivered to a consumer
+    since a time (unix seconds) and not yet acknowledged.
+
+    An older unacknowledged delivery of a job that is still queued belongs to a consumer that
+    died before claiming it; Redis would hold it until the visibility timeout, so it does not
+    count.
+    """
     ids: set[str] = set()
     for queue in queues:
         for raw in client.lrange(queue, 0, -1):
             ids.add(_task_id(raw))
-    for raw in client.hvals(UNACKED_KEY):
+    recent_tags = client.zrangebyscore(UNACKED_INDEX_KEY, delivered_since, "+inf")
+    for raw in client.hmget(UNACKED_KEY, recent_tags) if recent_tags else []:
+        if raw is None:
+            continue  # acknowledged in between
         try:
             ids.add(_task_id(json.dumps(json.loads(raw)[0])))
         except (ValueError, IndexError, TypeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import redis
@@ -57,7 +58,11 @@ class Reaper:
         if not stale:
             return 0
         try:
-            present = job_ids_in_redis(self.redis, {queue for _, queue in stale})
+            present = job_ids_in_redis(
+                self.redis,
+                {queue for _, queue in stale},
+                delivered_since=time.time() - self.settings.republish_after_s,
+            )
         except redis.RedisError as exc:
             log.warning("reaper_redis_unavailable", error=str(exc))
             return 0

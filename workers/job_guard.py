@@ -32,6 +32,7 @@ class JobGuard:
         self.held = held
         self.deadline = time.monotonic() + timeout_s
         self.reason: str | None = None
+        self._reason_lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"guard-{held.job_id}", daemon=True)
 
@@ -48,10 +49,16 @@ class JobGuard:
         if self.reason is None:
             now = time.monotonic()
             if now >= self.deadline:
-                self.reason = StopReason.TIMEOUT
+                self._stop(StopReason.TIMEOUT)
             elif self.rt.shutdown_deadline is not None and now >= self.rt.shutdown_deadline:
-                self.reason = StopReason.SHUTDOWN
+                self._stop(StopReason.SHUTDOWN)
         return self.reason is not None
+
+    def _stop(self, reason: str) -> None:
+        """Record why generation stops; the first reason wins (two threads may race)."""
+        with self._reason_lock:
+            if self.reason is None:
+                self.reason = reason
 
     def _watch(self) -> None:
         settings = self.rt.settings
@@ -65,6 +72,6 @@ class JobGuard:
                 log.warning("lease_renewal_failed", error=str(exc))
                 continue
             if status is not None:
-                self.reason = StopReason.CANCELLED if status == JobStatus.CANCELLED else StopReason.LEASE_LOST
+                self._stop(StopReason.CANCELLED if status == JobStatus.CANCELLED else StopReason.LEASE_LOST)
                 log.info("job_taken_away", status=status, reason=self.reason)
                 return

@@ -38,7 +38,8 @@ class WorkerRuntime:
         return cls(
             settings=settings,
             db=Database(settings.database_url_or_default),
-            redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3),
+            # A timeout, so a half-open connection cannot wedge the worker or its reaper.
+            redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10),
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             models=ModelCache(registry, settings.model_cache_path, device),
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{device}",

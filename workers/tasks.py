@@ -70,39 +70,37 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     _store_outcome(rt, held, output, guard.reason, timeout_s)
 
 
-def _store_outcome(rt: WorkerRuntime, held, output: GenerationOutput, reason: str | None, timeout_s: float) -> None:
+def _store_outcome(
+    rt: WorkerRuntime, held, output: GenerationOutput, reason: str | None, timeout_s: float
+) -> None:
+    """Write what this attempt earned: a result, a timeout, a hand-back, or a cancel charge."""
     usage = {
         "prompt_tokens": output.prompt_tokens,
         "completion_tokens": output.completion_tokens,
         "gpu_seconds": round(output.seconds, 4),
     }
-    facts = {**usage, "tokens_per_s": round(output.completion_tokens / max(output.seconds, 1e-9), 1)}
-    if reason == StopReason.SHUTDOWN:
-        with rt.db.session_scope() as session:
-            handed = job_store.hand_back(session, held, rt.worker_id)
-        if handed:
-            publish_job(rt.celery, held.job_id, held.queue)
-        log.info("job_handed_back" if handed else "job_lost_before_hand_back", **facts)
-        return
-    if reason == StopReason.TIMEOUT:
-        message = f"the job ran past its timeout_s of {timeout_s:g} s and was stopped"
-        with rt.db.session_scope() as session:
-            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=message, usage=usage)
-        log.warning("job_timed_out", **facts)
-        _announce_if(stored, rt, held.job_id, JobStatus.FAILED)
-        return
-    result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
     with rt.db.session_scope() as session:
-        stored = job_store.finish(session, held, rt.worker_id, result=result, usage=usage)
-        # Not stored: the job was cancelled (charge what was produced) or taken over (nothing).
-        charged = not stored and job_store.charge_cancelled(session, held, rt.worker_id, usage)
-    if stored:
-        log.info("job_finished", **facts)
-        _announce_if(True, rt, held.job_id, JobStatus.SUCCEEDED)
-    elif charged:
-        log.info("job_cancelled", **facts)
-    else:
-        log.warning("job_result_discarded", reason=reason, **facts)
+        if reason == StopReason.SHUTDOWN:
+            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
+        elif reason == StopReason.TIMEOUT:
+            message = f"the job ran past its timeout_s of {timeout_s:g} s and was stopped"
+            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=message, usage=usage)
+            outcome = "timed_out" if stored else None
+        else:
+            result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
+            stored = job_store.finish(session, held, rt.worker_id, result=result, usage=usage)
+            outcome = "finished" if stored else None
+        # Not written: the job was cancelled meanwhile (charge what was produced) or taken
+        # over after a lost lease (the new holder writes; this attempt writes nothing).
+        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
+            outcome = "cancelled"
+    tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
+    log.info(f"job_{outcome or 'result_discarded'}", reason=reason, tokens_per_s=tokens_per_s, **usage)
+    if outcome == "handed_back":
+        publish_job(rt.celery, held.job_id, held.queue)
+    elif outcome in ("finished", "timed_out"):
+        status = JobStatus.SUCCEEDED if outcome == "finished" else JobStatus.FAILED
+        _announce_if(True, rt, held.job_id, status)
 
 
 def _announce_if(stored: bool, rt: WorkerRuntime, job_id: str, status: str) -> None:

@@ -23,6 +23,8 @@ def upgrade() -> None:
         batch_op.create_index('ix_jobs_status_enqueued_at', ['status', 'enqueued_at'], unique=False)
         batch_op.create_index('ix_jobs_status_expires_at', ['status', 'expires_at'], unique=False)
         batch_op.create_index('ix_jobs_status_lease_expires_at', ['status', 'lease_expires_at'], unique=False)
+    # Jobs left running by code without leases get a lapsed one, so the reaper recovers them.
+    op.execute("UPDATE jobs SET lease_expires_at = CURRENT_TIMESTAMP WHERE status = 'running' AND lease_expires_at IS NULL")
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:

@@ -20,7 +20,7 @@ def require_key(role: str | None = None):
         def wrapper(*args, **kwargs):
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
-            with gateway().db.session_scope() as session:
+            with gateway().db.session_scope(read_only=True) as session:
                 caller = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
             if role == "admin" and not caller.is_admin:
                 raise Forbidden("this route needs an admin key")

@@ -25,6 +25,8 @@ def parse_body(schema: type[Schema]) -> Schema:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise MalformedRequest("the body must be a JSON object")
     return schema.model_validate(data)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from shared import job_store
 from shared.models import Job
@@ -100,3 +101,28 @@ def test_deadline_fields_have_server_maxima(client, auth, app):
         job = session.get(Job, job_id)
         assert job.params["timeout_s"] == 5
         assert 29 <= (job.expires_at - job.created_at).total_seconds() <= 31
+
+
+def test_cancel_waits_for_a_concurrent_writer_instead_of_failing(client, auth, app):
+    """SQLite: a read-then-write transaction must queue behind another writer, not error out."""
+    job_id = submit(client, auth).get_json()["id"]
+    writer_has_lock = threading.Event()
+
+    def slow_writer():
+        with db_of(app).session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(metadata_={"touched": "yes"}))
+            writer_has_lock.set()
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=slow_writer)
+    thread.start()
+    writer_has_lock.wait(5)
+    response = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+    thread.join()
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["status"] == "cancelled"
+
+
+def test_deeply_nested_json_is_400(client, auth):
+    response = client.post("/v1/generations", data="[" * 100_000, headers={**auth, "Content-Type": "application/json"})
+    assert_error(response, 400, "malformed_request")

@@ -149,3 +149,16 @@ def test_expire_queued_fails_only_jobs_past_their_ttl(database_url):
     with db.session_scope() as session:
         assert session.get(Job, stale).error["code"] == "expired"
         assert session.get(Job, fresh).status == session.get(Job, forever).status == "queued"
+
+
+def test_the_ttl_bounds_only_the_first_wait(database_url):
+    """A job that started in time and then lost its worker is retried, not expired."""
+    db = Database(database_url)
+    job_id = queued_job(db, expires_at=utcnow() + timedelta(seconds=30))
+    claim(db, job_id, "worker-a")
+    lapse_lease(db, job_id)
+    with db.session_scope() as session:
+        requeued, _ = job_store.recover_lapsed(session, utcnow(), max_attempts=3)
+        assert job_store.expire_queued(session, utcnow() + timedelta(hours=1)) == []
+    assert requeued == [(job_id, "generation.gemma-3-270m")]
+    assert claim(db, job_id, "worker-b").attempt == 2

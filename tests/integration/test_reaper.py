@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -11,7 +12,7 @@ from sqlalchemy import update
 from shared.celery_app import make_celery
 from shared.db import Database
 from shared.models import Job, utcnow
-from shared.publish import UNACKED_KEY, job_ids_in_redis
+from shared.publish import UNACKED_INDEX_KEY, UNACKED_KEY, job_ids_in_redis
 from shared.reaper import Reaper
 from tests.integration.helpers import claim, lapse_lease, queued_job
 
@@ -35,20 +36,34 @@ def test_a_job_whose_message_never_reached_redis_is_republished(reaper, redis_cl
     job_id = queued_job(reaper.db)
     published_long_ago(reaper.db, job_id)
     assert reaper.run_once()["republished"] == 1
-    assert job_ids_in_redis(redis_client, {QUEUE}) == {job_id}
+    assert job_ids_in_redis(redis_client, {QUEUE}, time.time()) == {job_id}
     assert reaper.run_once()["republished"] == 0  # just published: not stale
     published_long_ago(reaper.db, job_id)
     assert reaper.run_once()["republished"] == 0  # stale but its message is waiting
     assert redis_client.llen(QUEUE) == 1
 
 
-def test_a_message_held_unacked_counts_as_present(reaper, redis_client):
+def hold_unacked(redis_client, job_id: str, delivered_at: float) -> None:
+    """Park a message the way kombu does for a consumer that has not acknowledged it."""
+    message = {"body": "", "headers": {"id": job_id, "task": "gemma_jobs.generate"}, "properties": {}}
+    redis_client.hset(UNACKED_KEY, f"tag-{job_id}", json.dumps([message, "", QUEUE]))
+    redis_client.zadd(UNACKED_INDEX_KEY, {f"tag-{job_id}": delivered_at})
+
+
+def test_a_message_just_delivered_counts_as_present(reaper, redis_client):
     job_id = queued_job(reaper.db)
     published_long_ago(reaper.db, job_id)
-    message = {"body": "", "headers": {"id": job_id, "task": "gemma_jobs.generate"}, "properties": {}}
-    redis_client.hset(UNACKED_KEY, "tag-1", json.dumps([message, "", QUEUE]))
+    hold_unacked(redis_client, job_id, time.time())
     assert reaper.run_once()["republished"] == 0
     assert redis_client.llen(QUEUE) == 0
+
+
+def test_a_delivery_to_a_consumer_that_died_before_claiming_is_republished(reaper, redis_client):
+    job_id = queued_job(reaper.db)
+    published_long_ago(reaper.db, job_id)
+    hold_unacked(redis_client, job_id, time.time() - 600)
+    assert reaper.run_once()["republished"] == 1
+    assert redis_client.llen(QUEUE) == 1
 
 
 def test_a_lost_worker_s_job_is_requeued_then_failed_after_the_cap(reaper, redis_client):
@@ -56,7 +71,7 @@ def test_a_lost_worker_s_job_is_requeued_then_failed_after_the_cap(reaper, redis
     claim(reaper.db, job_id, "worker-a", max_attempts=2)
     lapse_lease(reaper.db, job_id)
     assert reaper.run_once()["requeued"] == 1
-    assert job_ids_in_redis(redis_client, {QUEUE}) == {job_id}
+    assert job_ids_in_redis(redis_client, {QUEUE}, time.time()) == {job_id}
     claim(reaper.db, job_id, "worker-b", max_attempts=2)
     lapse_lease(reaper.db, job_id)
     assert reaper.run_once()["worker_lost"] == 1

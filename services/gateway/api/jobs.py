@@ -89,18 +89,18 @@ def _idempotency_key() -> str | None:
 
 
 def _existing_job(context: GatewayContext, body: GenerationRequest, idempotency_key: str) -> Job | None:
-    with context.db.session_scope() as session:
+    with context.db.session_scope(read_only=True) as session:
         return job_domain.find_idempotent(session, current_caller(), idempotency_key, body)
 
 
 def _is_finished(context: GatewayContext, job_id: str) -> bool:
-    with context.db.session_scope() as session:
+    with context.db.session_scope(read_only=True) as session:
         status = session.get(Job, job_id).status
     return JobStatus(status).is_terminal
 
 
 def _job_response(context: GatewayContext, job_id: str, wait_s: float):
-    with context.db.session_scope() as session:
+    with context.db.session_scope(read_only=True) as session:
         job = job_domain.get_job(session, current_caller(), job_id)
         (body,) = job_domain.describe_jobs(session, [job])
     finished = JobStatus(body.status).is_terminal
@@ -131,7 +131,7 @@ def cancel_job(job_id: str):
 @require_key()
 def get_job(job_id: str):
     """Return one of the caller's jobs."""
-    with gateway().db.session_scope() as session:
+    with gateway().db.session_scope(read_only=True) as session:
         job = job_domain.get_job(session, current_caller(), job_id)
         (body,) = job_domain.describe_jobs(session, [job])
     return body.model_dump(mode="json")
@@ -142,7 +142,7 @@ def get_job(job_id: str):
 def list_jobs():
     """List the caller's jobs, newest first, with a keyset cursor."""
     query = parse_query(JobListQuery)
-    with gateway().db.session_scope() as session:
+    with gateway().db.session_scope(read_only=True) as session:
         rows, has_more = job_domain.list_jobs(
             session,
             current_caller(),

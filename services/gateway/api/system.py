@@ -26,7 +26,7 @@ def readyz():
     context = gateway()
     checks: dict[str, str] = {}
     try:
-        with context.db.session_scope() as session:
+        with context.db.session_scope(read_only=True) as session:
             session.execute(text("SELECT 1"))
         context.db.check_schema()
         checks["database"] = "ok"
