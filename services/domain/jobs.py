@@ -174,10 +174,8 @@ def queue_position(session: Session, job: Job) -> int | None:
 def describe_jobs(session: Session, jobs: list[Job]) -> list[JobOut]:
     """Build the public view of job rows, fetching their usage in one query."""
     ids = [job.id for job in jobs]
-    usage_by_job = {
-        record.job_id: record
-        for record in session.scalars(select(UsageRecord).where(UsageRecord.job_id.in_(ids)))
-    } if ids else {}
+    records = session.scalars(select(UsageRecord).where(UsageRecord.job_id.in_(ids))) if ids else []
+    usage_by_job = {record.job_id: record for record in records}
     return [_to_response(job, usage_by_job.get(job.id), queue_position(session, job)) for job in jobs]
 
 
