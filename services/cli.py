@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(run=cmd_keys_create)
     listing = key_commands.add_parser("list", help="list keys (never their secrets)")
     listing.set_defaults(run=cmd_keys_list)
+    usage = commands.add_parser("usage", help="print usage totals grouped by key, model or day")
+    usage.add_argument("--group-by", choices=["key", "model", "day"], default="key")
+    usage.add_argument("--from", dest="start", help="ISO 8601 time, inclusive")
+    usage.add_argument("--to", dest="end", help="ISO 8601 time, exclusive")
+    usage.add_argument("--key-id")
+    usage.set_defaults(run=cmd_usage)
     revoke = key_commands.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_keys_revoke)
@@ -176,6 +182,31 @@ def cmd_demo(args) -> int:
     with Stack(get_settings(), port=args.port) as stack:
         stack.announce()
         return run_sample_job(stack, args.prompt)
+
+
+def cmd_usage(args) -> int:
+    """Print the same totals as GET /v1/admin/usage, as a table."""
+    from pydantic import ValidationError
+
+    from services.domain.usage import usage_report
+    from shared.schemas import UsageQuery
+
+    try:
+        query = UsageQuery.model_validate(
+            {"group_by": args.group_by, "from": args.start, "to": args.end, "key_id": args.key_id}
+        )
+    except ValidationError as exc:
+        print(f"gemma-jobs: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    with _checked_database().session_scope(read_only=True) as session:
+        rows = usage_report(session, query.group_by, query.start, query.end, query.key_id)
+    print(f"{query.group_by:32} {'jobs':>6} {'prompt':>10} {'completion':>10} {'train':>10} {'seconds':>10}")
+    for row in rows:
+        print(
+            f"{row.group:32} {row.jobs:>6} {row.prompt_tokens:>10} {row.completion_tokens:>10} "
+            f"{row.train_tokens:>10} {row.gpu_seconds:>10.2f}"
+        )
+    return 0
 
 
 def cmd_keys_create(args) -> int:

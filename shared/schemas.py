@@ -156,3 +156,96 @@ class Health(BaseModel):
 
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class KeyCreate(StrictModel):
+    """Body of POST /v1/admin/keys; limits left out use the server defaults."""
+
+    role: Literal["admin", "user"] = "user"
+    name: str = Field(default="", max_length=200)
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
+    max_concurrent: int | None = Field(default=None, ge=1, description="queued + running jobs")
+    expires_at: datetime | None = Field(default=None, description="the key stops working at this time")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware_and_future(cls, value: datetime | None) -> datetime | None:
+        from datetime import timezone
+
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("give a timezone, e.g. 2027-01-01T00:00:00Z")
+        if value <= datetime.now(timezone.utc):
+            raise ValueError("must be in the future")
+        return value
+
+
+class KeyInfo(BaseModel):
+    """An API key as admins see it: never its secret."""
+
+    id: str
+    object: Literal["api_key"] = "api_key"
+    role: Literal["admin", "user"]
+    name: str
+    key_prefix: str = Field(description="the first characters of the key, to tell keys apart")
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class KeyCreated(KeyInfo):
+    """A new key: the plaintext `key` is shown here once and never again."""
+
+    key: str
+
+
+class KeyList(BaseModel):
+    """Every API key, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[KeyInfo]
+
+
+class UsageRange(StrictModel):
+    """Query of GET /v1/usage: an optional [from, to) range of ISO 8601 times."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    start: datetime | None = Field(default=None, alias="from")
+    end: datetime | None = Field(default=None, alias="to")
+
+
+class UsageQuery(UsageRange):
+    """Query of GET /v1/admin/usage: a range, a grouping and optionally one key."""
+
+    group_by: Literal["key", "model", "day"] = "key"
+    key_id: str | None = Field(default=None, max_length=40)
+
+
+class UsageTotals(BaseModel):
+    """What a set of jobs used."""
+
+    jobs: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    train_tokens: int = 0
+    gpu_seconds: float = 0.0
+
+
+class UsageRow(UsageTotals):
+    """Totals of one group (a key id, a model id or a UTC day)."""
+
+    group: str
+
+
+class UsageReport(BaseModel):
+    """Usage grouped by key, model or day over a time range."""
+
+    object: Literal["list"] = "list"
+    group_by: Literal["key", "model", "day"]
+    data: list[UsageRow]

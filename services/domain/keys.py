@@ -85,7 +85,7 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 def revoke_key(session: Session, key_id: str) -> ApiKey:
     """Revoke a key; revoking twice is fine."""
-    row = session.get(ApiKey, key_id)
+    row = session.get(ApiKey, key_id, with_for_update=True)
     if row is None:
         raise NotFound(f"no API key {key_id!r}")
     if row.revoked_at is None:

@@ -26,11 +26,10 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     register_error_handlers(app)
     _register_request_context(app)
 
-    from services.gateway.api import jobs, models, system
+    from services.gateway.api import admin, jobs, models, system, usage
 
-    app.register_blueprint(system.blueprint)
-    app.register_blueprint(jobs.blueprint)
-    app.register_blueprint(models.blueprint)
+    for module in (system, jobs, models, usage, admin):
+        app.register_blueprint(module.blueprint)
     return app
 
 

@@ -45,11 +45,54 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         {200: schemas.ModelList, 401: schemas.ErrorResponse},
         True,
     ),
+    ("get", "/v1/usage"): (
+        "Your own usage totals",
+        None,
+        {200: schemas.UsageTotals, 401: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+        True,
+    ),
+    ("post", "/v1/admin/keys"): (
+        "Create an API key (admin); the plaintext is shown once",
+        schemas.KeyCreate,
+        {201: schemas.KeyCreated, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
+         403: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/admin/keys"): (
+        "List API keys (admin)",
+        None,
+        {200: schemas.KeyList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse},
+        True,
+    ),
+    ("delete", "/v1/admin/keys/{key_id}"): (
+        "Revoke an API key (admin)",
+        None,
+        {200: schemas.KeyInfo, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse, 404: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/admin/usage"): (
+        "Usage of all keys grouped by key, model or day (admin)",
+        None,
+        {200: schemas.UsageReport, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse,
+         422: schemas.ErrorResponse},
+        True,
+    ),
     ("get", "/healthz"): ("Liveness", None, {200: schemas.Health}, False),
     ("get", "/readyz"): ("Readiness: database and Redis", None, {200: schemas.Health, 503: schemas.Health}, False),
 }
 
+_RANGE = [
+    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+]
+
 QUERY_PARAMETERS = {
+    "/v1/usage": _RANGE,
+    "/v1/admin/usage": [
+        *_RANGE,
+        {"name": "group_by", "in": "query", "schema": {"type": "string", "enum": ["key", "model", "day"]}},
+        {"name": "key_id", "in": "query", "schema": {"type": "string", "maxLength": 40}},
+    ],
     "/v1/jobs": [
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
         {"name": "after", "in": "query", "schema": {"type": "string", "maxLength": 40}},

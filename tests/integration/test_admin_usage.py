@@ -1,0 +1,129 @@
+"""Admin key management and the usage ledger, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import update
+
+from services.domain.keys import create_key
+from shared import job_store
+from shared.models import UsageRecord
+from tests.integration.helpers import assert_error, make_key
+from tests.processes import CLI
+
+
+@pytest.fixture()
+def admin(app) -> dict[str, str]:
+    return {"Authorization": f"Bearer {make_key(app, role='admin')}"}
+
+
+def test_admin_creates_lists_and_revokes_keys(client, admin):
+    created = client.post("/v1/admin/keys", json={"role": "user", "name": "team-a", "rpm": 60}, headers=admin)
+    assert created.status_code == 201
+    body = created.get_json()
+    assert body["key"].startswith("gj_") and body["role"] == "user" and body["rpm"] == 60
+    new_key = {"Authorization": f"Bearer {body['key']}"}
+    assert client.get("/v1/jobs", headers=new_key).status_code == 200
+    listing = client.get("/v1/admin/keys", headers=admin).get_json()
+    assert body["id"] in [key["id"] for key in listing["data"]]
+    assert body["key"] not in str(listing)
+    revoked = client.delete(f"/v1/admin/keys/{body['id']}", headers=admin)
+    assert revoked.status_code == 200 and revoked.get_json()["revoked_at"]
+    error = assert_error(client.get("/v1/jobs", headers=new_key), 401, "unauthenticated")
+    assert "revoked" in error["message"]
+    assert client.delete(f"/v1/admin/keys/{body['id']}", headers=admin).status_code == 200  # again: fine
+    assert_error(client.delete("/v1/admin/keys/key_nope", headers=admin), 404, "not_found")
+
+
+def test_user_keys_get_403_on_admin_routes(client, auth):
+    for method, path in [("post", "/v1/admin/keys"), ("get", "/v1/admin/keys"),
+                         ("delete", "/v1/admin/keys/key_x"), ("get", "/v1/admin/usage")]:
+        response = getattr(client, method)(path, headers=auth, json={} if method == "post" else None)
+        assert_error(response, 403, "forbidden")
+    assert_error(client.get("/v1/admin/keys"), 401, "unauthenticated")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"role": "root"}, "role"),
+        ({"rpm": 0}, "rpm"),
+        ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
+        ({"expires_at": "2099-01-01T00:00:00"}, "expires_at"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_key_requests_are_422(client, admin, body, field):
+    error = assert_error(client.post("/v1/admin/keys", json=body, headers=admin), 422, "invalid_field")
+    assert field in [detail["field"] for detail in error["details"]]
+
+
+def test_an_expired_key_is_refused(client, admin, app):
+    future = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    body = client.post("/v1/admin/keys", json={"expires_at": future}, headers=admin).get_json()
+    headers = {"Authorization": f"Bearer {body['key']}"}
+    assert client.get("/v1/jobs", headers=headers).status_code == 200
+    from shared.models import ApiKey
+
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        session.execute(update(ApiKey).where(ApiKey.id == body["id"]).values(expires_at=datetime.now(timezone.utc)))
+    assert "expired" in assert_error(client.get("/v1/jobs", headers=headers), 401, "unauthenticated")["message"]
+
+
+def charge(app, key_id: str, model: str, prompt: int, completion: int, seconds: float, when: datetime) -> None:
+    """Run a job through the real claim/finish path, then date its usage row."""
+    from shared.ids import new_id
+    from shared.models import Job
+
+    db = app.extensions["gemma_jobs"].db
+    with db.session_scope() as session:
+        job = Job(id=new_id("job"), owner_key_id=key_id, kind="generation", model=model,
+                  queue=f"generation.{model}", status="queued", params={})
+        session.add(job)
+    with db.session_scope() as session:
+        held = job_store.claim(session, job.id, "w", device="cpu", lease_s=30, max_attempts=3)
+    with db.session_scope() as session:
+        job_store.finish(session, held, "w", result={"text": ""},
+                         usage={"prompt_tokens": prompt, "completion_tokens": completion, "gpu_seconds": seconds})
+        session.execute(update(UsageRecord).where(UsageRecord.job_id == job.id).values(created_at=when))
+
+
+def test_usage_is_summed_in_sql_by_key_model_and_day(client, admin, app):
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        (alice, alice_key), (bob, _) = create_key(session, role="user"), create_key(session, role="user")
+    day1 = datetime(2026, 11, 1, 10, tzinfo=timezone.utc)
+    day2 = datetime(2026, 11, 2, 23, 30, tzinfo=timezone.utc)
+    charge(app, alice.id, "gemma-3-270m", 10, 20, 1.0, day1)
+    charge(app, alice.id, "gemma-3-1b-it", 5, 7, 0.5, day2)
+    charge(app, bob.id, "gemma-3-270m", 1, 2, 0.25, day2)
+    by_key = client.get("/v1/admin/usage?group_by=key", headers=admin).get_json()
+    rows = {row["group"]: row for row in by_key["data"]}
+    assert rows[alice.id] | {"group": None} == {"group": None, "jobs": 2, "prompt_tokens": 15, "completion_tokens": 27,
+                                                 "train_tokens": 0, "gpu_seconds": 1.5}
+    assert rows[bob.id]["jobs"] == 1
+    by_model = client.get("/v1/admin/usage?group_by=model", headers=admin).get_json()["data"]
+    assert [(row["group"], row["jobs"]) for row in by_model] == [("gemma-3-1b-it", 1), ("gemma-3-270m", 2)]
+    by_day = client.get("/v1/admin/usage?group_by=day", headers=admin).get_json()["data"]
+    assert [(row["group"], row["completion_tokens"]) for row in by_day] == [("2026-11-01", 20), ("2026-11-02", 9)]
+    ranged = client.get(f"/v1/admin/usage?group_by=key&from=2026-11-02T00:00:00Z&key_id={alice.id}", headers=admin)
+    assert [(row["group"], row["jobs"]) for row in ranged.get_json()["data"]] == [(alice.id, 1)]
+    own = client.get("/v1/usage", headers={"Authorization": f"Bearer {alice_key}"}).get_json()
+    assert (own["jobs"], own["completion_tokens"]) == (2, 27)
+    own_range = client.get("/v1/usage?to=2026-11-02T00:00:00Z", headers={"Authorization": f"Bearer {alice_key}"})
+    assert own_range.get_json()["jobs"] == 1
+    assert_error(client.get("/v1/admin/usage?group_by=week", headers=admin), 422, "invalid_field")
+    assert_error(client.get("/v1/usage?from=yesterday", headers=admin), 422, "invalid_field")
+    assert_error(client.get("/v1/usage?key_id=someone", headers=admin), 422, "invalid_field")
+
+    result = subprocess.run(
+        [*CLI, "usage", "--group-by", "model"],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": app.extensions["gemma_jobs"].settings.database_url},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["model", "jobs"]
+    assert lines[2].split()[:4] == ["gemma-3-270m", "2", "11", "22"]
