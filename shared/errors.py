@@ -17,6 +17,8 @@ class DomainError(Exception):
         if code:
             self.code = code
         self.details = details
+        # Extra response headers (e.g. Retry-After on 429).
+        self.headers: dict[str, str] = {}
 
 
 class MalformedRequest(DomainError):
@@ -41,6 +43,10 @@ class Conflict(DomainError):
 
 class InvalidField(DomainError):
     status, code = 422, "invalid_field"
+
+
+class TooManyRequests(DomainError):
+    status, code = 429, "rate_limited"
 
 
 class NotReady(DomainError):

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.jobs import JobStatus
-from shared.models import Job, JobEvent, UsageRecord, utcnow
+from shared.models import Job, JobEvent, RateLimitWindow, UsageRecord, utcnow
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,37 @@ def renew_lease(session: Session, held: Claim, worker_id: str, lease_s: float) -
     return session.scalar(select(Job.status).where(Job.id == held.job_id))
 
 
+def settle_reservation(session: Session, job_id: str, used_tokens: int) -> None:
+    """Replace the tokens a job reserved at submit with what it used, once."""
+    job = session.execute(
+        select(Job.owner_key_id, Job.reserved_tokens, Job.rate_window_start).where(Job.id == job_id)
+    ).one()
+    if not job.reserved_tokens or job.rate_window_start is None:
+        return
+    settled = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.reserved_tokens == job.reserved_tokens)
+        .values(reserved_tokens=0)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if settled:
+        session.execute(
+            update(RateLimitWindow)
+            .where(
+                RateLimitWindow.key_id == job.owner_key_id,
+                RateLimitWindow.window_start == job.rate_window_start,
+            )
+            .values(tokens=RateLimitWindow.tokens - job.reserved_tokens + used_tokens)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _used_tokens(usage: dict[str, Any] | None) -> int:
+    if not usage:
+        return 0
+    return usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0) + usage.get("train_tokens", 0)
+
+
 def _charge(session: Session, held: Claim, status: str, usage: dict[str, Any]) -> bool:
     """Insert the job's one usage row; the unique job_id makes a second charge impossible."""
     try:
@@ -160,6 +191,7 @@ def finish(
     if not _end(session, held, worker_id, JobStatus.SUCCEEDED, result=result):
         return False
     _charge(session, held, JobStatus.SUCCEEDED, usage)
+    settle_reservation(session, held.job_id, _used_tokens(usage))
     return True
 
 
@@ -178,6 +210,7 @@ def fail(
         return False
     if usage and usage.get("completion_tokens"):
         _charge(session, held, JobStatus.FAILED, usage)
+    settle_reservation(session, held.job_id, _used_tokens(usage))
     return True
 
 
@@ -190,7 +223,10 @@ def charge_cancelled(session: Session, held: Claim, worker_id: str, usage: dict[
         and job.attempts == held.attempt
     ):
         return False
-    return _charge(session, held, JobStatus.CANCELLED, usage)
+    charged = _charge(session, held, JobStatus.CANCELLED, usage)
+    if charged:
+        settle_reservation(session, held.job_id, _used_tokens(usage))
+    return charged
 
 
 def hand_back(session: Session, held: Claim, worker_id: str) -> bool:
@@ -214,16 +250,24 @@ def hand_back(session: Session, held: Claim, worker_id: str) -> bool:
 
 
 def cancel(session: Session, job_id: str) -> bool:
-    """Cancel a queued or running job; False if it had already ended."""
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if cancelled:
-        add_event(session, job_id, "status", {"status": JobStatus.CANCELLED})
-    return bool(cancelled)
+    """Cancel a queued or running job; False if it had already ended.
+
+    A queued job used nothing: its reservation is released now. A running job's worker
+    stops, charges what it produced and settles then.
+    """
+    for status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        cancelled = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == status)
+            .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if cancelled:
+            add_event(session, job_id, "status", {"status": JobStatus.CANCELLED})
+            if status == JobStatus.QUEUED:
+                settle_reservation(session, job_id, 0)
+            return True
+    return False
 
 
 def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str]:
@@ -248,6 +292,7 @@ def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str
         ).rowcount
         if changed:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "expired"})
+            settle_reservation(session, job_id, 0)
             expired.append(job_id)
     return expired
 
@@ -291,6 +336,7 @@ def recover_lapsed(
             continue
         if attempts >= max_attempts:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "worker_lost"})
+            settle_reservation(session, job_id, 0)
             failed.append(job_id)
         else:
             add_event(session, job_id, "status", {"status": JobStatus.QUEUED, "reason": "worker_lost"})

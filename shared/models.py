@@ -108,6 +108,10 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # SHA-256 of the request body, to tell a retried submit from a different one.
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Tokens reserved against the key's per-minute budget at submit, in that minute's
+    # window; settled to the real count (and set to 0) when the job ends.
+    reserved_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rate_window_start: Mapped[datetime | None]
 
     __table_args__ = (
         # Newest-first listing of one key's jobs (ids are time-ordered).
@@ -120,6 +124,17 @@ class Job(Base):
         Index("ix_jobs_status_expires_at", "status", "expires_at"),
         Index("ix_jobs_status_enqueued_at", "status", "enqueued_at"),
     )
+
+
+class RateLimitWindow(Base):
+    """Requests and tokens one key used in one fixed one-minute window."""
+
+    __tablename__ = "rate_limit_windows"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class JobEvent(Base):

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=200_000, ge=1)
     page_limit_max: int = Field(default=100, ge=1)
 
+    # Per-key limits used when a key sets none; unset means unlimited.
+    default_rpm: int | None = Field(default=None, ge=1)
+    default_tpm: int | None = Field(default=None, ge=1)
+    default_max_concurrent: int | None = Field(default=None, ge=1)
+
     # Reliability: a running job holds a lease it renews; a lapsed lease means its worker died.
     lease_s: float = Field(default=30.0, ge=1, le=3600)
     # How often a running job's side thread checks for cancel/lease loss (and the bound on

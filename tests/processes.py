@@ -55,12 +55,13 @@ class Service:
         return self.process.returncode
 
 
-def start_gateway(env: dict[str, str], log_dir: Path, timeout_s: float = 30) -> tuple[Service, str]:
+def start_gateway(
+    env: dict[str, str], log_dir: Path, timeout_s: float = 30, workers: int = 1, threads: int = 8
+) -> tuple[Service, str]:
     """Start `gemma-jobs gateway` on a free port; return it once /readyz answers 200."""
     port = free_port()
-    service = Service(
-        "gateway", [*CLI, "gateway", "--port", str(port), "--workers", "1", "--threads", "8"], env, log_dir
-    )
+    command = [*CLI, "gateway", "--port", str(port), "--workers", str(workers), "--threads", str(threads)]
+    service = Service("gateway", command, env, log_dir)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:

@@ -13,6 +13,7 @@ down_revision = '0001'
 branch_labels = None
 depends_on = None
 
+
 def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('worker_device', sa.String(length=64), nullable=True))
@@ -25,6 +26,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_jobs_status_lease_expires_at', ['status', 'lease_expires_at'], unique=False)
     # Jobs left running by code without leases get a lapsed one, so the reaper recovers them.
     op.execute("UPDATE jobs SET lease_expires_at = CURRENT_TIMESTAMP WHERE status = 'running' AND lease_expires_at IS NULL")
+
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:

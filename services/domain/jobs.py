@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from services.domain import limits
 from services.domain.keys import Caller
 from shared import job_store
 from shared.celery_app import queue_for
@@ -22,6 +25,14 @@ from shared.schemas import Job as JobOut
 from shared.settings import Settings
 
 
+@dataclass(frozen=True)
+class Submission:
+    """A recorded job and the key's limits after admitting it."""
+
+    job: Job
+    admission: limits.Admission
+
+
 def create_generation(
     session: Session,
     caller: Caller,
@@ -30,8 +41,8 @@ def create_generation(
     registry: ModelRegistry,
     settings: Settings,
     idempotency_key: str | None = None,
-) -> Job:
-    """Validate a generation request against server limits and record it as queued."""
+) -> Submission:
+    """Validate a request, admit it against the key's limits and record it as queued."""
     entry = registry.get(request.model)
     if entry is None:
         known = ", ".join(model.id for model in registry.all())
@@ -45,6 +56,8 @@ def create_generation(
     params = request.model_dump(exclude={"model", "metadata", "ttl_s"}, exclude_none=True)
     params.update(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
     now = utcnow()
+    reserved = estimate_prompt_tokens(request) + max_new_tokens
+    admission = limits.admit(session, caller.key_id, settings, reserved, now)
     job = Job(
         id=new_id("job"),
         owner_key_id=caller.key_id,
@@ -61,10 +74,20 @@ def create_generation(
         expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s else None,
         idempotency_key=idempotency_key,
         request_hash=request_hash(request) if idempotency_key else None,
+        reserved_tokens=reserved,
+        rate_window_start=admission.window_start,
     )
     session.add(job)
     session.flush()
-    return job
+    return Submission(job, admission)
+
+
+def estimate_prompt_tokens(request: GenerationRequest) -> int:
+    """Estimate prompt tokens without a tokenizer (the gateway loads none): ~4 characters a
+    token, plus the chat turn markers. The reservation is settled to the real count later."""
+    if request.prompt is not None:
+        return math.ceil(len(request.prompt) / 4) + 1
+    return sum(math.ceil(len(message.content) / 4) + 5 for message in request.messages or []) + 3
 
 
 def _check_limits(

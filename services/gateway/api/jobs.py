@@ -47,10 +47,11 @@ def create_generation():
     idempotency_key = _idempotency_key()
     job = _existing_job(context, body, idempotency_key) if idempotency_key else None
     replayed = job is not None
+    limit_headers: dict[str, str] = {}
     if job is None:
         try:
             with context.db.session_scope() as session:
-                job = job_domain.create_generation(
+                submission = job_domain.create_generation(
                     session,
                     current_caller(),
                     body,
@@ -58,6 +59,7 @@ def create_generation():
                     settings=context.settings,
                     idempotency_key=idempotency_key,
                 )
+            job, limit_headers = submission.job, submission.admission.headers()
         except IntegrityError:
             # A concurrent submit with the same Idempotency-Key won the insert: answer with its job.
             job, replayed = _existing_job(context, body, idempotency_key), True
@@ -71,6 +73,7 @@ def create_generation():
     if wait_s > 0:
         wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
     response = _job_response(context, job.id, wait_s)
+    response[2].update(limit_headers)
     if replayed:
         response[2]["Idempotent-Replayed"] = "true"
     return response

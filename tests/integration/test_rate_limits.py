@@ -1,0 +1,109 @@
+"""Per-key limits through the gateway: headers, refusals, settling, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import select
+
+from services.domain.keys import create_key
+from shared import job_store
+from shared.models import RateLimitWindow
+from tests.integration.helpers import assert_error, submit
+
+
+def key_with(app, **limits) -> dict[str, str]:
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        _, plaintext = create_key(session, role="user", **limits)
+    return {"Authorization": f"Bearer {plaintext}"}
+
+
+def remaining(response, name: str) -> int:
+    return int(re.search(rf'"{name}";r=(\d+)', response.headers["RateLimit"]).group(1))
+
+
+def test_requests_per_minute_are_counted_and_refused_with_headers(client, app):
+    headers = key_with(app, rpm=3)
+    accepted = [submit(client, headers) for _ in range(3)]
+    assert [response.status_code for response in accepted] == [202, 202, 202]
+    assert accepted[0].headers["RateLimit-Policy"] == '"requests";q=3;w=60'
+    assert [remaining(response, "requests") for response in accepted] == [2, 1, 0]
+    refused = submit(client, headers)
+    error = assert_error(refused, 429, "rate_limited")
+    assert "3 requests per minute" in error["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert remaining(refused, "requests") == 0
+    assert refused.headers["RateLimit-Policy"] == '"requests";q=3;w=60'
+
+
+def test_a_key_without_limits_gets_no_limit_headers(client, auth):
+    response = submit(client, auth)
+    assert response.status_code == 202 and "RateLimit" not in response.headers
+
+
+def test_server_default_limits_apply_to_keys_without_their_own(settings, redis_client):
+    from services.gateway import create_app
+
+    app = create_app(settings.model_copy(update={"default_rpm": 1}))
+    client = app.test_client()
+    headers = key_with(app)
+    assert submit(client, headers).status_code == 202
+    assert_error(submit(client, headers), 429, "rate_limited")
+    own = key_with(app, rpm=5)
+    assert submit(client, own).status_code == 202 and submit(client, own).status_code == 202
+
+
+def test_tokens_are_reserved_then_settled_to_what_was_used(client, app):
+    headers = key_with(app, tpm=100)
+    first = submit(client, headers, max_new_tokens=60)  # reserves 3 ("Hello", estimated) + 60
+    assert first.status_code == 202 and remaining(first, "tokens") == 37
+    error = assert_error(submit(client, headers, max_new_tokens=60), 429, "rate_limited")
+    assert "100 tokens per minute" in error["message"]
+    assert_error(submit(client, headers, max_new_tokens=101), 422, "invalid_field")
+    # The first job ends having used 3 + 7 tokens: the budget gets the difference back.
+    db = app.extensions["gemma_jobs"].db
+    with db.session_scope() as session:
+        held = job_store.claim(session, first.get_json()["id"], "w", device="cpu", lease_s=30, max_attempts=3)
+    with db.session_scope() as session:
+        job_store.finish(session, held, "w", result={"text": ""},
+                         usage={"prompt_tokens": 3, "completion_tokens": 7, "gpu_seconds": 0.1})
+    with db.session_scope() as session:
+        assert session.scalars(select(RateLimitWindow.tokens)).one() == 10
+    second = submit(client, headers, max_new_tokens=60)
+    assert second.status_code == 202 and remaining(second, "tokens") == 27
+
+
+def test_cancelling_a_queued_job_releases_its_tokens_and_its_slot(client, app):
+    headers = key_with(app, tpm=100, max_concurrent=1)
+    job_id = submit(client, headers, max_new_tokens=80).get_json()["id"]
+    refused = assert_error(submit(client, headers, max_new_tokens=10), 429, "rate_limited")
+    assert "1 concurrent jobs" in refused["message"]
+    client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+    response = submit(client, headers, max_new_tokens=80)
+    assert response.status_code == 202
+    assert remaining(response, "concurrent") == 0 and remaining(response, "tokens") == 17
+
+
+def test_concurrent_jobs_count_queued_and_running(client, app):
+    headers = key_with(app, max_concurrent=2)
+    ids = [submit(client, headers).get_json()["id"] for _ in range(2)]
+    refused = submit(client, headers)
+    assert_error(refused, 429, "rate_limited")
+    assert refused.headers["RateLimit-Policy"] == '"concurrent";q=2'
+    assert refused.headers["Retry-After"] == "1"
+    db = app.extensions["gemma_jobs"].db
+    with db.session_scope() as session:
+        held = job_store.claim(session, ids[0], "w", device="cpu", lease_s=30, max_attempts=3)
+    assert submit(client, headers).status_code == 429  # running still counts
+    with db.session_scope() as session:
+        job_store.fail(session, held, "w", code="x", message="y")
+    assert submit(client, headers).status_code == 202
+
+
+@pytest.mark.parametrize("limit", [{"rpm": 0}, {"tpm": -1}, {"max_concurrent": 0}])
+def test_limits_must_be_positive(client, app, limit):
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        _, admin = create_key(session, role="admin")
+    response = client.post("/v1/admin/keys", json=limit, headers={"Authorization": f"Bearer {admin}"})
+    assert_error(response, 422, "invalid_field")
