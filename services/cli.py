@@ -211,17 +211,21 @@ def cmd_usage(args) -> int:
 
 def cmd_keys_create(args) -> int:
     """Create a key and print it alone on stdout."""
-    from services.domain.keys import create_key
+    from pydantic import ValidationError
 
-    with _checked_database().session_scope() as session:
-        row, plaintext = create_key(
-            session,
-            role=args.role,
-            name=args.name,
-            rpm=args.rpm,
-            tpm=args.tpm,
-            max_concurrent=args.max_concurrent,
+    from services.domain.keys import create_key
+    from shared.schemas import KeyCreate
+
+    try:
+        request = KeyCreate(
+            role=args.role, name=args.name, rpm=args.rpm, tpm=args.tpm, max_concurrent=args.max_concurrent
         )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        print(f"gemma-jobs: --{str(error['loc'][0]).replace('_', '-')}: {error['msg']}", file=sys.stderr)
+        return 2
+    with _checked_database().session_scope() as session:
+        row, plaintext = create_key(session, **request.model_dump())
     print(f"created {row.role} key {row.id}", file=sys.stderr)
     print(plaintext)
     return 0

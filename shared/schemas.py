@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 8
+MAX_INT32 = 2**31 - 1
 MAX_METADATA_KEYS = 16
 
 
@@ -27,10 +28,10 @@ class Message(StrictModel):
 class GenerationRequest(StrictModel):
     """Body of POST /v1/generations: `messages` (chat) or `prompt` (raw text), not both."""
 
-    model: str = Field(min_length=1, max_length=200)
+    model: str = Field(min_length=1, max_length=200, examples=["gemma-3-270m"])
     messages: list[Message] | None = Field(default=None, min_length=1)
-    prompt: str | None = Field(default=None, min_length=1)
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    prompt: str | None = Field(default=None, min_length=1, examples=["The capital of France is"])
+    max_new_tokens: int | None = Field(default=None, ge=1, le=32768, examples=[16])
     temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering")
@@ -163,9 +164,10 @@ class KeyCreate(StrictModel):
 
     role: Literal["admin", "user"] = "user"
     name: str = Field(default="", max_length=200)
-    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
-    tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
-    max_concurrent: int | None = Field(default=None, ge=1, description="queued + running jobs")
+    # Bounded by the 32-bit integer columns that store them.
+    rpm: int | None = Field(default=None, ge=1, le=MAX_INT32, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, le=MAX_INT32, description="tokens per minute")
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_INT32, description="queued + running jobs")
     expires_at: datetime | None = Field(default=None, description="the key stops working at this time")
 
     @field_validator("expires_at")

@@ -102,6 +102,11 @@ QUERY_PARAMETERS = {
     ],
 }
 
+OPERATION_IDS = {
+    ("get", "/v1/jobs/{job_id}"): "get_job",
+    ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job",
+}
+
 HEADER_PARAMETERS = {
     ("post", "/v1/generations"): [
         {"name": "Prefer", "in": "header", "schema": {"type": "string"},
@@ -145,6 +150,15 @@ def openapi_document() -> dict[str, Any]:
             }
         if authenticated:
             operation["security"] = [{"bearer": []}]
+        if (method, path) == ("post", "/v1/generations"):
+            # The job a submit returns can be read and cancelled (lets fuzzers chain calls).
+            links = {
+                "GetJob": {"operationId": "get_job", "parameters": {"job_id": "$response.body#/id"}},
+                "CancelJob": {"operationId": "cancel_job", "parameters": {"job_id": "$response.body#/id"}},
+            }
+            for status in ("200", "202"):
+                operation["responses"][status]["links"] = links
+        operation["operationId"] = OPERATION_IDS.get((method, path), f"{method}_{path.strip('/').replace('/', '_')}")
         paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",

@@ -107,3 +107,11 @@ def test_limits_must_be_positive(client, app, limit):
         _, admin = create_key(session, role="admin")
     response = client.post("/v1/admin/keys", json=limit, headers={"Authorization": f"Bearer {admin}"})
     assert_error(response, 422, "invalid_field")
+
+
+def test_limits_beyond_32_bits_are_422_not_500(client, app):
+    """Found by schemathesis: a huge tpm overflowed PostgreSQL's integer column."""
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        _, admin = create_key(session, role="admin")
+    response = client.post("/v1/admin/keys", json={"tpm": 5496872403655857}, headers={"Authorization": f"Bearer {admin}"})
+    assert_error(response, 422, "invalid_field")
