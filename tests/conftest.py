@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from shared.migrate import upgrade
+from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
 from shared.settings import Settings, load_settings
 
 REDIS_BASE_URL = os.environ.get("GEMMA_JOBS_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -105,3 +106,17 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
         log_format="console",
         max_wait_s=5,
     )
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory) -> Path:
+    """Converted weights, shared by every process of the session (converted once, ~60 s).
+
+    GEMMA_JOBS_TEST_MODEL_CACHE reuses a cache between local runs; CI converts afresh.
+    """
+    from workers.model_loader import weights_dir
+
+    configured = os.environ.get("GEMMA_JOBS_TEST_MODEL_CACHE")
+    cache = Path(configured) if configured else tmp_path_factory.mktemp("models")
+    weights_dir(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), cache)
+    return cache

@@ -41,8 +41,12 @@ def create_generation(
     registry: ModelRegistry,
     settings: Settings,
     idempotency_key: str | None = None,
+    prompt_tokens: int | None = None,
 ) -> Submission:
-    """Validate a request, admit it against the key's limits and record it as queued."""
+    """Validate a request, admit it against the key's limits and record it as queued.
+
+    `prompt_tokens` is the exact count when the gateway could tokenize; else it is estimated.
+    """
     entry = registry.get(request.model)
     if entry is None:
         known = ", ".join(model.id for model in registry.all())
@@ -55,8 +59,14 @@ def create_generation(
     _check_limits(request, settings, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
     params = request.model_dump(exclude={"model", "metadata", "ttl_s"}, exclude_none=True)
     params.update(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    if prompt_tokens is not None and prompt_tokens + max_new_tokens > entry.context_length:
+        raise InvalidField(
+            f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}; together "
+            f"they must fit {request.model}'s context of {entry.context_length} tokens",
+            details=[{"field": "messages" if request.messages else "prompt", "message": "over the context"}],
+        )
     now = utcnow()
-    reserved = estimate_prompt_tokens(request) + max_new_tokens
+    reserved = (prompt_tokens if prompt_tokens is not None else estimate_prompt_tokens(request)) + max_new_tokens
     admission = limits.admit(session, caller.key_id, settings, reserved, now)
     job = Job(
         id=new_id("job"),

@@ -8,6 +8,7 @@ import redis
 from celery import Celery
 from flask import current_app
 
+from services.domain.token_counter import TokenCounter
 from shared.celery_app import make_celery
 from shared.db import Database
 from shared.registry import ModelRegistry
@@ -23,10 +24,12 @@ class GatewayContext:
     redis: redis.Redis
     celery: Celery
     registry: ModelRegistry
+    token_counter: TokenCounter
 
     @classmethod
     def create(cls, settings: Settings) -> "GatewayContext":
         """Connect (lazily) to the database and Redis named in the settings."""
+        registry = ModelRegistry.load(settings.model_registry)
         return cls(
             settings=settings,
             db=Database(settings.database_url_or_default),
@@ -34,7 +37,8 @@ class GatewayContext:
                 settings.redis_url, socket_connect_timeout=3, socket_timeout=10
             ),
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
-            registry=ModelRegistry.load(settings.model_registry),
+            registry=registry,
+            token_counter=TokenCounter(registry, settings.model_cache_path),
         )
 
 

@@ -13,23 +13,9 @@ import redis
 from services.domain.keys import create_key
 from shared.db import Database
 from shared.migrate import upgrade
-from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
+from shared.registry import DEFAULT_MODEL_ID
 from tests.conftest import fresh_postgres_database
 from tests.processes import Service, start_gateway, start_worker
-
-
-@pytest.fixture(scope="session")
-def model_cache_dir(tmp_path_factory) -> Path:
-    """Converted weights, shared by every process of the session (converted once, ~60 s).
-
-    GEMMA_JOBS_TEST_MODEL_CACHE reuses a cache between local runs; CI converts afresh.
-    """
-    from workers.model_loader import weights_dir
-
-    configured = os.environ.get("GEMMA_JOBS_TEST_MODEL_CACHE")
-    cache = Path(configured) if configured else tmp_path_factory.mktemp("models")
-    weights_dir(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), cache)
-    return cache
 
 
 @pytest.fixture(scope="session")

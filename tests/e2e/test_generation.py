@@ -113,13 +113,10 @@ def test_failing_jobs_record_a_clear_error_and_the_worker_keeps_serving(stack):
     assert broken["status"] == "failed"
     assert broken["error"]["code"] == "model_unavailable"
     assert "/nonexistent/gemma" in broken["error"]["message"]
-    too_long = post(
-        stack, headers, {"model": "gemma-3-270m-short", "prompt": "word " * 80, "max_new_tokens": 8}, Prefer="wait=60"
-    ).json()
-    assert too_long["status"] == "failed"
-    assert too_long["error"]["code"] == "context_length_exceeded"
-    assert "64 tokens" in too_long["error"]["message"]
-    assert too_long["usage"] is None
+    # The gateway reads the model's tokenizer from the shared cache and refuses at submit.
+    too_long = post(stack, headers, {"model": "gemma-3-270m-short", "prompt": "word " * 80, "max_new_tokens": 8})
+    assert too_long.status_code == 422
+    assert "context of 64 tokens" in too_long.json()["error"]["message"]
     after = post(stack, headers, {"model": DEFAULT_MODEL_ID, "prompt": "Hi", "max_new_tokens": 4}, Prefer="wait=60").json()
     assert after["status"] == "succeeded"
 
@@ -165,3 +162,20 @@ def test_prefer_wait_answers_as_soon_as_the_job_ends(stack):
     assert response.status_code == 200
     assert response.headers["Preference-Applied"] == "wait=60"
     assert time.monotonic() - started < 30
+
+
+def test_the_worker_checks_the_context_where_the_gateway_could_not(model_cache_dir):
+    """The backstop for prompts the gateway could only estimate."""
+    import torch
+
+    from shared.registry import ModelEntry
+    from workers.generation import GenerationError, generate
+    from workers.model_loader import load_model
+
+    entry = ModelEntry(id="short", path=model_cache_dir / DEFAULT_MODEL_ID, context_length=64)
+    loaded = load_model(entry, model_cache_dir, torch.device("cpu"))
+    with pytest.raises(GenerationError) as failure:
+        generate(loaded, {"prompt": "word " * 80, "max_new_tokens": 8, "temperature": 0})
+    assert failure.value.code == "context_length_exceeded"
+    assert "context of 64 tokens" in failure.value.message
+    assert generate(loaded, {"prompt": "word " * 20, "max_new_tokens": 2, "temperature": 0}).completion_tokens == 2

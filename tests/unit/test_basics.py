@@ -10,8 +10,8 @@ import pytest
 from shared.ids import new_id
 from shared.jobs import JobStatus, can_transition
 from shared.keys import generate_key, hash_key
+from shared.prompts import gemma_turn_format
 from shared.registry import DEFAULT_MODEL_ID, ModelRegistry, RegistryError
-from workers.prompts import gemma_turn_format
 
 
 def test_ids_sort_by_creation_time():

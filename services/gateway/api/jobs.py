@@ -58,6 +58,7 @@ def create_generation():
                     registry=context.registry,
                     settings=context.settings,
                     idempotency_key=idempotency_key,
+                    prompt_tokens=context.token_counter.count(body),
                 )
             job, limit_headers = submission.job, submission.admission.headers()
         except IntegrityError:
