@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--rpm", type=int)
     create.add_argument("--tpm", type=int)
     create.add_argument("--max-concurrent", type=int)
+    create.add_argument("--expires-at", help="ISO 8601 time with a timezone, e.g. 2027-01-01T00:00:00Z")
     create.set_defaults(run=cmd_keys_create)
     listing = key_commands.add_parser("list", help="list keys (never their secrets)")
     listing.set_defaults(run=cmd_keys_list)
@@ -218,7 +219,12 @@ def cmd_keys_create(args) -> int:
 
     try:
         request = KeyCreate(
-            role=args.role, name=args.name, rpm=args.rpm, tpm=args.tpm, max_concurrent=args.max_concurrent
+            role=args.role,
+            name=args.name,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            max_concurrent=args.max_concurrent,
+            expires_at=args.expires_at,
         )
     except ValidationError as exc:
         error = exc.errors()[0]

@@ -53,6 +53,17 @@ def test_keys_create_prints_the_key_alone(tmp_path, model_cache_dir, redis_url):
     assert response.status_code == 401 and "revoked" in response.get_json()["error"]["message"]
 
 
+def test_keys_create_refuses_bad_values_naming_the_option(tmp_path, model_cache_dir):
+    env = cli_env(tmp_path, model_cache_dir)
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    for args, option in ((["--rpm", "0"], "--rpm"), (["--expires-at", "2001-01-01T00:00:00Z"], "--expires-at")):
+        result = subprocess.run([*CLI, "keys", "create", *args], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and option in result.stderr and result.stdout == ""
+    ok = subprocess.run([*CLI, "keys", "create", "--expires-at", "2099-01-01T00:00:00Z"],
+                        env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("gj_")
+
+
 def test_worker_refuses_a_gpu_it_does_not_have(tmp_path, model_cache_dir):
     result = subprocess.run(
         [*CLI, "worker", "--gpu", "0"], env=cli_env(tmp_path, model_cache_dir), capture_output=True, text=True, timeout=120

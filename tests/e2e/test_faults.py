@@ -161,6 +161,9 @@ def test_the_same_message_delivered_three_times_to_two_workers_runs_once(cluster
         time.sleep(0.2)
     assert len(cluster.usage_rows(job_id)) == 1
     assert count_in_logs(cluster, "job_started") == 1
+    # What the key is billed equals what its one succeeded job used.
+    totals = requests.get(f"{cluster.base_url}/v1/usage", headers=cluster.headers, timeout=10).json()
+    assert (totals["jobs"], totals["completion_tokens"]) == (1, job["usage"]["completion_tokens"])
 
 
 def test_a_visibility_timeout_shorter_than_the_job_still_runs_it_once(cluster):
