@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=200_000, ge=1)
     page_limit_max: int = Field(default=100, ge=1)
 
+    # Count prompt tokens at submit with the model's tokenizer.json (exact 422 over the
+    # context, exact token reservations) at ~100 MB per gateway process per model; off:
+    # estimate ~4 characters a token and let the worker check the context.
+    gateway_count_tokens: bool = True
+
     # Per-key limits used when a key sets none; unset means unlimited.
     default_rpm: int | None = Field(default=None, ge=1)
     default_tpm: int | None = Field(default=None, ge=1)

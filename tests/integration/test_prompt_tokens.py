@@ -68,3 +68,13 @@ def test_the_gateway_still_does_not_import_torch():
     code = ("import sys; from services.gateway import create_app; from services.domain.token_counter import TokenCounter; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_with_counting_off_the_gateway_estimates_and_leaves_the_check_to_the_worker(counting_app):
+    counting_app.extensions["gemma_jobs"].settings = counting_app.extensions["gemma_jobs"].settings.model_copy(
+        update={"gateway_count_tokens": False}
+    )
+    client = counting_app.test_client()
+    headers = {"Authorization": f"Bearer {make_key(counting_app)}"}
+    body = {"model": "gemma-3-270m-short", "prompt": "word " * 80, "max_new_tokens": 8}
+    assert client.post("/v1/generations", json=body, headers=headers).status_code == 202

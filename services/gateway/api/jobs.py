@@ -58,7 +58,9 @@ def create_generation():
                     registry=context.registry,
                     settings=context.settings,
                     idempotency_key=idempotency_key,
-                    prompt_tokens=context.token_counter.count(body),
+                    prompt_tokens=(
+                        context.token_counter.count(body) if context.settings.gateway_count_tokens else None
+                    ),
                 )
             job, limit_headers = submission.job, submission.admission.headers()
         except IntegrityError:
