@@ -64,6 +64,8 @@ def create_generation():
                 )
             job, limit_headers = submission.job, submission.admission.headers()
         except IntegrityError:
+            if idempotency_key is None:
+                raise
             # A concurrent submit with the same Idempotency-Key won the insert: answer with its job.
             job, replayed = _existing_job(context, body, idempotency_key), True
             if job is None:
