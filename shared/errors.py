@@ -47,7 +47,3 @@ class InvalidField(DomainError):
 
 class TooManyRequests(DomainError):
     status, code = 429, "rate_limited"
-
-
-class NotReady(DomainError):
-    status, code = 503, "not_ready"

@@ -38,7 +38,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_messages: int = Field(default=256, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)
-    page_limit_max: int = Field(default=100, ge=1)
 
     # Count prompt tokens at submit with the model's tokenizer.json (exact 422 over the
     # context, exact token reservations) at ~100 MB per gateway process per model; off:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import importlib
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -168,8 +167,3 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) ->
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
         ids.append(end_of_turn)
     return sorted({token for token in ids if token is not None})
-
-
-def remove_cached(entry: ModelEntry, cache_root: Path) -> None:
-    """Delete a model's converted cache (it is rebuilt on the next load)."""
-    shutil.rmtree(cache_root / entry.id, ignore_errors=True)
