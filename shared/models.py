@@ -112,6 +112,8 @@ class Job(Base):
     # window; settled to the real count (and set to 0) when the job ends.
     reserved_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     rate_window_start: Mapped[datetime | None]
+    # The adapter a fine-tune creates, or the adapter a generation runs with.
+    adapter_id: Mapped[str | None] = mapped_column(String(80))
 
     __table_args__ = (
         # Newest-first listing of one key's jobs (ids are time-ordered).
@@ -168,3 +170,44 @@ class UsageRecord(Base):
     train_tokens: Mapped[int] = mapped_column(Integer, default=0)
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TrainingFile(Base):
+    """An uploaded JSONL file of training rows; stored under a server-made name."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    # The client's name, shown back only; the stored file is named by `id`.
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # Relative to the storage directory, which workers on other machines mount too.
+    path: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_files_owner_key_id_id", "owner_key_id", "id"),)
+
+
+class Adapter(Base):
+    """A LoRA adapter a fine-tune produced; usable as `model` by its owner key."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    owner_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    base_model: Mapped[str] = mapped_column(String(200))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    # Relative to the storage directory: adapter_model.safetensors + adapter_config.json.
+    path: Mapped[str] = mapped_column(String(500))
+    hyperparameters: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any]]
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by DELETE /v1/models/{id}; the row stays so jobs that used it can say what it was.
+    deleted_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_adapters_owner_key_id_id", "owner_key_id", "id"),)

@@ -65,6 +65,74 @@ class GenerationRequest(StrictModel):
         return self
 
 
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9-]{0,31}$"
+
+
+class Hyperparameters(StrictModel):
+    """How a LoRA fine-tune trains; each has a default."""
+
+    epochs: int = Field(default=3, ge=1, le=100)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_INT32, description="overrides epochs when set")
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0)
+    batch_size: int = Field(default=4, ge=1, le=256)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=256)
+    lora_r: int = Field(default=8, ge=1, le=256)
+    lora_alpha: int = Field(default=16, ge=1, le=4096)
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[Literal[LORA_TARGET_MODULES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1, max_length=len(LORA_TARGET_MODULES)
+    )
+    max_seq_length: int = Field(default=512, ge=16, le=32768)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+
+
+class FineTuneRequest(StrictModel):
+    """Body of POST /v1/fine-tunes."""
+
+    base_model: str = Field(min_length=1, max_length=200, examples=["gemma-3-270m"])
+    training_file: str = Field(min_length=1, max_length=40, examples=["file_01j..."])
+    validation_file: str | None = Field(default=None, min_length=1, max_length=40)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        default="none", description="load the base in 8 or 4 bits (4bit = QLoRA); CUDA workers only"
+    )
+    suffix: str | None = Field(
+        default=None, pattern=SUFFIX_PATTERN, description="put in the adapter id: ft-<suffix>-…"
+    )
+    ttl_s: float | None = Field(
+        default=None, gt=0, description="how long it may wait queued; past it the job fails with `expired`"
+    )
+    metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
+
+
+class FileInfo(BaseModel):
+    """An uploaded training file."""
+
+    id: str
+    object: Literal["file"] = "file"
+    purpose: Literal["fine-tune"]
+    filename: str = Field(description="the name the client gave; the server stores it under `id`")
+    bytes: int
+    rows: int
+    created_at: datetime
+
+
+class FileList(BaseModel):
+    """The caller's files, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[FileInfo]
+
+
+class FileDeleted(BaseModel):
+    """What DELETE answers."""
+
+    id: str
+    object: Literal["file", "model"]
+    deleted: Literal[True] = True
+
+
 class Usage(BaseModel):
     """Tokens and compute a job used."""
 
@@ -89,6 +157,19 @@ class GenerationResult(BaseModel):
     token_ids: list[int] = Field(description="generated token ids, as the model produced them")
 
 
+class FineTuneResult(BaseModel):
+    """What a fine-tune produced: an adapter usable as `model` at once."""
+
+    adapter_id: str
+    base_model: str
+    steps: int
+    epochs: float
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    train_tokens: int
+    size_bytes: int
+
+
 class Job(BaseModel):
     """A job as clients see it."""
 
@@ -104,7 +185,7 @@ class Job(BaseModel):
     queue_position: int | None = Field(
         default=None, description="jobs ahead of this one in its queue, while queued"
     )
-    result: GenerationResult | None = None
+    result: GenerationResult | FineTuneResult | None = None
     error: JobError | None = None
     progress: dict[str, Any] | None = None
     usage: Usage | None = None
@@ -129,6 +210,12 @@ class ModelInfo(BaseModel):
     kind: Literal["base", "adapter"] = "base"
     description: str = ""
     context_length: int
+    base_model: str | None = Field(default=None, description="adapters: the model it runs on")
+    created_at: datetime | None = None
+    job_id: str | None = Field(default=None, description="adapters: the fine-tune that made it")
+    hyperparameters: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = Field(default=None, description="adapters: final losses, steps")
+    size_bytes: int | None = None
 
 
 class ModelList(BaseModel):
@@ -136,6 +223,23 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelInfo]
+
+
+class JobEventInfo(BaseModel):
+    """One event in a job's history: a status change, training progress, a log line."""
+
+    id: int
+    type: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class JobEventList(BaseModel):
+    """A job's events, oldest first; pass the last id as `after` for newer ones."""
+
+    object: Literal["list"] = "list"
+    data: list[JobEventInfo]
+    has_more: bool
 
 
 class ErrorBody(BaseModel):

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     model_registry: Path | None = None
     # Converted model weights (safetensors) live here; unset means data_dir/models.
     model_cache_dir: Path | None = None
+    # Uploaded training files and trained adapters; unset means data_dir. With workers on
+    # several machines this must be one shared volume mounted at the same path everywhere.
+    storage_dir: Path | None = None
 
     max_wait_s: float = Field(default=60.0, gt=0, le=600)
     max_new_tokens: int = Field(default=2048, ge=1, le=32768)
@@ -38,6 +41,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_messages: int = Field(default=256, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)
+
+    # Fine-tuning: upload limits, the training run's time limit, and how many adapters a
+    # worker keeps loaded beside one copy of each base model.
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    max_file_rows: int = Field(default=100_000, ge=1)
+    max_train_steps: int = Field(default=100_000, ge=1)
+    fine_tune_timeout_s: float = Field(default=24 * 3600.0, gt=0)
+    adapter_cache_size: int = Field(default=8, ge=1)
 
     # Count prompt tokens at submit with the model's tokenizer.json (exact 422 over the
     # context, exact token reservations) at ~100 MB per gateway process per model; off:
@@ -88,6 +99,11 @@ class Settings(BaseSettings):
     def model_cache_path(self) -> Path:
         """Return the folder that holds converted model weights."""
         return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+    @property
+    def storage_path(self) -> Path:
+        """Return the folder that holds uploaded files and trained adapters."""
+        return (self.storage_dir or self.data_dir).resolve()
 
 
 def env_name(field: str) -> str:

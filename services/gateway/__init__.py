@@ -26,9 +26,9 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     register_error_handlers(app)
     _register_request_context(app)
 
-    from services.gateway.api import admin, jobs, models, system, usage
+    from services.gateway.api import admin, files, fine_tunes, jobs, models, system, usage
 
-    for module in (system, jobs, models, usage, admin):
+    for module in (system, jobs, fine_tunes, files, models, usage, admin):
         app.register_blueprint(module.blueprint)
     return app
 

@@ -13,6 +13,7 @@ from shared.celery_app import make_celery
 from shared.db import Database
 from shared.registry import ModelRegistry
 from shared.settings import Settings
+from shared.storage import Storage
 
 
 @dataclass
@@ -25,6 +26,7 @@ class GatewayContext:
     celery: Celery
     registry: ModelRegistry
     token_counter: TokenCounter
+    storage: Storage
 
     @classmethod
     def create(cls, settings: Settings) -> "GatewayContext":
@@ -39,6 +41,7 @@ class GatewayContext:
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             registry=registry,
             token_counter=TokenCounter(registry, settings.model_cache_path),
+            storage=Storage(settings.storage_path),
         )
 
 

@@ -40,10 +40,56 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         {200: schemas.JobList, 401: schemas.ErrorResponse, 422: schemas.ErrorResponse},
         True,
     ),
+    ("get", "/v1/jobs/{job_id}/events"): (
+        "A job's events (status changes, training progress and losses), oldest first",
+        None,
+        {200: schemas.JobEventList, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse,
+         422: schemas.ErrorResponse},
+        True,
+    ),
     ("get", "/v1/models"): (
-        "List the models you may use",
+        "List the base models and your adapters",
         None,
         {200: schemas.ModelList, 401: schemas.ErrorResponse},
+        True,
+    ),
+    ("delete", "/v1/models/{model_id}"): (
+        "Delete one of your fine-tuned adapters",
+        None,
+        {200: schemas.FileDeleted, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse,
+         422: schemas.ErrorResponse},
+        True,
+    ),
+    ("post", "/v1/files"): (
+        "Upload a JSONL training file (multipart: `file`, `purpose=fine-tune`)",
+        None,  # multipart, described in MULTIPART_BODIES
+        {201: schemas.FileInfo, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
+         413: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/files"): (
+        "List your files, newest first",
+        None,
+        {200: schemas.FileList, 401: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/files/{file_id}"): (
+        "Get one of your files",
+        None,
+        {200: schemas.FileInfo, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse},
+        True,
+    ),
+    ("delete", "/v1/files/{file_id}"): (
+        "Delete one of your files",
+        None,
+        {200: schemas.FileDeleted, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse},
+        True,
+    ),
+    ("post", "/v1/fine-tunes"): (
+        "Create a LoRA fine-tuning job",
+        schemas.FineTuneRequest,
+        {202: schemas.Job, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
+         413: schemas.ErrorResponse, 422: schemas.ErrorResponse, 429: schemas.ErrorResponse},
         True,
     ),
     ("get", "/v1/usage"): (
@@ -87,12 +133,27 @@ _RANGE = [
     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date-time"}},
 ]
 
+MULTIPART_BODIES = {
+    ("post", "/v1/files"): {
+        "type": "object",
+        "required": ["file", "purpose"],
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "JSONL, UTF-8, one row per line"},
+            "purpose": {"type": "string", "enum": ["fine-tune"]},
+        },
+    },
+}
+
 QUERY_PARAMETERS = {
     "/v1/usage": _RANGE,
     "/v1/admin/usage": [
         *_RANGE,
         {"name": "group_by", "in": "query", "schema": {"type": "string", "enum": ["key", "model", "day"]}},
         {"name": "key_id", "in": "query", "schema": {"type": "string", "maxLength": 40}},
+    ],
+    "/v1/jobs/{job_id}/events": [
+        {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
     ],
     "/v1/jobs": [
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
@@ -143,7 +204,12 @@ def openapi_document() -> dict[str, Any]:
         ] + QUERY_PARAMETERS.get(path, []) + HEADER_PARAMETERS.get((method, path), [])
         if parameters:
             operation["parameters"] = parameters
-        if request is not None:
+        if (method, path) in MULTIPART_BODIES:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": MULTIPART_BODIES[(method, path)]}},
+            }
+        elif request is not None:
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": REF.format(model=request.__name__)}}},
