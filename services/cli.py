@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--gpu", type=int, help="GPU index; sets CUDA_VISIBLE_DEVICES")
     device.add_argument("--device", choices=["cpu"], help="run on the CPU (the default)")
     worker.add_argument("--models", default=None, help="comma-separated model ids to serve")
+    worker.add_argument(
+        "--role",
+        choices=["generate", "finetune", "all"],
+        default="all",
+        help="which job kinds to take: generation, fine-tuning, or both (a fine-tune holds the worker for its run)",
+    )
     worker.set_defaults(run=cmd_worker)
 
     reaper = commands.add_parser(
@@ -135,7 +141,7 @@ def cmd_worker(args) -> int:
     models = [m.strip() for m in (args.models or DEFAULT_MODEL_ID).split(",") if m.strip()]
     from workers.main import run_worker
 
-    run_worker(get_settings(), device, models)
+    run_worker(get_settings(), device, models, role=args.role)
     return 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from celery import Celery
 
 GENERATE_TASK = "gemma_jobs.generate"
-TASK_FOR_KIND = {"generation": GENERATE_TASK}
+FINE_TUNE_TASK = "gemma_jobs.fine_tune"
+TASK_FOR_KIND = {"generation": GENERATE_TASK, "fine_tune": FINE_TUNE_TASK}
 
 
 def queue_for(kind: str, model: str) -> str:

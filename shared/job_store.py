@@ -29,6 +29,8 @@ class Claim:
     queue: str
     owner_key_id: str
     params: dict[str, Any]
+    # The adapter a fine-tune creates, or the one a generation runs with.
+    adapter_id: str | None = None
 
 
 def add_event(session: Session, job_id: str, event_type: str, data: dict[str, Any]) -> None:
@@ -89,6 +91,7 @@ def claim(
         queue=job.queue,
         owner_key_id=job.owner_key_id,
         params=dict(job.params),
+        adapter_id=job.adapter_id,
     )
 
 
@@ -113,6 +116,21 @@ def renew_lease(session: Session, held: Claim, worker_id: str, lease_s: float) -
     if renewed:
         return None
     return session.scalar(select(Job.status).where(Job.id == held.job_id))
+
+
+def record_progress(
+    session: Session, held: Claim, worker_id: str, progress: dict[str, Any], event: dict[str, Any] | None = None
+) -> bool:
+    """Store a running job's progress (and an event for its history) while this worker holds it."""
+    updated = session.execute(
+        update(Job)
+        .where(*_held_by(held, worker_id))
+        .values(progress=progress)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if updated and event is not None:
+        add_event(session, held.job_id, "progress", event)
+    return bool(updated)
 
 
 def settle_reservation(session: Session, job_id: str, used_tokens: int) -> None:
@@ -208,7 +226,7 @@ def fail(
     error = {"code": code, "message": message}
     if not _end(session, held, worker_id, JobStatus.FAILED, error=error):
         return False
-    if usage and usage.get("completion_tokens"):
+    if usage and (usage.get("completion_tokens") or usage.get("train_tokens")):
         _charge(session, held, JobStatus.FAILED, usage)
     settle_reservation(session, held.job_id, _used_tokens(usage))
     return True

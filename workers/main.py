@@ -26,7 +26,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda:0" if device == "cuda" else "cpu")
 
 
-def run_worker(settings: Settings, device: str, model_ids: list[str], *, reaper: bool = True) -> None:
+ROLE_KINDS = {
+    "generate": (JobKind.GENERATION,),
+    "finetune": (JobKind.FINE_TUNE,),
+    "all": (JobKind.GENERATION, JobKind.FINE_TUNE),
+}
+
+
+def run_worker(
+    settings: Settings, device: str, model_ids: list[str], *, role: str = "all", reaper: bool = True
+) -> None:
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
     configure_logging(settings.log_level, settings.log_format, process="worker")
     rt = WorkerRuntime.create(settings, resolve_device(device))
@@ -40,12 +49,13 @@ def run_worker(settings: Settings, device: str, model_ids: list[str], *, reaper:
     if device == "cpu":
         # Torch defaults to all cores; say so in the log, it is the biggest speed lever here.
         log.info("cpu_threads", threads=torch.get_num_threads())
-    rt.models.preload(model_ids)
+    if JobKind.GENERATION in ROLE_KINDS[role]:
+        rt.models.preload(model_ids)  # a fine-tune loads its own training copy per job
     if reaper:
         # Every worker reaps; passes are conditional updates, so they never conflict.
         Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
     register_tasks(rt.celery)
-    queues = [queue_for(JobKind.GENERATION, model_id) for model_id in model_ids]
+    queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
     log.info("worker_ready", queues=queues, models=rt.models.loaded_ids())
     # The solo pool runs tasks in this process, where the model already lives: no fork
     # after torch (or CUDA) has been initialised.

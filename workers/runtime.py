@@ -14,6 +14,8 @@ from shared.celery_app import make_celery
 from shared.db import Database
 from shared.registry import ModelRegistry
 from shared.settings import Settings
+from shared.storage import Storage
+from workers.adapter_cache import AdapterCache
 from workers.model_cache import ModelCache
 
 
@@ -26,6 +28,8 @@ class WorkerRuntime:
     redis: redis.Redis
     celery: Celery
     models: ModelCache
+    adapters: AdapterCache
+    storage: Storage
     worker_id: str
     device: torch.device
     # Set (monotonic clock) when SIGTERM arrives: a running job may go on until then.
@@ -42,6 +46,8 @@ class WorkerRuntime:
             redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10),
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             models=ModelCache(registry, settings.model_cache_path, device),
+            adapters=AdapterCache(settings.adapter_cache_size),
+            storage=Storage(settings.storage_path),
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{device}",
             device=device,
         )

@@ -12,13 +12,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.domain import limits
+from services.domain.adapters import get_adapter, is_adapter_id
 from services.domain.keys import Caller
 from shared import job_store
 from shared.celery_app import queue_for
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
-from shared.models import Job, UsageRecord, utcnow
+from shared.models import Job, JobEvent, UsageRecord, utcnow
 from shared.registry import ModelRegistry
 from shared.schemas import GenerationRequest
 from shared.schemas import Job as JobOut
@@ -47,7 +48,8 @@ def create_generation(
 
     `prompt_tokens` is the exact count when the gateway could tokenize; else it is estimated.
     """
-    entry = registry.get(request.model)
+    adapter = get_adapter(session, caller, request.model) if is_adapter_id(request.model) else None
+    entry = registry.get(adapter.base_model if adapter else request.model)
     if entry is None:
         known = ", ".join(model.id for model in registry.all())
         raise InvalidField(
@@ -59,10 +61,12 @@ def create_generation(
     _check_limits(request, settings, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
     params = request.model_dump(exclude={"model", "metadata", "ttl_s"}, exclude_none=True)
     params.update(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    if adapter is not None:
+        params["base_model"] = entry.id
     if prompt_tokens is not None and prompt_tokens + max_new_tokens > entry.context_length:
         raise InvalidField(
             f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}; together "
-            f"they must fit {request.model}'s context of {entry.context_length} tokens",
+            f"they must fit {entry.id}'s context of {entry.context_length} tokens",
             details=[{"field": "messages" if request.messages else "prompt", "message": "over the context"}],
         )
     now = utcnow()
@@ -73,7 +77,9 @@ def create_generation(
         owner_key_id=caller.key_id,
         kind=JobKind.GENERATION,
         model=request.model,
-        queue=queue_for(JobKind.GENERATION, request.model),
+        # An adapter runs on any worker that serves its base model.
+        queue=queue_for(JobKind.GENERATION, entry.id),
+        adapter_id=adapter.id if adapter else None,
         status=JobStatus.QUEUED,
         params=params,
         metadata_=request.metadata,
@@ -165,7 +171,8 @@ def cancel_job(session: Session, caller: Caller, job_id: str) -> Job:
 
 def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     """Return one of the caller's jobs; someone else's job is 'not found' too."""
-    job = session.get(Job, job_id)
+    # PostgreSQL refuses NUL in text outright; no id holds one, so it is simply not found.
+    job = session.get(Job, job_id) if "\x00" not in job_id else None
     if job is None or job.owner_key_id != caller.key_id:
         raise NotFound(f"no job {job_id!r}")
     return job
@@ -236,5 +243,22 @@ def _to_response(job: Job, usage: UsageRecord | None, position: int | None) -> J
             if usage
             else None
         ),
+        adapter_id=job.adapter_id,
         metadata=job.metadata_,
     )
+
+
+def list_events(
+    session: Session, caller: Caller, job_id: str, *, after: int = 0, limit: int = 100
+) -> tuple[list[JobEvent], bool]:
+    """Return a page of one of the caller's job's events, oldest first, and whether more follow."""
+    job = get_job(session, caller, job_id)
+    rows = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(limit + 1)
+        )
+    )
+    return rows[:limit], len(rows) > limit

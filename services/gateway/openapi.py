@@ -157,7 +157,7 @@ QUERY_PARAMETERS = {
     ],
     "/v1/jobs": [
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-        {"name": "after", "in": "query", "schema": {"type": "string", "maxLength": 40}},
+        {"name": "after", "in": "query", "schema": {"type": "string", "maxLength": 40, "pattern": "^[0-9A-Za-z_-]+$"}},
         {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]}},
         {"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["generation", "fine_tune"]}},
     ],

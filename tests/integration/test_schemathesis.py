@@ -43,7 +43,10 @@ def test_schemathesis_finds_no_server_errors_or_schema_mismatches(postgres_datab
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run", f"{base_url}/openapi.json",
              "--header", f"Authorization: Bearer {key}", "--max-examples", str(MAX_EXAMPLES),
-             "--seed", str(SEED), "--checks", CHECKS, "--workers", "2"],
+             "--seed", str(SEED), "--checks", CHECKS,
+                 # One worker: concurrent ast.parse in hypothesis trips a CPython 3.11 bug
+                 # ("AST constructor recursion depth mismatch") that fails the run at random.
+                 "--workers", "1"],
             capture_output=True, text=True, timeout=600,
         )
     finally:

@@ -20,10 +20,22 @@ from shared.jobs import JobStatus
 from shared.models import Job
 from shared.notify import publish_job_done
 from shared.publish import publish_job
-from shared.schemas import GenerationRequest, JobList
+from shared.schemas import GenerationRequest, JobEventInfo, JobEventList, JobList
 
 log = structlog.get_logger(__name__)
 blueprint = Blueprint("jobs", __name__)
+
+
+ID_PATTERN = r"^[0-9A-Za-z_-]+$"
+
+
+class EventListQuery(BaseModel):
+    """Query parameters of GET /v1/jobs/{id}/events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after: int = Field(default=0, ge=0, le=2**63 - 1, description="the last event id already seen")
+    limit: int = Field(default=100, ge=1, le=1000)
 
 
 class JobListQuery(BaseModel):
@@ -32,7 +44,7 @@ class JobListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     limit: int = Field(default=20, ge=1, le=100)
-    after: str | None = Field(default=None, max_length=40)
+    after: str | None = Field(default=None, max_length=40, pattern=ID_PATTERN, description="the last job id seen")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None
     kind: Literal["generation", "fine_tune"] | None = None
 
@@ -77,7 +89,7 @@ def create_generation():
         publish_job(context.celery, job.id, job.queue)
     if wait_s > 0:
         wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
-    response = _job_response(context, job.id, wait_s)
+    response = job_response(context, job.id, wait_s)
     response[2].update(limit_headers)
     if replayed:
         response[2]["Idempotent-Replayed"] = "true"
@@ -107,7 +119,8 @@ def _is_finished(context: GatewayContext, job_id: str) -> bool:
     return JobStatus(status).is_terminal
 
 
-def _job_response(context: GatewayContext, job_id: str, wait_s: float):
+def job_response(context: GatewayContext, job_id: str, wait_s: float):
+    """Return (body, status, headers) for a job just submitted: 200 if it finished, else 202."""
     with context.db.session_scope(read_only=True) as session:
         job = job_domain.get_job(session, current_caller(), job_id)
         (body,) = job_domain.describe_jobs(session, [job])
@@ -162,3 +175,16 @@ def list_jobs():
         data = job_domain.describe_jobs(session, rows)
     page = JobList(data=data, has_more=has_more, next_after=rows[-1].id if has_more else None)
     return page.model_dump(mode="json")
+
+
+@blueprint.get("/v1/jobs/<job_id>/events")
+@require_key()
+def list_job_events(job_id: str):
+    """Return a job's events oldest first: status changes and, for fine-tunes, each loss point."""
+    query = parse_query(EventListQuery)
+    with gateway().db.session_scope(read_only=True) as session:
+        rows, has_more = job_domain.list_events(
+            session, current_caller(), job_id, after=query.after, limit=query.limit
+        )
+        data = [JobEventInfo(id=row.id, type=row.type, data=row.data, created_at=row.created_at) for row in rows]
+    return JobEventList(data=data, has_more=has_more).model_dump(mode="json")

@@ -1,0 +1,126 @@
+"""Uploading, reading, listing and deleting training files."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from sqlalchemy import delete, event, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from services.domain.keys import Caller
+from shared.errors import InvalidField, NotFound
+from shared.ids import new_id
+from shared.models import TrainingFile, utcnow
+from shared.schemas import FileInfo
+from shared.storage import Storage
+from shared.training_data import TrainingDataError, parse_training_file
+
+PURPOSES = ("fine-tune",)
+DEFAULT_FILENAME = "upload.jsonl"
+MAX_FILENAME_CHARS = 255
+
+
+def create_file(
+    session: Session,
+    caller: Caller,
+    *,
+    filename: str | None,
+    purpose: str,
+    data: bytes,
+    storage: Storage,
+    max_rows: int,
+) -> TrainingFile:
+    """Check every row of an upload, store its bytes under a server id and record it."""
+    if purpose not in PURPOSES:
+        raise InvalidField(
+            f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}",
+            details=[{"field": "purpose", "message": "unknown purpose"}],
+        )
+    rows = _check_rows(data, max_rows)
+    file_id = new_id("file")
+    relative = Storage.file_relative(file_id)
+    # The bytes are on disk before the row exists, so a committed row never names a missing file.
+    storage.write_atomic(relative, data)
+    row = TrainingFile(
+        id=file_id,
+        owner_key_id=caller.key_id,
+        purpose=purpose,
+        filename=safe_filename(filename),
+        bytes=len(data),
+        rows=rows,
+        sha256=hashlib.sha256(data).hexdigest(),
+        path=relative,
+        created_at=utcnow(),
+    )
+    try:
+        session.add(row)
+        session.flush()
+    except SQLAlchemyError:
+        storage.remove(relative)  # the insert failed for sure: nothing will ever point at the file
+        raise
+    return row
+
+
+def _check_rows(data: bytes, max_rows: int) -> int:
+    """Return how many rows a file has; 422 naming the bad lines if any row is unusable."""
+    try:
+        return len(parse_training_file(data, max_rows=max_rows))
+    except TrainingDataError as exc:
+        details = [{"line": problem.line, "message": problem.message} for problem in exc.problems]
+        raise InvalidField(exc.message, details=details or None) from None
+
+
+def safe_filename(filename: str | None) -> str:
+    """Return the client's base name only: no directories, printable, at most 255 characters."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    # NUL and control characters: PostgreSQL refuses NUL, and neither belongs in a name shown back.
+    name = "".join(char for char in name if char.isprintable()).strip()
+    if name in ("", ".", ".."):
+        return DEFAULT_FILENAME
+    return name[:MAX_FILENAME_CHARS]
+
+
+def get_file(session: Session, caller: Caller, file_id: str) -> TrainingFile:
+    """Return one of the caller's files; someone else's file is 'not found' too."""
+    # PostgreSQL refuses NUL in text outright (a 500); no id holds one, so it is simply not found.
+    row = session.get(TrainingFile, file_id) if "\x00" not in file_id else None
+    if row is None or row.owner_key_id != caller.key_id:
+        raise NotFound(f"no file {file_id!r}")
+    return row
+
+
+def list_files(session: Session, caller: Caller) -> list[TrainingFile]:
+    """Return the caller's files, newest first (ids are time-ordered)."""
+    query = select(TrainingFile).where(TrainingFile.owner_key_id == caller.key_id)
+    return list(session.scalars(query.order_by(TrainingFile.id.desc())))
+
+
+def delete_file(session: Session, caller: Caller, file_id: str, storage: Storage) -> None:
+    """Delete one of the caller's files; its bytes go once the row's deletion is committed."""
+    path = get_file(session, caller, file_id).path
+    # Conditional, so that of two concurrent deletes one wins and the other is a 404.
+    result = session.execute(
+        delete(TrainingFile).where(TrainingFile.id == file_id, TrainingFile.owner_key_id == caller.key_id)
+    )
+    if result.rowcount != 1:
+        raise NotFound(f"no file {file_id!r}")
+    # Removing the bytes only after the commit: a rolled-back delete keeps a usable file.
+    _after_commit(session, lambda: storage.remove(path))
+
+
+def _after_commit(session: Session, action: Callable[[], None]) -> None:
+    event.listen(session, "after_commit", lambda _session: action(), once=True)
+
+
+def file_info(row: TrainingFile) -> FileInfo:
+    """Return the public view of a file row."""
+    return FileInfo(
+        id=row.id,
+        purpose=row.purpose,
+        filename=row.filename,
+        bytes=row.bytes,
+        rows=row.rows,
+        created_at=row.created_at,
+    )

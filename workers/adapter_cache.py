@@ -1,0 +1,94 @@
+"""LoRA adapters a worker keeps loaded beside one copy of each base model (a bounded LRU)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import structlog
+from peft import PeftModel
+
+from workers.model_loader import LoadedModel
+
+log = structlog.get_logger(__name__)
+
+
+class AdapterUnavailable(RuntimeError):
+    """An adapter's files cannot be loaded."""
+
+
+class AdapterCache:
+    """Wraps each base model in peft once and swaps adapters in and out of it by name.
+
+    The base weights are never copied or reloaded: every adapter of a base lives as extra
+    LoRA layers on the same model, and only the active one takes part in a forward pass.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._wrapped: dict[str, PeftModel] = {}
+        # (base id, adapter id) in least- to most-recently used order.
+        self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def applied(self, loaded: LoadedModel, adapter_id: str | None, path: Path | None = None) -> Iterator[LoadedModel]:
+        """Yield the model to generate with: the base alone, or the base with one adapter active."""
+        with self._lock:
+            wrapped = self._wrapped.get(loaded.entry.id)
+            if adapter_id is None:
+                if wrapped is None:
+                    yield loaded
+                else:
+                    with wrapped.disable_adapter():  # the injected LoRA layers must not apply
+                        yield loaded
+                return
+            wrapped = self._load(loaded, adapter_id, path)
+            wrapped.set_adapter(adapter_id)
+            yield replace(loaded, model=wrapped)
+
+    def loaded_ids(self) -> list[str]:
+        """Return the adapters in memory, least recently used first."""
+        return [adapter_id for _, adapter_id in self._lru]
+
+    def _load(self, loaded: LoadedModel, adapter_id: str, path: Path | None) -> PeftModel:
+        key = (loaded.entry.id, adapter_id)
+        wrapped = self._wrapped.get(loaded.entry.id)
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return wrapped
+        if path is None or not (path / "adapter_config.json").is_file():
+            raise AdapterUnavailable(f"adapter {adapter_id!r}: no adapter files at {path}")
+        try:
+            if wrapped is None:
+                wrapped = PeftModel.from_pretrained(loaded.model, path, adapter_name=adapter_id, is_trainable=False)
+                wrapped.eval()
+                self._wrapped[loaded.entry.id] = wrapped
+            else:
+                wrapped.load_adapter(path, adapter_name=adapter_id, is_trainable=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise AdapterUnavailable(f"adapter {adapter_id!r}: cannot load from {path}: {exc}") from exc
+        self._lru[key] = None
+        log.info("adapter_loaded", adapter=adapter_id, base=loaded.entry.id, cached=len(self._lru))
+        self._evict(keep=key)
+        return wrapped
+
+    def _evict(self, keep: tuple[str, str]) -> None:
+        """Drop least recently used adapters beyond capacity (never the one about to run)."""
+        while len(self._lru) > self.capacity:
+            victim = next(key for key in self._lru if key != keep)
+            del self._lru[victim]
+            base_id, adapter_id = victim
+            self._wrapped[base_id].delete_adapter(adapter_id)
+            log.info("adapter_evicted", adapter=adapter_id, base=base_id)
+
+    def forget(self, adapter_id: str) -> None:
+        """Unload an adapter that was deleted, so its memory goes at once."""
+        with self._lock:
+            for key in [key for key in self._lru if key[1] == adapter_id]:
+                del self._lru[key]
+                self._wrapped[key[0]].delete_adapter(adapter_id)

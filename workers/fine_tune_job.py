@@ -1,0 +1,148 @@
+"""A fine-tuning job run: claim, train a LoRA adapter, then register it and charge usage once."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared import job_store
+from shared.job_store import Claim
+from shared.jobs import JobStatus
+from shared.models import Adapter
+from shared.publish import publish_job
+from shared.storage import Storage
+from workers.fine_tuning import FineTuneError, FineTuneSpec, TrainingReport, train_adapter
+from workers.job_guard import JobGuard, StopReason
+from workers.job_runs import announce, claim_job
+from workers.model_loader import ModelUnavailable
+from workers.runtime import WorkerRuntime
+
+log = structlog.get_logger(__name__)
+
+
+def run_fine_tune_job(rt: WorkerRuntime, job_id: str) -> None:
+    """Claim the job, train without holding a DB connection, then store the outcome once."""
+    held = claim_job(rt, job_id)
+    if held is None:
+        return
+    # Folders left by earlier attempts (a worker died mid-training) are partial: a retry
+    # starts over from the base model.
+    for attempt in range(1, held.attempt):
+        rt.storage.remove(Storage.adapter_relative(held.adapter_id, attempt))
+    relative = Storage.adapter_relative(held.adapter_id, held.attempt)
+    timeout_s = held.params.get("timeout_s", rt.settings.fine_tune_timeout_s)
+    report: TrainingReport | None = None
+    with JobGuard(rt, held, timeout_s) as guard:
+        try:
+            report = train_adapter(
+                _spec(rt, held),
+                rt.settings.model_cache_path,
+                rt.device,
+                rt.storage.resolve(relative),
+                should_stop=guard.should_stop,
+                on_log=lambda progress, point: _record_progress(rt, held, progress, point),
+            )
+        except FineTuneError as exc:
+            code, message = exc.code, exc.message
+        except ModelUnavailable as exc:
+            code, message = "model_unavailable", str(exc)
+        except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
+            log.exception("job_crashed")
+            code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
+    gc.collect()  # the training copy of the base model is garbage now; free it before the next job
+    if report is None:
+        rt.storage.remove(relative)
+        with rt.db.session_scope() as session:
+            stored = job_store.fail(session, held, rt.worker_id, code=code, message=message)
+        log.warning("job_failed", code=code, message=message)
+        if stored:
+            announce(rt, job_id, JobStatus.FAILED)
+        return
+    _store_outcome(rt, held, report, relative, guard.reason, timeout_s)
+
+
+def _spec(rt: WorkerRuntime, held: Claim) -> FineTuneSpec:
+    params = held.params
+    base = rt.models.registry.get(held.model)
+    if base is None:
+        raise ModelUnavailable(f"model {held.model!r} is not registered on this worker")
+    validation = params.get("validation_path")
+    return FineTuneSpec(
+        base=base,
+        training_file=rt.storage.resolve(params["training_path"]),
+        validation_file=rt.storage.resolve(validation) if validation else None,
+        hyperparameters=params["hyperparameters"],
+        quantization=params.get("quantization", "none"),
+        max_rows=rt.settings.max_file_rows,
+    )
+
+
+def _record_progress(rt: WorkerRuntime, held: Claim, report: TrainingReport, point: dict[str, Any]) -> None:
+    """Store progress and one loss point as an event; a failed write only costs that point."""
+    try:
+        with rt.db.session_scope() as session:
+            job_store.record_progress(session, held, rt.worker_id, report.progress(), event=point)
+    except SQLAlchemyError as exc:
+        log.warning("progress_not_recorded", error=str(exc))
+    log.info("training_progress", **point)
+
+
+def _store_outcome(
+    rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, reason: str | None, timeout_s: float
+) -> None:
+    """Register the adapter (success) or record why not; partial output is always removed."""
+    usage = {"train_tokens": report.train_tokens, "gpu_seconds": round(report.seconds, 4)}
+    with rt.db.session_scope() as session:
+        if reason == StopReason.SHUTDOWN:
+            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
+        elif reason == StopReason.TIMEOUT:
+            message = f"training ran past the fine-tune time limit of {timeout_s:g} s and was stopped"
+            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=message, usage=usage)
+            outcome = "timed_out" if stored else None
+        elif reason is None:
+            outcome = "finished" if _register_adapter(session, rt, held, report, relative, usage) else None
+        else:
+            outcome = None
+        # Not written: cancelled meanwhile (charge what was trained) or taken over after a
+        # lost lease (the new holder writes; this attempt writes nothing).
+        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
+            outcome = "cancelled"
+    if outcome != "finished":
+        rt.storage.remove(relative)
+    log.info(f"job_{outcome or 'result_discarded'}", reason=reason, steps=report.step, **usage)
+    if outcome == "handed_back":
+        publish_job(rt.celery, held.job_id, held.queue)
+    elif outcome in ("finished", "timed_out"):
+        announce(rt, held.job_id, JobStatus.SUCCEEDED if outcome == "finished" else JobStatus.FAILED)
+
+
+def _register_adapter(session, rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, usage) -> bool:
+    """Finish the job and insert its adapter in one transaction, if this worker still holds it."""
+    folder = rt.storage.resolve(relative)
+    size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+    metrics = {
+        "steps": report.step,
+        "epochs": round(report.epoch, 4),
+        "train_loss": report.train_loss,
+        "eval_loss": report.eval_loss,
+        "train_tokens": report.train_tokens,
+    }
+    result = {"adapter_id": held.adapter_id, "base_model": held.model, "size_bytes": size, **metrics}
+    if not job_store.finish(session, held, rt.worker_id, result=result, usage=usage):
+        return False
+    session.add(
+        Adapter(
+            id=held.adapter_id,
+            owner_key_id=held.owner_key_id,
+            base_model=held.model,
+            job_id=held.job_id,
+            path=relative,
+            hyperparameters=held.params["hyperparameters"],
+            metrics=metrics,
+            size_bytes=size,
+        )
+    )
+    return True

@@ -1,0 +1,96 @@
+"""A generation job run: claim, generate (with the job's adapter, if any), store the outcome once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+
+from shared import job_store
+from shared.jobs import JobStatus
+from shared.models import Adapter
+from shared.publish import publish_job
+from workers.adapter_cache import AdapterUnavailable
+from workers.generation import GenerationError, GenerationOutput, generate
+from workers.job_guard import JobGuard, StopReason
+from workers.job_runs import announce, claim_job
+from workers.model_loader import ModelUnavailable
+from workers.runtime import WorkerRuntime
+
+log = structlog.get_logger(__name__)
+
+
+def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
+    """Claim the job, generate without holding a DB connection, then store the outcome once."""
+    held = claim_job(rt, job_id)
+    if held is None:
+        return
+    timeout_s = held.params.get("timeout_s", rt.settings.default_timeout_s)
+    output: GenerationOutput | None = None
+    with JobGuard(rt, held, timeout_s) as guard:
+        try:
+            loaded = rt.models.get(held.params.get("base_model", held.model))
+            adapter_path = _adapter_path(rt, held.adapter_id) if held.adapter_id else None
+            with rt.adapters.applied(loaded, held.adapter_id, adapter_path) as model:
+                output = generate(model, held.params, should_stop=guard.should_stop)
+        except GenerationError as exc:
+            code, message = exc.code, exc.message
+        except ModelUnavailable as exc:
+            code, message = "model_unavailable", str(exc)
+        except AdapterUnavailable as exc:
+            code, message = "adapter_unavailable", str(exc)
+        except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
+            log.exception("job_crashed")
+            code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
+    if output is None:
+        with rt.db.session_scope() as session:
+            stored = job_store.fail(session, held, rt.worker_id, code=code, message=message)
+        log.warning("job_failed", code=code, message=message)
+        if stored:
+            announce(rt, job_id, JobStatus.FAILED)
+        return
+    _store_outcome(rt, held, output, guard.reason, timeout_s)
+
+
+def _adapter_path(rt: WorkerRuntime, adapter_id: str) -> Path:
+    """Return where a live adapter's files are; a deleted adapter fails the job clearly."""
+    with rt.db.session_scope(read_only=True) as session:
+        adapter = session.get(Adapter, adapter_id)
+        deleted = adapter is None or adapter.deleted_at is not None
+        relative = None if deleted else adapter.path
+    if relative is None:
+        rt.adapters.forget(adapter_id)
+        raise GenerationError("adapter_not_found", f"adapter {adapter_id!r} was deleted; fine-tune again to use it")
+    return rt.storage.resolve(relative)
+
+
+def _store_outcome(
+    rt: WorkerRuntime, held, output: GenerationOutput, reason: str | None, timeout_s: float
+) -> None:
+    """Write what this attempt earned: a result, a timeout, a hand-back, or a cancel charge."""
+    usage = {
+        "prompt_tokens": output.prompt_tokens,
+        "completion_tokens": output.completion_tokens,
+        "gpu_seconds": round(output.seconds, 4),
+    }
+    with rt.db.session_scope() as session:
+        if reason == StopReason.SHUTDOWN:
+            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
+        elif reason == StopReason.TIMEOUT:
+            message = f"the job ran past its timeout_s of {timeout_s:g} s and was stopped"
+            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=message, usage=usage)
+            outcome = "timed_out" if stored else None
+        else:
+            result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
+            stored = job_store.finish(session, held, rt.worker_id, result=result, usage=usage)
+            outcome = "finished" if stored else None
+        # Not written: the job was cancelled meanwhile (charge what was produced) or taken
+        # over after a lost lease (the new holder writes; this attempt writes nothing).
+        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
+            outcome = "cancelled"
+    tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
+    log.info(f"job_{outcome or 'result_discarded'}", reason=reason, tokens_per_s=tokens_per_s, **usage)
+    if outcome == "handed_back":
+        publish_job(rt.celery, held.job_id, held.queue)
+    elif outcome in ("finished", "timed_out"):
+        announce(rt, held.job_id, JobStatus.SUCCEEDED if outcome == "finished" else JobStatus.FAILED)

@@ -1,0 +1,41 @@
+"""What every job run does around its work: claim the row, and announce the outcome."""
+
+from __future__ import annotations
+
+import structlog
+from redis import RedisError
+
+from shared import job_store
+from shared.job_store import Claim
+from shared.notify import publish_job_done
+from workers.runtime import WorkerRuntime
+
+log = structlog.get_logger(__name__)
+
+
+def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
+    """Claim a job for this worker; None (and a log line) when a redelivery finds it taken."""
+    with rt.db.session_scope() as session:
+        held = job_store.claim(
+            session,
+            job_id,
+            rt.worker_id,
+            device=str(rt.device),
+            lease_s=rt.settings.lease_s,
+            max_attempts=rt.settings.max_attempts,
+        )
+    if held is None:
+        # Already taken, finished, cancelled or expired: a redelivery does nothing.
+        log.info("job_not_claimed")
+    else:
+        log.info("job_started", kind=held.kind, model=held.model, attempt=held.attempt)
+    return held
+
+
+def announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
+    """Wake whoever waits on a job that just ended."""
+    try:
+        publish_job_done(rt.redis, job_id, status)
+    except RedisError as exc:
+        # Waiters fall back to reading the row; the outcome is already committed.
+        log.warning("announce_failed", error=str(exc))
