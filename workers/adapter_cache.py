@@ -81,14 +81,20 @@ class AdapterCache:
         """Drop least recently used adapters beyond capacity (never the one about to run)."""
         while len(self._lru) > self.capacity:
             victim = next(key for key in self._lru if key != keep)
-            del self._lru[victim]
-            base_id, adapter_id = victim
-            self._wrapped[base_id].delete_adapter(adapter_id)
-            log.info("adapter_evicted", adapter=adapter_id, base=base_id)
+            self._drop(*victim)
+            log.info("adapter_evicted", adapter=victim[1], base=victim[0])
 
     def forget(self, adapter_id: str) -> None:
         """Unload an adapter that was deleted, so its memory goes at once."""
         with self._lock:
             for key in [key for key in self._lru if key[1] == adapter_id]:
-                del self._lru[key]
-                self._wrapped[key[0]].delete_adapter(adapter_id)
+                self._drop(*key)
+
+    def _drop(self, base_id: str, adapter_id: str) -> None:
+        """Remove one adapter; with the last one gone, take the LoRA layers out of the base."""
+        del self._lru[(base_id, adapter_id)]
+        if any(base == base_id for base, _ in self._lru):
+            self._wrapped[base_id].delete_adapter(adapter_id)
+        else:
+            # peft cannot delete a model's last adapter; unload() restores the base's own modules.
+            self._wrapped.pop(base_id).unload()

@@ -1,0 +1,64 @@
+"""The worker's adapter LRU on the real model: one base copy, adapters swapped by name, evicted
+beyond capacity, and the base's own output back once adapters are off or gone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
+from workers.adapter_cache import AdapterCache, AdapterUnavailable
+from workers.generation import generate
+from workers.model_loader import load_model
+
+pytestmark = pytest.mark.e2e
+
+PARAMS = {"prompt": "The capital of France is", "max_new_tokens": 6, "temperature": 0}
+
+
+def _random_adapter(loaded, folder: Path, seed: int) -> Path:
+    """Save a LoRA adapter with random (non-zero) weights: it changes the output at once."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(loaded.model, config)
+    peft_model.save_pretrained(folder)
+    peft_model.unload()  # give the shared base its own modules back
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model_cache_dir: Path):
+    return load_model(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), model_cache_dir, torch.device("cpu"))
+
+
+def test_adapters_swap_on_one_base_and_evict_beyond_capacity(loaded, tmp_path):
+    base_text = generate(loaded, PARAMS).text
+    first = _random_adapter(loaded, tmp_path / "a", seed=1)
+    second = _random_adapter(loaded, tmp_path / "b", seed=2)
+    base_weights = loaded.model.get_input_embeddings().weight
+    cache = AdapterCache(capacity=1)
+
+    with cache.applied(loaded, "ft-a", first) as model:
+        text_a = generate(model, PARAMS).text
+        # The adapter sits on the same base tensors: no copy of the weights was made.
+        assert model.model.get_input_embeddings().weight is base_weights
+    with cache.applied(loaded, None) as model:
+        assert generate(model, PARAMS).text == base_text  # adapters are off for base jobs
+    with cache.applied(loaded, "ft-b", second) as model:
+        text_b = generate(model, PARAMS).text
+    assert len({base_text, text_a, text_b}) == 3
+    assert cache.loaded_ids() == ["ft-b"]  # capacity 1: ft-a was evicted
+    with cache.applied(loaded, "ft-a", first) as model:
+        assert generate(model, PARAMS).text == text_a  # reloaded from its files, same output
+    assert cache.loaded_ids() == ["ft-a"]
+
+    cache.forget("ft-a")  # deleted: with no adapter left the base gets its own modules back
+    assert cache.loaded_ids() == []
+    assert generate(loaded, PARAMS).text == base_text
+    with pytest.raises(AdapterUnavailable):
+        with cache.applied(loaded, "ft-gone", tmp_path / "missing"):
+            pass
