@@ -53,6 +53,8 @@ class FineTuneSpec:
     hyperparameters: dict[str, Any]
     quantization: str = "none"
     max_rows: int = 100_000
+    # None picks per device (bf16 on CUDA, fp32 on the CPU); bench/fine_tune_steps.py compares.
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -179,8 +181,7 @@ def _peft_model(folder: Path, device: torch.device, spec: FineTuneSpec):
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
-            # fp32 on the CPU: bf16 backward passes there ran over 5x slower (measured).
-            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            dtype=spec.dtype or training_dtype(device),
             trust_remote_code=False,
             use_safetensors=True,
             local_files_only=True,
@@ -203,6 +204,11 @@ def _peft_model(folder: Path, device: torch.device, spec: FineTuneSpec):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA; fp32 on the CPU, where bf16 backward passes are far slower (bench/fine_tune_steps.py)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _total_steps(rows: int, hp: dict[str, Any]) -> int:
