@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -85,6 +86,15 @@ class Hyperparameters(StrictModel):
     )
     max_seq_length: int = Field(default=512, ge=16, le=32768)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
+
+
+def optimizer_steps(rows: int, hp: Hyperparameters) -> int:
+    """Optimizer steps a run takes, counted as transformers' Trainer does: max_steps if set, else
+    whole epochs, where a partial gradient accumulation at an epoch's end is one more step."""
+    if hp.max_steps:
+        return hp.max_steps
+    batches = math.ceil(rows / hp.batch_size)
+    return hp.epochs * math.ceil(batches / hp.gradient_accumulation_steps)
 
 
 class FineTuneRequest(StrictModel):

@@ -77,9 +77,11 @@ def start_gateway(
         time.sleep(0.1)
 
 
-def start_worker(env: dict[str, str], log_dir: Path, models: str, name: str = "worker") -> Service:
+def start_worker(
+    env: dict[str, str], log_dir: Path, models: str, name: str = "worker", role: str = "all"
+) -> Service:
     """Start `gemma-jobs worker --device cpu`; return it once Celery consumes."""
-    service = Service(name, [*CLI, "worker", "--device", "cpu", "--models", models], env, log_dir)
+    service = Service(name, [*CLI, "worker", "--device", "cpu", "--models", models, "--role", role], env, log_dir)
     service.wait_for_log("ready.", timeout_s=240)
     return service
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from transformers import (
 )
 
 from shared.registry import ModelEntry
+from shared.schemas import Hyperparameters, optimizer_steps
 from shared.training_data import TrainingDataError, parse_training_file
 from workers.model_loader import ModelUnavailable, weights_dir
 from workers.training_data import IGNORE_INDEX, TokenizedExample, tokenize_example
@@ -115,7 +115,7 @@ def train_adapter(
     )
     set_seed(hp["seed"])  # before the LoRA weights are initialised, so a seed reproduces a run
     model = _peft_model(folder, device, spec)
-    report = TrainingReport(total_steps=_total_steps(len(train_rows), hp))
+    report = TrainingReport(total_steps=optimizer_steps(len(train_rows), Hyperparameters(**hp)))
     trainer = Trainer(
         model=model,
         args=_training_arguments(output_dir, device, hp, report.total_steps, has_eval=eval_rows is not None),
@@ -209,14 +209,6 @@ def _peft_model(folder: Path, device: torch.device, spec: FineTuneSpec):
 def training_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA; fp32 on the CPU, where bf16 backward passes are far slower (bench/fine_tune_steps.py)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _total_steps(rows: int, hp: dict[str, Any]) -> int:
-    """Optimizer steps the run will take: max_steps if set, else whole epochs."""
-    if hp.get("max_steps"):
-        return hp["max_steps"]
-    batches = math.ceil(rows / hp["batch_size"])
-    return hp["epochs"] * max(1, batches // hp["gradient_accumulation_steps"])
 
 
 def _training_arguments(

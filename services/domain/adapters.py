@@ -44,7 +44,7 @@ def delete_adapter(session: Session, caller: Caller, adapter_id: str, storage: S
     """Mark an adapter deleted (later jobs naming it fail clearly); its files go after the commit."""
     if not is_adapter_id(adapter_id):
         raise InvalidField(
-            f"{adapter_id!r} is a base model; only your fine-tuned adapters (ft-…) can be deleted",
+            f"only your fine-tuned adapters (ft-…) can be deleted; {adapter_id!r} is not one",
             details=[{"field": "model_id", "message": "not an adapter"}],
         )
     row = get_adapter(session, caller, adapter_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -18,7 +17,7 @@ from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
 from shared.models import Job, TrainingFile, utcnow
 from shared.registry import ModelRegistry
-from shared.schemas import FineTuneRequest
+from shared.schemas import FineTuneRequest, optimizer_steps
 from shared.settings import Settings
 
 
@@ -37,7 +36,9 @@ def create_fine_tune(
         known = ", ".join(model.id for model in registry.all())
         raise _invalid("base_model", f"unknown base_model {request.base_model!r}; {hint}base models: {known}")
     training = _own_file(session, caller, request.training_file, "training_file")
-    validation = _own_file(session, caller, request.validation_file, "validation_file") if request.validation_file else None
+    validation = (
+        _own_file(session, caller, request.validation_file, "validation_file") if request.validation_file else None
+    )
     hp = request.hyperparameters
     if hp.max_seq_length > entry.context_length:
         raise _invalid(
@@ -45,8 +46,10 @@ def create_fine_tune(
             f"max_seq_length {hp.max_seq_length} is over {entry.id}'s context of {entry.context_length} tokens",
         )
     if hp.lora_alpha > 64 * hp.lora_r:
-        raise _invalid("hyperparameters.lora_alpha", f"lora_alpha {hp.lora_alpha} is over 64 x lora_r: updates would blow up")
-    steps = hp.max_steps or hp.epochs * max(1, math.ceil(training.rows / hp.batch_size) // hp.gradient_accumulation_steps)
+        raise _invalid(
+            "hyperparameters.lora_alpha", f"lora_alpha {hp.lora_alpha} is over 64 x lora_r: updates would blow up"
+        )
+    steps = optimizer_steps(training.rows, hp)
     if steps > settings.max_train_steps:
         raise _invalid(
             "hyperparameters",

@@ -47,8 +47,9 @@ class FineTuneStack:
         self.storage = Path(env["GEMMA_JOBS_DATA_DIR"])
         self.workers: list[Service] = []
 
-    def start_worker(self) -> Service:
-        worker = start_worker(self.env, self.workdir, models=DEFAULT_MODEL_ID, name=f"worker-{len(self.workers) + 1}")
+    def start_worker(self, role: str = "all") -> Service:
+        name = f"worker-{len(self.workers) + 1}"
+        worker = start_worker(self.env, self.workdir, models=DEFAULT_MODEL_ID, name=name, role=role)
         self.workers.append(worker)
         return worker
 
@@ -210,9 +211,8 @@ def test_qlora_on_a_cpu_worker_fails_clearly_and_the_worker_goes_on(ft):
 def test_cancel_stops_training_within_a_step_and_leaves_no_adapter(ft):
     owner = ft.new_key()
     training = ft.upload(owner, "fine_tune_train.jsonl")
-    job = ft.fine_tune(
-        owner, base_model=DEFAULT_MODEL_ID, training_file=training, hyperparameters={**HYPERPARAMETERS, "max_steps": 500}
-    )
+    long_run = {**HYPERPARAMETERS, "max_steps": 500}
+    job = ft.fine_tune(owner, base_model=DEFAULT_MODEL_ID, training_file=training, hyperparameters=long_run)
     ft.wait_for_step(owner, job["id"], 1)
     asked = time.monotonic()
     response = requests.post(f"{ft.base_url}/v1/jobs/{job['id']}/cancel", headers=owner, timeout=10)
@@ -256,3 +256,19 @@ def test_worker_killed_mid_training_retries_cleanly_elsewhere(ft):
     assert usage.train_tokens == done["result"]["train_tokens"]
     statuses = [e["data"].get("status") for e in ft.events(owner, job["id"]) if e["type"] == "status"]
     assert statuses == ["running", "queued", "running", "succeeded"]
+
+
+def test_a_generate_only_worker_never_receives_fine_tunes(ft, redis_url):
+    for worker in ft.workers:
+        worker.stop()
+    ft.workers.clear()
+    ft.start_worker(role="generate")
+    owner = ft.new_key()
+    training = ft.upload(owner, "fine_tune_train.jsonl")
+    job = ft.fine_tune(owner, base_model=DEFAULT_MODEL_ID, training_file=training, hyperparameters=HYPERPARAMETERS)
+    # Generation is served at once, not stuck behind the fine-tune...
+    assert ft.generate(owner, DEFAULT_MODEL_ID)["status"] == "succeeded"
+    # ...and the fine-tune waits on its own queue for a worker that trains.
+    time.sleep(1)
+    assert requests.get(f"{ft.base_url}/v1/jobs/{job['id']}", headers=owner).json()["status"] == "queued"
+    assert redis.Redis.from_url(redis_url).llen(f"fine_tune.{DEFAULT_MODEL_ID}") == 1
