@@ -188,6 +188,10 @@ def _peft_model(folder: Path, device: torch.device, spec: FineTuneSpec):
             attn_implementation="eager",  # Gemma 3's recommended attention for training
             **kwargs,
         )
+    except ImportError as exc:  # bitsandbytes missing on a CUDA worker
+        raise FineTuneError(
+            "quantization_unavailable", f"quantization {spec.quantization} needs bitsandbytes on this worker: {exc}"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"model {spec.base.id!r}: cannot load from {folder}: {exc}") from exc
     if kwargs:
