@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
+    PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -106,7 +108,7 @@ def train_adapter(
         )
     hp = spec.hyperparameters
     folder = weights_dir(spec.base, cache_root)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = _tokenizer(folder)
     train_rows = _tokenized(spec.training_file, tokenizer, hp["max_seq_length"], spec.max_rows, "training_file")
     eval_rows = (
         _tokenized(spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file")
@@ -136,6 +138,18 @@ def train_adapter(
     (output_dir / "README.md").unlink(missing_ok=True)
     shutil.rmtree(output_dir / "trainer", ignore_errors=True)
     return report
+
+
+def preload_tokenizer(base: ModelEntry, cache_root: Path) -> None:
+    """Load a base model's tokenizer before taking fine-tunes (see _tokenizer)."""
+    _tokenizer(weights_dir(base, cache_root))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer once per process: parsing Gemma's 262k-token vocabulary holds the GIL
+    for ~3 s, long enough to starve the lease-renewal thread of a short lease."""
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _tokenized(path: Path, tokenizer, max_seq_length: int, max_rows: int, name: str) -> list[TokenizedExample]:

@@ -51,6 +51,8 @@ def run_worker(
         log.info("cpu_threads", threads=torch.get_num_threads())
     if JobKind.GENERATION in ROLE_KINDS[role]:
         rt.models.preload(model_ids)  # a fine-tune loads its own training copy per job
+    if JobKind.FINE_TUNE in ROLE_KINDS[role]:
+        _preload_tokenizers(rt, model_ids)
     if reaper:
         # Every worker reaps; passes are conditional updates, so they never conflict.
         Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
@@ -71,6 +73,18 @@ def run_worker(
             f"--loglevel={settings.log_level.upper()}",
         ]
     )
+
+
+def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> None:
+    """Load the tokenizers training needs now, not while a job's lease is running."""
+    from workers.fine_tuning import preload_tokenizer
+    from workers.model_loader import ModelUnavailable
+
+    for model_id in model_ids:
+        try:
+            preload_tokenizer(rt.models.registry.get(model_id), rt.settings.model_cache_path)
+        except (ModelUnavailable, OSError, ValueError) as exc:
+            log.error("tokenizer_unavailable", model=model_id, error=str(exc))  # its fine-tunes fail clearly
 
 
 def _hand_back_on_shutdown(rt: WorkerRuntime) -> None:

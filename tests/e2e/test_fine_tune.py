@@ -25,7 +25,9 @@ pytestmark = pytest.mark.e2e
 
 DATA = Path(__file__).parent.parent / "data"
 FAST = {
-    "GEMMA_JOBS_LEASE_S": "3",
+    # Short enough for a kill to resolve in seconds, long enough for the GIL stalls of a
+    # training set-up on 2 busy cores (loading a model copy, the first tokenizer load).
+    "GEMMA_JOBS_LEASE_S": "8",
     "GEMMA_JOBS_CONTROL_POLL_S": "0.2",
     "GEMMA_JOBS_REAPER_INTERVAL_S": "0.5",
     "GEMMA_JOBS_LOG_FORMAT": "console",
