@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -140,16 +139,23 @@ def train_adapter(
     return report
 
 
-def preload_tokenizer(base: ModelEntry, cache_root: Path) -> None:
-    """Load a base model's tokenizer before taking fine-tunes (see _tokenizer)."""
-    _tokenizer(weights_dir(base, cache_root))
+# Tokenizers by weights folder, loaded once per process: parsing Gemma's 262k-token
+# vocabulary holds the GIL for ~3 s, long enough to starve the lease-renewal thread.
+_tokenizers: dict[Path, PreTrainedTokenizerBase] = {}
 
 
-@functools.lru_cache(maxsize=4)
+def preload_tokenizer(base: ModelEntry, cache_root: Path, loaded: PreTrainedTokenizerBase | None = None) -> None:
+    """Have a base model's tokenizer ready before taking fine-tunes; reuse one already loaded."""
+    folder = weights_dir(base, cache_root)
+    if loaded is not None:
+        _tokenizers.setdefault(folder, loaded)
+    _tokenizer(folder)
+
+
 def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer once per process: parsing Gemma's 262k-token vocabulary holds the GIL
-    for ~3 s, long enough to starve the lease-renewal thread of a short lease."""
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if folder not in _tokenizers:
+        _tokenizers[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return _tokenizers[folder]
 
 
 def _tokenized(path: Path, tokenizer, max_seq_length: int, max_rows: int, name: str) -> list[TokenizedExample]:

@@ -82,7 +82,9 @@ def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> None:
 
     for model_id in model_ids:
         try:
-            preload_tokenizer(rt.models.registry.get(model_id), rt.settings.model_cache_path)
+            # A worker that also generates has this tokenizer loaded already: share it.
+            loaded = rt.models.get(model_id).tokenizer if model_id in rt.models.loaded_ids() else None
+            preload_tokenizer(rt.models.registry.get(model_id), rt.settings.model_cache_path, loaded)
         except (ModelUnavailable, OSError, ValueError) as exc:
             log.error("tokenizer_unavailable", model=model_id, error=str(exc))  # its fine-tunes fail clearly
 

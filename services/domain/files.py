@@ -22,6 +22,20 @@ DEFAULT_FILENAME = "upload.jsonl"
 MAX_FILENAME_CHARS = 255
 
 
+def check_upload(data: bytes, *, purpose: str, max_rows: int) -> int:
+    """Check an upload's purpose and every row (before any transaction); return its row count."""
+    if purpose not in PURPOSES:
+        raise InvalidField(
+            f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}",
+            details=[{"field": "purpose", "message": "unknown purpose"}],
+        )
+    try:
+        return len(parse_training_file(data, max_rows=max_rows))
+    except TrainingDataError as exc:
+        details = [{"line": problem.line, "message": problem.message} for problem in exc.problems]
+        raise InvalidField(exc.message, details=details or None) from None
+
+
 def create_file(
     session: Session,
     caller: Caller,
@@ -29,16 +43,10 @@ def create_file(
     filename: str | None,
     purpose: str,
     data: bytes,
+    rows: int,
     storage: Storage,
-    max_rows: int,
 ) -> TrainingFile:
-    """Check every row of an upload, store its bytes under a server id and record it."""
-    if purpose not in PURPOSES:
-        raise InvalidField(
-            f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}",
-            details=[{"field": "purpose", "message": "unknown purpose"}],
-        )
-    rows = _check_rows(data, max_rows)
+    """Store a checked upload's bytes under a server id and record it."""
     file_id = new_id("file")
     relative = Storage.file_relative(file_id)
     # The bytes are on disk before the row exists, so a committed row never names a missing file.
@@ -61,15 +69,6 @@ def create_file(
         storage.remove(relative)  # the insert failed for sure: nothing will ever point at the file
         raise
     return row
-
-
-def _check_rows(data: bytes, max_rows: int) -> int:
-    """Return how many rows a file has; 422 naming the bad lines if any row is unusable."""
-    try:
-        return len(parse_training_file(data, max_rows=max_rows))
-    except TrainingDataError as exc:
-        details = [{"line": problem.line, "message": problem.message} for problem in exc.problems]
-        raise InvalidField(exc.message, details=details or None) from None
 
 
 def safe_filename(filename: str | None) -> str:

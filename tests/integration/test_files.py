@@ -250,7 +250,7 @@ def test_a_failed_insert_removes_the_stored_bytes(app):
     with pytest.raises(IntegrityError), context.db.session_scope() as session:
         create_file(
             session, Caller(key_id="key_missing", role="user"), filename="a.jsonl", purpose="fine-tune",
-            data=jsonl(CHAT), storage=context.storage, max_rows=10,
+            data=jsonl(CHAT), rows=1, storage=context.storage,
         )
     assert stored_files(app) == []
 

@@ -48,6 +48,8 @@ def upload_file():
     data = upload.stream.read(limit + 1)
     if len(data) > limit:
         raise FileTooLarge(limit)
+    # Parsed before the transaction: a large file must not hold SQLite's write lock.
+    rows = file_domain.check_upload(data, purpose=purpose, max_rows=context.settings.max_file_rows)
     with context.db.session_scope() as session:
         # If the commit itself fails the stored bytes stay: its outcome is unknown, and an
         # orphan file is harmless where a row naming a removed file is not.
@@ -57,8 +59,8 @@ def upload_file():
             filename=upload.filename,
             purpose=purpose,
             data=data,
+            rows=rows,
             storage=context.storage,
-            max_rows=context.settings.max_file_rows,
         )
         body = file_domain.file_info(row)
     log.info("file_uploaded", file_id=body.id, rows=body.rows, bytes=body.bytes)
