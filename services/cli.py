@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reaper.set_defaults(run=cmd_reaper)
 
+    status = commands.add_parser("status", help="workers, queues and recent failures, as tables")
+    status.set_defaults(run=cmd_status)
+
     up = commands.add_parser("up", help="run the whole stack on this machine")
     up.add_argument("--port", type=int, default=8000)
     up.set_defaults(run=cmd_up)
@@ -213,6 +216,37 @@ def cmd_usage(args) -> int:
             f"{row.group:32} {row.jobs:>6} {row.prompt_tokens:>10} {row.completion_tokens:>10} "
             f"{row.train_tokens:>10} {row.gpu_seconds:>10.2f}"
         )
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Print workers, queues and the latest failed jobs, as GET /v1/admin/workers and /queues see them."""
+    from services.domain import operations
+    from shared.models import utcnow
+
+    settings = get_settings()
+    now = utcnow()
+    with _checked_database().session_scope(read_only=True) as session:
+        workers = operations.list_workers(session, now, settings.worker_dead_after_s)
+        queues = operations.queue_stats(session, now, settings.worker_dead_after_s)
+        failures = [(job.id, job.model, job.error or {}, job.finished_at)
+                    for job in operations.recent_failures(session)]
+    print(f"WORKERS ({sum(worker.alive for worker in workers)} live)")
+    print(f"{'id':36} {'state':9} {'alive':5} {'device':8} {'role':8} {'in flight':>9} {'done':>6} "
+          f"{'heartbeat':>10}  models")
+    for worker in workers:
+        age = f"{(now - worker.heartbeat_at).total_seconds():.0f}s ago"
+        print(
+            f"{worker.id:36} {worker.state:9} {'yes' if worker.alive else 'no':5} {worker.device:8} {worker.role:8} "
+            f"{worker.jobs_in_flight:>9} {worker.jobs_done:>6} {age:>10}  {','.join(worker.models)}"
+        )
+    print(f"\nQUEUES\n{'queue':40} {'queued':>7} {'running':>7} {'oldest wait':>12} {'live workers':>12}")
+    for queue in queues:
+        wait = f"{queue.oldest_wait_s:.0f}s" if queue.oldest_wait_s is not None else "-"
+        print(f"{queue.name:40} {queue.queued:>7} {queue.running:>7} {wait:>12} {queue.live_workers:>12}")
+    print(f"\nRECENT FAILURES\n{'job':32} {'model':24} {'code':20} finished")
+    for job_id, model, error, finished_at in failures:
+        print(f"{job_id:32} {model:24} {error.get('code', '-'):20} {finished_at:%Y-%m-%d %H:%M:%S}")
     return 0
 
 

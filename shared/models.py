@@ -211,3 +211,27 @@ class Adapter(Base):
     deleted_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_adapters_owner_key_id_id", "owner_key_id", "id"),)
+
+
+class WorkerRecord(Base):
+    """A worker process as it last reported itself: identity, device, what it serves, liveness."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(64))
+    gpu_name: Mapped[str | None] = mapped_column(String(200))
+    gpu_memory_mb: Mapped[int | None] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    # Model ids it serves (loaded, for generation) and the queues it consumes.
+    models: Mapped[list[str]] = mapped_column(JSON)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    # starting -> ready -> draining (SIGTERM) -> stopped; a dead worker just stops heartbeating.
+    state: Mapped[str] = mapped_column(String(16))
+    jobs_in_flight: Mapped[int] = mapped_column(Integer, default=0)
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None]

@@ -200,6 +200,9 @@ class Job(BaseModel):
     progress: dict[str, Any] | None = None
     usage: Usage | None = None
     adapter_id: str | None = None
+    waiting_for: str | None = Field(
+        default=None, description="while queued with no live worker consuming its queue: what it waits for"
+    )
     metadata: dict[str, str] | None = None
 
 
@@ -365,3 +368,52 @@ class UsageReport(BaseModel):
     object: Literal["list"] = "list"
     group_by: Literal["key", "model", "day"]
     data: list[UsageRow]
+
+
+class WorkerInfo(BaseModel):
+    """A worker process as it last reported itself."""
+
+    id: str
+    object: Literal["worker"] = "worker"
+    host: str
+    pid: int
+    device: str
+    gpu_name: str | None = None
+    gpu_memory_mb: int | None = None
+    role: Literal["generate", "finetune", "all"]
+    models: list[str] = Field(description="models loaded for generation")
+    queues: list[str]
+    state: Literal["starting", "ready", "draining", "stopped"]
+    alive: bool = Field(description="heartbeat within worker_dead_after_s and not stopped")
+    jobs_in_flight: int
+    jobs_done: int
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None = None
+
+
+class WorkerList(BaseModel):
+    """Live workers, then those that stopped or died in the last hour."""
+
+    object: Literal["list"] = "list"
+    data: list[WorkerInfo]
+
+
+class QueueInfo(BaseModel):
+    """One job queue: how many wait, since when, and who consumes it."""
+
+    name: str
+    kind: Literal["generation", "fine_tune"]
+    model: str
+    queued: int
+    running: int
+    oldest_queued_at: datetime | None = None
+    oldest_wait_s: float | None = None
+    live_workers: int = Field(description="live workers consuming this queue")
+
+
+class QueueList(BaseModel):
+    """Every queue with queued or running jobs, or a live consumer."""
+
+    object: Literal["list"] = "list"
+    data: list[QueueInfo]

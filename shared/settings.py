@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # how long a cancel takes to stop a generation).
     control_poll_s: float = Field(default=1.0, gt=0, le=60)
     reaper_interval_s: float = Field(default=5.0, gt=0, le=600)
+    # Workers report themselves this often; one silent for worker_dead_after_s is shown dead.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0, le=600)
+    worker_dead_after_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, le=100)
     # A queued job whose message is not in Redis this long after publishing is republished.
     republish_after_s: float = Field(default=30.0, gt=0)

@@ -13,6 +13,7 @@ from shared.jobs import JobKind
 from shared.logging import configure_logging
 from shared.reaper import Reaper
 from shared.settings import Settings
+from workers.registration import Registration
 from workers.runtime import WorkerRuntime, set_runtime
 from workers.tasks import register_tasks
 
@@ -49,6 +50,9 @@ def run_worker(
     if device == "cpu":
         # Torch defaults to all cores; say so in the log, it is the biggest speed lever here.
         log.info("cpu_threads", threads=torch.get_num_threads())
+    queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
+    registration = Registration(rt, role, queues)
+    registration.register()
     if JobKind.GENERATION in ROLE_KINDS[role]:
         rt.models.preload(model_ids)  # a fine-tune loads its own training copy per job
     if JobKind.FINE_TUNE in ROLE_KINDS[role]:
@@ -57,22 +61,26 @@ def run_worker(
         # Every worker reaps; passes are conditional updates, so they never conflict.
         Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
     register_tasks(rt.celery)
-    queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
+    registration.mark("ready")
+    registration.start_heartbeat()
     log.info("worker_ready", queues=queues, models=rt.models.loaded_ids())
     # The solo pool runs tasks in this process, where the model already lives: no fork
     # after torch (or CUDA) has been initialised.
-    rt.celery.worker_main(
-        argv=[
-            "--quiet",  # no banner on stdout; our logs say the same as JSON
-            "worker",
-            "--pool=solo",
-            "--queues=" + ",".join(queues),
-            f"--hostname={rt.worker_id.replace(':', '-')}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            f"--loglevel={settings.log_level.upper()}",
-        ]
-    )
+    try:
+        rt.celery.worker_main(
+            argv=[
+                "--quiet",  # no banner on stdout; our logs say the same as JSON
+                "worker",
+                "--pool=solo",
+                "--queues=" + ",".join(queues),
+                f"--hostname={rt.worker_id.replace(':', '-')}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                f"--loglevel={settings.log_level.upper()}",
+            ]
+        )
+    finally:
+        registration.stop()
 
 
 def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> None:

@@ -34,6 +34,9 @@ class WorkerRuntime:
     device: torch.device
     # Set (monotonic clock) when SIGTERM arrives: a running job may go on until then.
     shutdown_deadline: float | None = None
+    # Reported by the heartbeat (solo pool: at most one job in flight).
+    jobs_in_flight: int = 0
+    jobs_done: int = 0
 
     @classmethod
     def create(cls, settings: Settings, device: torch.device) -> "WorkerRuntime":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import structlog
 from celery import Celery
 
 from shared.celery_app import FINE_TUNE_TASK, GENERATE_TASK
 from workers.fine_tune_job import run_fine_tune_job
 from workers.generation_job import run_generation_job
-from workers.runtime import runtime
+from workers.runtime import WorkerRuntime, runtime
 
 
 def register_tasks(app: Celery) -> None:
@@ -17,11 +19,24 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=GENERATE_TASK)
     def generate_task(job_id: str) -> None:
         """Run one generation job."""
-        with structlog.contextvars.bound_contextvars(job_id=job_id):
-            run_generation_job(runtime(), job_id)
+        with _running(job_id) as rt:
+            run_generation_job(rt, job_id)
 
     @app.task(name=FINE_TUNE_TASK)
     def fine_tune_task(job_id: str) -> None:
         """Run one fine-tuning job."""
+        with _running(job_id) as rt:
+            run_fine_tune_job(rt, job_id)
+
+
+@contextmanager
+def _running(job_id: str):
+    """Bind the job id to log lines and count the job in flight for the heartbeat."""
+    rt: WorkerRuntime = runtime()
+    rt.jobs_in_flight += 1
+    try:
         with structlog.contextvars.bound_contextvars(job_id=job_id):
-            run_fine_tune_job(runtime(), job_id)
+            yield rt
+    finally:
+        rt.jobs_in_flight -= 1
+        rt.jobs_done += 1

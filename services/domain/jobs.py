@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from services.domain import limits
 from services.domain.adapters import get_adapter, is_adapter_id
 from services.domain.keys import Caller
+from services.domain.operations import live_queues, waiting_for
 from shared import job_store
 from shared.celery_app import queue_for
 from shared.errors import Conflict, InvalidField, NotFound
@@ -211,15 +212,28 @@ def queue_position(session: Session, job: Job) -> int | None:
     )
 
 
-def describe_jobs(session: Session, jobs: list[Job]) -> list[JobOut]:
-    """Build the public view of job rows, fetching their usage in one query."""
+def describe_jobs(session: Session, jobs: list[Job], dead_after_s: float | None = None) -> list[JobOut]:
+    """Build the public view of job rows, fetching their usage in one query.
+
+    With `dead_after_s`, a queued job whose queue no live worker consumes says so in `waiting_for`.
+    """
     ids = [job.id for job in jobs]
     records = session.scalars(select(UsageRecord).where(UsageRecord.job_id.in_(ids))) if ids else []
     usage_by_job = {record.job_id: record for record in records}
-    return [_to_response(job, usage_by_job.get(job.id), queue_position(session, job)) for job in jobs]
+    queued = any(job.status == JobStatus.QUEUED for job in jobs)
+    consumers = live_queues(session, utcnow(), dead_after_s) if queued and dead_after_s else None
+    return [
+        _to_response(
+            job,
+            usage_by_job.get(job.id),
+            queue_position(session, job),
+            waiting_for(job, consumers) if consumers is not None else None,
+        )
+        for job in jobs
+    ]
 
 
-def _to_response(job: Job, usage: UsageRecord | None, position: int | None) -> JobOut:
+def _to_response(job: Job, usage: UsageRecord | None, position: int | None, waiting: str | None) -> JobOut:
     return JobOut(
         id=job.id,
         kind=job.kind,
@@ -244,6 +258,7 @@ def _to_response(job: Job, usage: UsageRecord | None, position: int | None) -> J
             else None
         ),
         adapter_id=job.adapter_id,
+        waiting_for=waiting,
         metadata=job.metadata_,
     )
 

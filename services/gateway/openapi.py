@@ -124,6 +124,18 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
          422: schemas.ErrorResponse},
         True,
     ),
+    ("get", "/v1/admin/workers"): (
+        "Workers: live ones, then those gone in the last hour (admin)",
+        None,
+        {200: schemas.WorkerList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse},
+        True,
+    ),
+    ("get", "/v1/admin/queues"): (
+        "Queues: depth, oldest waiting job, live consumers (admin)",
+        None,
+        {200: schemas.QueueList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse},
+        True,
+    ),
     ("get", "/healthz"): ("Liveness", None, {200: schemas.Health}, False),
     ("get", "/readyz"): ("Readiness: database and Redis", None, {200: schemas.Health, 503: schemas.Health}, False),
 }

@@ -1,16 +1,17 @@
-"""Admin routes: API keys and usage of every key."""
+"""Admin routes: API keys, usage of every key, workers and queues."""
 
 from __future__ import annotations
 
 from flask import Blueprint
 
 from services.domain import keys as key_domain
+from services.domain import operations
 from services.domain.usage import usage_report
 from services.gateway.auth import require_key
 from services.gateway.context import gateway
 from services.gateway.requests import parse_body, parse_query
-from shared.models import ApiKey
-from shared.schemas import KeyCreate, KeyCreated, KeyInfo, KeyList, UsageQuery, UsageReport
+from shared.models import ApiKey, utcnow
+from shared.schemas import KeyCreate, KeyCreated, KeyInfo, KeyList, QueueList, UsageQuery, UsageReport, WorkerList
 
 blueprint = Blueprint("admin", __name__)
 
@@ -57,3 +58,23 @@ def admin_usage():
     with gateway().db.session_scope(read_only=True) as session:
         rows = usage_report(session, query.group_by, query.start, query.end, query.key_id)
     return UsageReport(group_by=query.group_by, data=rows).model_dump(mode="json")
+
+
+@blueprint.get("/v1/admin/workers")
+@require_key(role="admin")
+def list_workers():
+    """Live workers, then those that stopped or died in the last hour."""
+    context = gateway()
+    with context.db.session_scope(read_only=True) as session:
+        workers = operations.list_workers(session, utcnow(), context.settings.worker_dead_after_s)
+    return WorkerList(data=workers).model_dump(mode="json")
+
+
+@blueprint.get("/v1/admin/queues")
+@require_key(role="admin")
+def list_queues():
+    """Depth, running jobs, oldest waiting job and live consumers of every queue in use."""
+    context = gateway()
+    with context.db.session_scope(read_only=True) as session:
+        queues = operations.queue_stats(session, utcnow(), context.settings.worker_dead_after_s)
+    return QueueList(data=queues).model_dump(mode="json")

@@ -123,7 +123,7 @@ def job_response(context: GatewayContext, job_id: str, wait_s: float):
     """Return (body, status, headers) for a job just submitted: 200 if it finished, else 202."""
     with context.db.session_scope(read_only=True) as session:
         job = job_domain.get_job(session, current_caller(), job_id)
-        (body,) = job_domain.describe_jobs(session, [job])
+        (body,) = job_domain.describe_jobs(session, [job], context.settings.worker_dead_after_s)
     finished = JobStatus(body.status).is_terminal
     headers = {"Location": url_for("jobs.get_job", job_id=job_id)}
     if wait_s > 0:
@@ -138,7 +138,7 @@ def cancel_job(job_id: str):
     context = gateway()
     with context.db.session_scope() as session:
         job = job_domain.cancel_job(session, current_caller(), job_id)
-        (body,) = job_domain.describe_jobs(session, [job])
+        (body,) = job_domain.describe_jobs(session, [job], context.settings.worker_dead_after_s)
     structlog.contextvars.bind_contextvars(job_id=job_id)
     log.info("job_cancel_requested", status=body.status)
     try:
@@ -152,9 +152,10 @@ def cancel_job(job_id: str):
 @require_key()
 def get_job(job_id: str):
     """Return one of the caller's jobs."""
-    with gateway().db.session_scope(read_only=True) as session:
+    context = gateway()
+    with context.db.session_scope(read_only=True) as session:
         job = job_domain.get_job(session, current_caller(), job_id)
-        (body,) = job_domain.describe_jobs(session, [job])
+        (body,) = job_domain.describe_jobs(session, [job], context.settings.worker_dead_after_s)
     return body.model_dump(mode="json")
 
 
@@ -163,7 +164,8 @@ def get_job(job_id: str):
 def list_jobs():
     """List the caller's jobs, newest first, with a keyset cursor."""
     query = parse_query(JobListQuery)
-    with gateway().db.session_scope(read_only=True) as session:
+    context = gateway()
+    with context.db.session_scope(read_only=True) as session:
         rows, has_more = job_domain.list_jobs(
             session,
             current_caller(),
@@ -172,7 +174,7 @@ def list_jobs():
             status=query.status,
             kind=query.kind,
         )
-        data = job_domain.describe_jobs(session, rows)
+        data = job_domain.describe_jobs(session, rows, context.settings.worker_dead_after_s)
     page = JobList(data=data, has_more=has_more, next_after=rows[-1].id if has_more else None)
     return page.model_dump(mode="json")
 

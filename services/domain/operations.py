@@ -1,0 +1,108 @@
+"""What an operator looks at: workers, queues and recent failures."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from shared.jobs import JobStatus
+from shared.models import Job, WorkerRecord
+from shared.schemas import QueueInfo, WorkerInfo
+
+# Dead or stopped workers stay listed this long, so an operator sees what just went away.
+KEEP_GONE_WORKERS = timedelta(hours=1)
+
+
+def is_alive(row: WorkerRecord, now: datetime, dead_after_s: float) -> bool:
+    """Return whether a worker is up: not stopped, and heard from recently."""
+    return row.state != "stopped" and row.heartbeat_at >= now - timedelta(seconds=dead_after_s)
+
+
+def list_workers(session: Session, now: datetime, dead_after_s: float) -> list[WorkerInfo]:
+    """Return live workers first, then recently gone ones, each newest first."""
+    rows = session.scalars(
+        select(WorkerRecord)
+        .where(WorkerRecord.heartbeat_at >= now - KEEP_GONE_WORKERS)
+        .order_by(WorkerRecord.started_at.desc())
+    ).all()
+    workers = [
+        WorkerInfo.model_validate({**_columns(row), "alive": is_alive(row, now, dead_after_s)}) for row in rows
+    ]
+    return sorted(workers, key=lambda worker: not worker.alive)
+
+
+def live_queues(session: Session, now: datetime, dead_after_s: float) -> dict[str, int]:
+    """Return how many live workers consume each queue."""
+    rows = session.scalars(
+        select(WorkerRecord).where(
+            WorkerRecord.state != "stopped", WorkerRecord.heartbeat_at >= now - timedelta(seconds=dead_after_s)
+        )
+    ).all()
+    counts: dict[str, int] = {}
+    for row in rows:
+        for queue in row.queues:
+            counts[queue] = counts.get(queue, 0) + 1
+    return counts
+
+
+def queue_stats(session: Session, now: datetime, dead_after_s: float) -> list[QueueInfo]:
+    """Return depth, running count and oldest waiting job of every queue in use."""
+    rows = session.execute(
+        select(
+            Job.queue,
+            func.count().filter(Job.status == JobStatus.QUEUED),
+            func.count().filter(Job.status == JobStatus.RUNNING),
+            func.min(Job.created_at).filter(Job.status == JobStatus.QUEUED),
+        )
+        .where(or_(Job.status == JobStatus.QUEUED, Job.status == JobStatus.RUNNING))
+        .group_by(Job.queue)
+    ).all()
+    consumers = live_queues(session, now, dead_after_s)
+    stats = {queue: (queued, running, oldest) for queue, queued, running, oldest in rows}
+    for queue in consumers:
+        stats.setdefault(queue, (0, 0, None))
+    result = []
+    for queue, (queued, running, oldest) in sorted(stats.items()):
+        kind, model = queue.split(".", 1)
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=now.tzinfo)  # an aggregate skips the column's type
+        result.append(
+            QueueInfo(
+                name=queue,
+                kind=kind,
+                model=model,
+                queued=queued,
+                running=running,
+                oldest_queued_at=oldest,
+                oldest_wait_s=round((now - oldest).total_seconds(), 1) if oldest else None,
+                live_workers=consumers.get(queue, 0),
+            )
+        )
+    return result
+
+
+def waiting_for(job: Job, consumers: dict[str, int]) -> str | None:
+    """Say what a queued job waits for when no live worker consumes its queue."""
+    if job.status != JobStatus.QUEUED or consumers.get(job.queue):
+        return None
+    kind, model = job.queue.split(".", 1)
+    role = "finetune" if kind == "fine_tune" else "generate"
+    return (
+        f"no live worker serves {kind} jobs for {model}; it runs once one starts "
+        f"(gemma-jobs worker --models {model} --role {role}|all)"
+    )
+
+
+def recent_failures(session: Session, limit: int = 10) -> list[Job]:
+    """Return the latest failed jobs."""
+    return list(
+        session.scalars(
+            select(Job).where(Job.status == JobStatus.FAILED).order_by(Job.finished_at.desc()).limit(limit)
+        )
+    )
+
+
+def _columns(row: WorkerRecord) -> dict:
+    return {column.key: getattr(row, column.key) for column in WorkerRecord.__table__.columns}
