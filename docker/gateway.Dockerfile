@@ -1,0 +1,13 @@
+# The gateway (also `migrate`, `keys`, `status`, `reaper`): no torch, no model weights.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY services ./services
+COPY workers ./workers
+COPY migrations ./migrations
+RUN pip install . && useradd --create-home --uid 10001 gemma && mkdir -p /data /storage && chown gemma /data /storage
+USER gemma
+EXPOSE 8000
+CMD ["gemma-jobs", "gateway", "--host", "0.0.0.0", "--port", "8000"]
