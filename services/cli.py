@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="which job kinds to take: generation, fine-tuning, or both (a fine-tune holds the worker for its run)",
     )
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     worker.set_defaults(run=cmd_worker)
 
     reaper = commands.add_parser(
@@ -144,7 +145,7 @@ def cmd_worker(args) -> int:
     models = [m.strip() for m in (args.models or DEFAULT_MODEL_ID).split(",") if m.strip()]
     from workers.main import run_worker
 
-    run_worker(get_settings(), device, models, role=args.role)
+    run_worker(get_settings(), device, models, role=args.role, metrics_port=args.metrics_port)
     return 0
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 from gunicorn.app.base import BaseApplication
 
 
@@ -24,6 +28,23 @@ class _GatewayServer(BaseApplication):
 
 def serve_gateway(host: str, port: int, *, workers: int, threads: int, timeout_s: int) -> None:
     """Serve until stopped; threads let `Prefer: wait` requests wait without blocking others."""
+    # Set before any worker forks: each process then writes its Prometheus samples there.
+    metrics_dir = tempfile.mkdtemp(prefix="gemma-jobs-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _serve(host, port, workers=workers, threads=threads, timeout_s=timeout_s)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _child_exit(_server, worker) -> None:
+    """Drop a dead gunicorn worker's live gauges from the merged metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def _serve(host: str, port: int, *, workers: int, threads: int, timeout_s: int) -> None:
     _GatewayServer(
         {
             "bind": f"{host}:{port}",
@@ -35,5 +56,6 @@ def serve_gateway(host: str, port: int, *, workers: int, threads: int, timeout_s
             "accesslog": None,
             "errorlog": "-",
             "loglevel": "warning",
+            "child_exit": _child_exit,
         }
     ).run()

@@ -31,6 +31,7 @@ class Claim:
     params: dict[str, Any]
     # The adapter a fine-tune creates, or the one a generation runs with.
     adapter_id: str | None = None
+    created_at: datetime | None = None
 
 
 def add_event(session: Session, job_id: str, event_type: str, data: dict[str, Any]) -> None:
@@ -92,6 +93,7 @@ def claim(
         owner_key_id=job.owner_key_id,
         params=dict(job.params),
         adapter_id=job.adapter_id,
+        created_at=job.created_at,
     )
 
 

@@ -78,10 +78,11 @@ def start_gateway(
 
 
 def start_worker(
-    env: dict[str, str], log_dir: Path, models: str, name: str = "worker", role: str = "all"
+    env: dict[str, str], log_dir: Path, models: str, name: str = "worker", role: str = "all", *extra: str
 ) -> Service:
     """Start `gemma-jobs worker --device cpu`; return it once Celery consumes."""
-    service = Service(name, [*CLI, "worker", "--device", "cpu", "--models", models, "--role", role], env, log_dir)
+    command = [*CLI, "worker", "--device", "cpu", "--models", models, "--role", role, *extra]
+    service = Service(name, command, env, log_dir)
     service.wait_for_log("ready.", timeout_s=240)
     return service
 

@@ -14,6 +14,7 @@ from workers.adapter_cache import AdapterUnavailable
 from workers.generation import GenerationError, GenerationOutput, generate
 from workers.job_guard import JobGuard, StopReason
 from workers.job_runs import announce, claim_job
+from workers.metrics import TOKENS_GENERATED, TOKENS_PER_SECOND
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime
 
@@ -89,6 +90,8 @@ def _store_outcome(
         if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
             outcome = "cancelled"
     tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
+    TOKENS_GENERATED.labels(held.model).inc(output.completion_tokens)
+    TOKENS_PER_SECOND.labels(held.model).observe(tokens_per_s)
     log.info(f"job_{outcome or 'result_discarded'}", reason=reason, tokens_per_s=tokens_per_s, **usage)
     if outcome == "handed_back":
         publish_job(rt.celery, held.job_id, held.queue)

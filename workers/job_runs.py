@@ -7,7 +7,9 @@ from redis import RedisError
 
 from shared import job_store
 from shared.job_store import Claim
+from shared.models import utcnow
 from shared.notify import publish_job_done
+from workers.metrics import QUEUE_WAIT
 from workers.runtime import WorkerRuntime
 
 log = structlog.get_logger(__name__)
@@ -28,7 +30,9 @@ def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
         # Already taken, finished, cancelled or expired: a redelivery does nothing.
         log.info("job_not_claimed")
     else:
-        log.info("job_started", kind=held.kind, model=held.model, attempt=held.attempt)
+        waited_s = (utcnow() - held.created_at).total_seconds() if held.created_at else 0.0
+        QUEUE_WAIT.labels(held.kind, held.model).observe(waited_s)
+        log.info("job_started", kind=held.kind, model=held.model, attempt=held.attempt, queue_wait_s=round(waited_s, 3))
     return held
 
 

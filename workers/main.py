@@ -13,6 +13,7 @@ from shared.jobs import JobKind
 from shared.logging import configure_logging
 from shared.reaper import Reaper
 from shared.settings import Settings
+from workers.metrics import serve_metrics
 from workers.registration import Registration
 from workers.runtime import WorkerRuntime, set_runtime
 from workers.tasks import register_tasks
@@ -35,7 +36,13 @@ ROLE_KINDS = {
 
 
 def run_worker(
-    settings: Settings, device: str, model_ids: list[str], *, role: str = "all", reaper: bool = True
+    settings: Settings,
+    device: str,
+    model_ids: list[str],
+    *,
+    role: str = "all",
+    reaper: bool = True,
+    metrics_port: int | None = None,
 ) -> None:
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
     configure_logging(settings.log_level, settings.log_format, process="worker")
@@ -50,6 +57,8 @@ def run_worker(
     if device == "cpu":
         # Torch defaults to all cores; say so in the log, it is the biggest speed lever here.
         log.info("cpu_threads", threads=torch.get_num_threads())
+    if metrics_port:
+        serve_metrics(metrics_port, rt.device)
     queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
     registration = Registration(rt, role, queues)
     registration.register()

@@ -9,6 +9,7 @@ import structlog
 import torch
 
 from shared.registry import ModelRegistry
+from workers.metrics import MODEL_LOAD_SECONDS
 from workers.model_loader import LoadedModel, ModelUnavailable, load_model
 
 log = structlog.get_logger(__name__)
@@ -48,6 +49,7 @@ class ModelCache:
                 dtype=str(loaded.dtype),
                 seconds=round(loaded.load_seconds, 2),
             )
+            MODEL_LOAD_SECONDS.labels(model_id).set(loaded.load_seconds)
             self._loaded[model_id] = loaded
             return loaded
 

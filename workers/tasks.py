@@ -10,6 +10,7 @@ from celery import Celery
 from shared.celery_app import FINE_TUNE_TASK, GENERATE_TASK
 from workers.fine_tune_job import run_fine_tune_job
 from workers.generation_job import run_generation_job
+from workers.metrics import JOB_DURATION, JOBS_IN_FLIGHT
 from workers.runtime import WorkerRuntime, runtime
 
 
@@ -19,24 +20,26 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=GENERATE_TASK)
     def generate_task(job_id: str) -> None:
         """Run one generation job."""
-        with _running(job_id) as rt:
+        with _running(job_id, "generation") as rt:
             run_generation_job(rt, job_id)
 
     @app.task(name=FINE_TUNE_TASK)
     def fine_tune_task(job_id: str) -> None:
         """Run one fine-tuning job."""
-        with _running(job_id) as rt:
+        with _running(job_id, "fine_tune") as rt:
             run_fine_tune_job(rt, job_id)
 
 
 @contextmanager
-def _running(job_id: str):
-    """Bind the job id to log lines and count the job in flight for the heartbeat."""
+def _running(job_id: str, kind: str):
+    """Bind the job id to log lines, count the job in flight, and time it."""
     rt: WorkerRuntime = runtime()
     rt.jobs_in_flight += 1
+    JOBS_IN_FLIGHT.inc()
     try:
-        with structlog.contextvars.bound_contextvars(job_id=job_id):
+        with structlog.contextvars.bound_contextvars(job_id=job_id), JOB_DURATION.labels(kind).time():
             yield rt
     finally:
         rt.jobs_in_flight -= 1
         rt.jobs_done += 1
+        JOBS_IN_FLIGHT.dec()

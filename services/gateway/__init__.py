@@ -25,6 +25,9 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
 
     register_error_handlers(app)
     _register_request_context(app)
+    from services.gateway.metrics import install_metrics
+
+    install_metrics(app, context)
 
     from services.gateway.api import admin, files, fine_tunes, jobs, models, system, usage
 

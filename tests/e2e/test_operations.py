@@ -13,6 +13,7 @@ import redis
 import requests
 
 from services.domain.keys import create_key
+from services.stack import free_port
 from shared.db import Database
 from shared.migrate import upgrade
 from shared.registry import DEFAULT_MODEL_ID
@@ -32,7 +33,8 @@ def ops(redis_url, model_cache_dir, registry_file, tmp_path, postgres_admin_url)
     upgrade(database_url)
     redis.Redis.from_url(redis_url).flushdb()
     env = {**stack_env(database_url, redis_url, tmp_path / "var", model_cache_dir, registry_file), **FAST}
-    gateway, base_url = start_gateway(env, tmp_path)
+    # Two gunicorn processes: /metrics must merge both.
+    gateway, base_url = start_gateway(env, tmp_path, workers=2)
     db = Database(database_url)
     with db.session_scope() as session:
         _, admin = create_key(session, role="admin")
@@ -47,8 +49,8 @@ def ops(redis_url, model_cache_dir, registry_file, tmp_path, postgres_admin_url)
             self.admin = {"Authorization": f"Bearer {admin}"}
             self.user = {"Authorization": f"Bearer {user}"}
 
-        def worker(self, models: str, role: str = "all"):
-            service = start_worker(env, tmp_path, models=models, name=f"worker-{len(started) + 1}", role=role)
+        def worker(self, models: str, role: str = "all", *extra: str):
+            service = start_worker(env, tmp_path, models, f"worker-{len(started) + 1}", role, *extra)
             started.append(service)
             return service
 
@@ -79,8 +81,19 @@ def ops(redis_url, model_cache_dir, registry_file, tmp_path, postgres_admin_url)
     drop()
 
 
-def test_registry_queues_waiting_hint_and_status(ops):
-    worker = ops.worker(f"{DEFAULT_MODEL_ID},broken-model", role="generate")
+def metric(text: str, name: str, **labels: str) -> float:
+    """Return one sample's value from a Prometheus text page (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == (f"{name}{{{wanted}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def test_registry_queues_waiting_hint_status_and_metrics(ops):
+    metrics_port = free_port()
+    worker = ops.worker(f"{DEFAULT_MODEL_ID},broken-model", "generate", "--metrics-port", str(metrics_port))
     listed = ops.wait_worker(worker.pid, state="ready", alive=True)
     assert listed["role"] == "generate" and listed["device"] == "cpu"
     assert listed["models"] == [DEFAULT_MODEL_ID]  # broken-model failed to load
@@ -121,6 +134,23 @@ def test_registry_queues_waiting_hint_and_status(ops):
     assert "WORKERS (1 live)" in status.stdout and f"{worker.pid}" in status.stdout
     assert f"fine_tune.{DEFAULT_MODEL_ID}" in status.stdout
     assert failed["id"] in status.stdout and "model_unavailable" in status.stdout
+
+    # Metrics: the gateway's merged over its two processes, the worker's on its own port.
+    for _ in range(10):
+        assert requests.get(f"{ops.base_url}/healthz", timeout=5).status_code == 200
+    page = requests.get(f"{ops.base_url}/metrics", timeout=10).text
+    assert metric(page, "gemma_jobs_http_requests_total", method="GET", route="/healthz", status="200") == 10
+    assert metric(page, "gemma_jobs_http_requests_total", method="POST", route="/v1/generations", status="202") == 2
+    assert metric(page, "gemma_jobs_http_request_duration_seconds_count", method="POST", route="/v1/generations") == 2
+    assert metric(page, "gemma_jobs_jobs_submitted_total", kind="generation", model=DEFAULT_MODEL_ID) == 1
+    assert metric(page, "gemma_jobs_jobs_submitted_total", kind="fine_tune", model=DEFAULT_MODEL_ID) == 1
+    assert metric(page, "gemma_jobs_queue_depth", queue=f"fine_tune.{DEFAULT_MODEL_ID}") == 1
+    worker_page = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    assert metric(worker_page, "gemma_jobs_worker_job_duration_seconds_count", kind="generation") == 2
+    assert metric(worker_page, "gemma_jobs_worker_tokens_generated_total", model=DEFAULT_MODEL_ID) > 0
+    waits = metric(worker_page, "gemma_jobs_worker_queue_wait_seconds_count", kind="generation", model="broken-model")
+    assert waits == 1
+    assert metric(worker_page, "gemma_jobs_worker_model_load_seconds", model=DEFAULT_MODEL_ID) > 0
 
     # SIGTERM: the worker drains and records itself stopped; SIGKILL: it goes silent and is shown dead.
     worker.stop(signal.SIGTERM)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from services.domain import jobs as job_domain
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import GatewayContext, gateway
+from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.requests import parse_body, parse_query, prefer_wait_seconds
 from services.gateway.waiting import wait_until_done
 from shared.errors import InvalidField
@@ -85,6 +86,7 @@ def create_generation():
     structlog.contextvars.bind_contextvars(job_id=job.id)
     if not replayed:
         log.info("job_submitted", model=job.model, kind=job.kind)
+        JOBS_SUBMITTED.labels(job.kind, job.model).inc()
         # Only now is the row committed: a worker that gets the message will find it.
         publish_job(context.celery, job.id, job.queue)
     if wait_s > 0:

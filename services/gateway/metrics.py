@@ -1,0 +1,90 @@
+"""Prometheus metrics of the gateway: requests, latency, submits, and queue depth from SQL.
+
+gunicorn runs several worker processes; each writes its samples to files under
+PROMETHEUS_MULTIPROC_DIR (set by `gemma-jobs gateway` before forking), and /metrics merges
+them, so a scrape sees the whole gateway whichever process answers it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, Response, g, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+from services.domain.operations import queue_stats
+from shared.models import utcnow
+
+REQUESTS = Counter(
+    "gemma_jobs_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+LATENCY = Histogram(
+    "gemma_jobs_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+JOBS_SUBMITTED = Counter("gemma_jobs_jobs_submitted_total", "Jobs accepted", ["kind", "model"])
+
+
+class QueueCollector:
+    """Queue depth and running jobs per queue, read from the database at scrape time."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def collect(self):
+        queued = GaugeMetricFamily("gemma_jobs_queue_depth", "Jobs queued per queue", labels=["queue"])
+        running = GaugeMetricFamily("gemma_jobs_jobs_running", "Jobs running per queue", labels=["queue"])
+        oldest = GaugeMetricFamily(
+            "gemma_jobs_queue_oldest_wait_seconds", "Wait of the oldest queued job", labels=["queue"]
+        )
+        consumers = GaugeMetricFamily("gemma_jobs_queue_live_workers", "Live workers consuming", labels=["queue"])
+        settings = self.context.settings
+        with self.context.db.session_scope(read_only=True) as session:
+            for queue in queue_stats(session, utcnow(), settings.worker_dead_after_s):
+                queued.add_metric([queue.name], queue.queued)
+                running.add_metric([queue.name], queue.running)
+                oldest.add_metric([queue.name], queue.oldest_wait_s or 0.0)
+                consumers.add_metric([queue.name], queue.live_workers)
+        yield from (queued, running, oldest, consumers)
+
+
+def install_metrics(app: Flask, context) -> None:
+    """Time and count every request, and serve GET /metrics."""
+
+    @app.before_request
+    def start_timer() -> None:
+        g.metrics_started = time.perf_counter()
+
+    @app.after_request
+    def observe(response):
+        # The route template, not the path: one series per endpoint, not per job id.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        if route != "/metrics":
+            REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+            LATENCY.labels(request.method, route).observe(time.perf_counter() - g.get("metrics_started", 0.0))
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            from prometheus_client import REGISTRY
+
+            registry = REGISTRY
+        scrape = CollectorRegistry()
+        scrape.register(QueueCollector(context))
+        body = generate_latest(registry) + generate_latest(scrape)
+        return Response(body, content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one worker process, served on --metrics-port (solo pool: one process)."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
+
+JOB_DURATION = Histogram(
+    "gemma_jobs_worker_job_duration_seconds", "Time a job ran on this worker", ["kind"], buckets=DURATION_BUCKETS
+)
+QUEUE_WAIT = Histogram(
+    "gemma_jobs_worker_queue_wait_seconds",
+    "Time from submit to this worker claiming the job",
+    ["kind", "model"],
+    buckets=DURATION_BUCKETS,
+)
+TOKENS_GENERATED = Counter("gemma_jobs_worker_tokens_generated_total", "Tokens generated", ["model"])
+TOKENS_PER_SECOND = Histogram(
+    "gemma_jobs_worker_tokens_per_second",
+    "Generation speed of each job",
+    ["model"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+)
+MODEL_LOAD_SECONDS = Gauge("gemma_jobs_worker_model_load_seconds", "Time the model took to load", ["model"])
+JOBS_IN_FLIGHT = Gauge("gemma_jobs_worker_jobs_in_flight", "Jobs running on this worker")
+
+
+def serve_metrics(port: int, device: torch.device) -> None:
+    """Serve /metrics on a port from a daemon thread; on CUDA, include GPU memory."""
+    if device.type == "cuda":
+        allocated = Gauge("gemma_jobs_worker_gpu_memory_allocated_bytes", "GPU memory held by tensors")
+        allocated.set_function(lambda: torch.cuda.memory_allocated(device))
+        reserved = Gauge("gemma_jobs_worker_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator")
+        reserved.set_function(lambda: torch.cuda.memory_reserved(device))
+    start_http_server(port)
