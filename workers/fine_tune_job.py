@@ -12,11 +12,10 @@ from shared import job_store
 from shared.job_store import Claim
 from shared.jobs import JobStatus
 from shared.models import Adapter
-from shared.publish import publish_job
 from shared.storage import Storage
 from workers.fine_tuning import FineTuneError, FineTuneSpec, TrainingReport, train_adapter
-from workers.job_guard import JobGuard, StopReason
-from workers.job_runs import announce, claim_job
+from workers.job_guard import JobGuard
+from workers.job_runs import announce, claim_job, store_attempt
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime
 
@@ -95,28 +94,17 @@ def _store_outcome(
 ) -> None:
     """Register the adapter (success) or record why not; partial output is always removed."""
     usage = {"train_tokens": report.train_tokens, "gpu_seconds": round(report.seconds, 4)}
-    with rt.db.session_scope() as session:
-        if reason == StopReason.SHUTDOWN:
-            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
-        elif reason == StopReason.TIMEOUT:
-            message = f"training ran past the fine-tune time limit of {timeout_s:g} s and was stopped"
-            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=message, usage=usage)
-            outcome = "timed_out" if stored else None
-        elif reason is None:
-            outcome = "finished" if _register_adapter(session, rt, held, report, relative, usage) else None
-        else:
-            outcome = None
-        # Not written: cancelled meanwhile (charge what was trained) or taken over after a
-        # lost lease (the new holder writes; this attempt writes nothing).
-        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
-            outcome = "cancelled"
+    outcome = store_attempt(
+        rt,
+        held,
+        reason,
+        usage,
+        timeout_message=f"training ran past the fine-tune time limit of {timeout_s:g} s and was stopped",
+        finish=lambda session: _register_adapter(session, rt, held, report, relative, usage),
+    )
     if outcome != "finished":
         rt.storage.remove(relative)
     log.info(f"job_{outcome or 'result_discarded'}", reason=reason, steps=report.step, **usage)
-    if outcome == "handed_back":
-        publish_job(rt.celery, held.job_id, held.queue)
-    elif outcome in ("finished", "timed_out"):
-        announce(rt, held.job_id, JobStatus.SUCCEEDED if outcome == "finished" else JobStatus.FAILED)
 
 
 def _register_adapter(session, rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, usage) -> bool:

@@ -9,11 +9,10 @@ import structlog
 from shared import job_store
 from shared.jobs import JobStatus
 from shared.models import Adapter
-from shared.publish import publish_job
 from workers.adapter_cache import AdapterUnavailable
 from workers.generation import GenerationError, GenerationOutput, generate
-from workers.job_guard import JobGuard, StopReason
-from workers.job_runs import announce, claim_job
+from workers.job_guard import JobGuard
+from workers.job_runs import announce, claim_job, store_attempt
 from workers.metrics import TOKENS_GENERATED, TOKENS_PER_SECOND
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime
@@ -74,26 +73,16 @@ def _store_outcome(
         "completion_tokens": output.completion_tokens,
         "gpu_seconds": round(output.seconds, 4),
     }
-    with rt.db.session_scope() as session:
-        if reason == StopReason.SHUTDOWN:
-            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
-        elif reason == StopReason.TIMEOUT:
-            message = f"the job ran past its timeout_s of {timeout_s:g} s and was stopped"
-            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=message, usage=usage)
-            outcome = "timed_out" if stored else None
-        else:
-            result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
-            stored = job_store.finish(session, held, rt.worker_id, result=result, usage=usage)
-            outcome = "finished" if stored else None
-        # Not written: the job was cancelled meanwhile (charge what was produced) or taken
-        # over after a lost lease (the new holder writes; this attempt writes nothing).
-        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
-            outcome = "cancelled"
+    result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
+    outcome = store_attempt(
+        rt,
+        held,
+        reason,
+        usage,
+        timeout_message=f"the job ran past its timeout_s of {timeout_s:g} s and was stopped",
+        finish=lambda session: job_store.finish(session, held, rt.worker_id, result=result, usage=usage),
+    )
     tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
     TOKENS_GENERATED.labels(held.model).inc(output.completion_tokens)
     TOKENS_PER_SECOND.labels(held.model).observe(tokens_per_s)
     log.info(f"job_{outcome or 'result_discarded'}", reason=reason, tokens_per_s=tokens_per_s, **usage)
-    if outcome == "handed_back":
-        publish_job(rt.celery, held.job_id, held.queue)
-    elif outcome in ("finished", "timed_out"):
-        announce(rt, held.job_id, JobStatus.SUCCEEDED if outcome == "finished" else JobStatus.FAILED)

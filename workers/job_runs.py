@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import structlog
 from redis import RedisError
+from sqlalchemy.orm import Session
 
 from shared import job_store
 from shared.job_store import Claim
+from shared.jobs import JobStatus
 from shared.models import utcnow
 from shared.notify import publish_job_done
+from shared.publish import publish_job
+from workers.job_guard import StopReason
 from workers.metrics import QUEUE_WAIT
 from workers.runtime import WorkerRuntime
 
@@ -43,3 +49,37 @@ def announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
     except RedisError as exc:
         # Waiters fall back to reading the row; the outcome is already committed.
         log.warning("announce_failed", error=str(exc))
+
+
+def store_attempt(
+    rt: WorkerRuntime,
+    held: Claim,
+    reason: str | None,
+    usage: dict[str, Any],
+    *,
+    timeout_message: str,
+    finish: Callable[[Session], bool],
+) -> str | None:
+    """Write what one attempt earned, by why it stopped, and tell whoever must know.
+
+    Returns the outcome: "finished" (`finish` stored the result), "timed_out", "handed_back"
+    (shutdown: republished for another worker), "cancelled" (cancelled meanwhile: charged what
+    it used), or None (the lease was taken over: the new holder writes, this attempt writes nothing).
+    """
+    with rt.db.session_scope() as session:
+        if reason == StopReason.SHUTDOWN:
+            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
+        elif reason == StopReason.TIMEOUT:
+            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=timeout_message, usage=usage)
+            outcome = "timed_out" if stored else None
+        elif reason is None:
+            outcome = "finished" if finish(session) else None
+        else:
+            outcome = None
+        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
+            outcome = "cancelled"
+    if outcome == "handed_back":
+        publish_job(rt.celery, held.job_id, held.queue)
+    elif outcome in ("finished", "timed_out"):
+        announce(rt, held.job_id, JobStatus.SUCCEEDED if outcome == "finished" else JobStatus.FAILED)
+    return outcome
