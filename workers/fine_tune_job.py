@@ -10,12 +10,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from shared import job_store
 from shared.job_store import Claim
-from shared.jobs import JobStatus
 from shared.models import Adapter
 from shared.storage import Storage
 from workers.fine_tuning import FineTuneError, FineTuneSpec, TrainingReport, train_adapter
 from workers.job_guard import JobGuard
-from workers.job_runs import announce, claim_job, store_attempt
+from workers.job_runs import claim_job, fail_attempt, store_attempt
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime
 
@@ -54,11 +53,7 @@ def run_fine_tune_job(rt: WorkerRuntime, job_id: str) -> None:
     gc.collect()  # the training copy of the base model is garbage now; free it before the next job
     if report is None:
         rt.storage.remove(relative)
-        with rt.db.session_scope() as session:
-            stored = job_store.fail(session, held, rt.worker_id, code=code, message=message)
-        log.warning("job_failed", code=code, message=message)
-        if stored:
-            announce(rt, job_id, JobStatus.FAILED)
+        fail_attempt(rt, held, code, message)
         return
     _store_outcome(rt, held, report, relative, guard.reason, timeout_s)
 

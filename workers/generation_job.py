@@ -7,12 +7,11 @@ from pathlib import Path
 import structlog
 
 from shared import job_store
-from shared.jobs import JobStatus
 from shared.models import Adapter
 from workers.adapter_cache import AdapterUnavailable
 from workers.generation import GenerationError, GenerationOutput, generate
 from workers.job_guard import JobGuard
-from workers.job_runs import announce, claim_job, store_attempt
+from workers.job_runs import claim_job, fail_attempt, store_attempt
 from workers.metrics import TOKENS_GENERATED, TOKENS_PER_SECOND
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime
@@ -43,11 +42,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
             log.exception("job_crashed")
             code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
     if output is None:
-        with rt.db.session_scope() as session:
-            stored = job_store.fail(session, held, rt.worker_id, code=code, message=message)
-        log.warning("job_failed", code=code, message=message)
-        if stored:
-            announce(rt, job_id, JobStatus.FAILED)
+        fail_attempt(rt, held, code, message)
         return
     _store_outcome(rt, held, output, guard.reason, timeout_s)
 

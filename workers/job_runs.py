@@ -51,6 +51,15 @@ def announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
         log.warning("announce_failed", error=str(exc))
 
 
+def fail_attempt(rt: WorkerRuntime, held: Claim, code: str, message: str) -> None:
+    """Record that the job failed (if this worker still holds it) and wake its waiters."""
+    with rt.db.session_scope() as session:
+        stored = job_store.fail(session, held, rt.worker_id, code=code, message=message)
+    log.warning("job_failed", code=code, message=message)
+    if stored:
+        announce(rt, held.job_id, JobStatus.FAILED)
+
+
 def store_attempt(
     rt: WorkerRuntime,
     held: Claim,
