@@ -46,6 +46,11 @@ class GenerationRequest(StrictModel):
         default=None, gt=0, description="how long it may wait queued; past it the job fails with `expired`"
     )
     metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
+    stream: bool = Field(
+        default=False,
+        description="answer 200 with the job's Server-Sent Events (tokens as they are generated, "
+        "ending with `done`) instead of 202; not part of the job, nor of idempotency matching",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -60,7 +60,8 @@ def create_generation(
     max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
     timeout_s = request.timeout_s or settings.default_timeout_s
     _check_limits(request, settings, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
-    params = request.model_dump(exclude={"model", "metadata", "ttl_s"}, exclude_none=True)
+    # `stream` only says how this request is answered; the worker has no use for it.
+    params = request.model_dump(exclude={"model", "metadata", "ttl_s", "stream"}, exclude_none=True)
     params.update(max_new_tokens=max_new_tokens, timeout_s=timeout_s)
     if adapter is not None:
         params["base_model"] = entry.id
@@ -136,7 +137,10 @@ def _check_limits(
 
 def request_hash(request: GenerationRequest) -> str:
     """Return a digest of a request's meaning (field order and defaults do not matter)."""
-    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # How the answer is delivered is not part of the job: a retry may stream or not and still
+    # get the same job (and hashes stored before `stream` existed still match).
+    meaning = request.model_dump(mode="json", exclude={"stream"})
+    canonical = json.dumps(meaning, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -231,6 +235,12 @@ def describe_jobs(session: Session, jobs: list[Job], dead_after_s: float | None 
         )
         for job in jobs
     ]
+
+
+def describe_job(session: Session, caller: Caller, job_id: str, dead_after_s: float | None = None) -> JobOut:
+    """Return the public view of one of the caller's jobs (404 if it is not theirs)."""
+    (body,) = describe_jobs(session, [get_job(session, caller, job_id)], dead_after_s)
+    return body
 
 
 def _to_response(job: Job, usage: UsageRecord | None, position: int | None, waiting: str | None) -> JobOut:

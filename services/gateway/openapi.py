@@ -15,7 +15,7 @@ REF = "#/components/schemas/{model}"
 # (method, path) -> (summary, request schema, {status: response schema}, authenticated)
 ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[BaseModel]], bool]] = {
     ("post", "/v1/generations"): (
-        "Create a generation job",
+        "Create a generation job (with `stream: true`, answer with its Server-Sent Events)",
         schemas.GenerationRequest,
         {200: schemas.Job, 202: schemas.Job, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
          409: schemas.ErrorResponse, 413: schemas.ErrorResponse, 422: schemas.ErrorResponse,
@@ -41,7 +41,8 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         True,
     ),
     ("get", "/v1/jobs/{job_id}/events"): (
-        "A job's events (status changes, training progress and losses), oldest first",
+        "A job's events (status changes, training progress and losses), oldest first; with "
+        "`Accept: text/event-stream`, a live Server-Sent Events stream with tokens, ending with `done`",
         None,
         {200: schemas.JobEventList, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse,
          422: schemas.ErrorResponse},
@@ -175,12 +176,23 @@ QUERY_PARAMETERS = {
     ],
 }
 
+# 200 answers that are Server-Sent Events when asked for (see docs/usage.md, Streaming).
+EVENT_STREAM_ANSWERS = {("post", "/v1/generations"), ("get", "/v1/jobs/{job_id}/events")}
+EVENT_STREAM_CONTENT = {
+    "schema": {"type": "string"},
+    "example": 'id: 0:1718000000000-1\nevent: token\ndata: {"text":" Paris","token_ids":[9079],"attempt":1}\n\n',
+}
+
 OPERATION_IDS = {
     ("get", "/v1/jobs/{job_id}"): "get_job",
     ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job",
 }
 
 HEADER_PARAMETERS = {
+    ("get", "/v1/jobs/{job_id}/events"): [
+        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+         "description": "event stream only: resume after this event id (`<event id>:<stream entry id>`)"},
+    ],
     ("post", "/v1/generations"): [
         {"name": "Prefer", "in": "header", "schema": {"type": "string"},
          "description": "`wait=N`: hold the request up to N seconds for the finished job"},
@@ -228,6 +240,8 @@ def openapi_document() -> dict[str, Any]:
             }
         if authenticated:
             operation["security"] = [{"bearer": []}]
+        if (method, path) in EVENT_STREAM_ANSWERS:
+            operation["responses"]["200"]["content"]["text/event-stream"] = EVENT_STREAM_CONTENT
         if (method, path) == ("post", "/v1/generations"):
             # The job a submit returns can be read and cancelled (lets fuzzers chain calls).
             links = {

@@ -3,6 +3,7 @@ no 5xx, and every response matches the OpenAPI document the gateway serves."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_mismatches(postgres_datab
                  # ("AST constructor recursion depth mismatch") that fails the run at random.
                  "--workers", "1"],
             capture_output=True, text=True, timeout=600,
+            env={**os.environ, "SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("schemathesis_hooks.py"))},
         )
     finally:
         gateway.stop()

@@ -11,6 +11,7 @@ from redis import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from services.domain import jobs as job_domain
+from services.gateway import streaming
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import GatewayContext, gateway
 from services.gateway.metrics import JOBS_SUBMITTED
@@ -53,7 +54,8 @@ class JobListQuery(BaseModel):
 @blueprint.post("/v1/generations")
 @require_key()
 def create_generation():
-    """Record a generation job, enqueue it, and answer 202 (or 200 if it finished in time)."""
+    """Record a generation job, enqueue it, and answer 202 (or 200 if it finished in time, or
+    200 with its event stream when the body asks to `stream`)."""
     context = gateway()
     body = parse_body(GenerationRequest)
     wait_s = prefer_wait_seconds(context.settings.max_wait_s)
@@ -89,12 +91,17 @@ def create_generation():
         JOBS_SUBMITTED.labels(job.kind, job.model).inc()
         # Only now is the row committed: a worker that gets the message will find it.
         publish_job(context.celery, job.id, job.queue)
+    headers = dict(limit_headers)
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if body.stream:
+        # The stream lasts until the job ends, so `Prefer: wait` has nothing to add to it.
+        headers["Location"] = url_for("jobs.get_job", job_id=job.id)
+        return streaming.event_stream(context, current_caller(), job.id, headers=headers)
     if wait_s > 0:
         wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
     response = job_response(context, job.id, wait_s)
-    response[2].update(limit_headers)
-    if replayed:
-        response[2]["Idempotent-Replayed"] = "true"
+    response[2].update(headers)
     return response
 
 
@@ -124,8 +131,7 @@ def _is_finished(context: GatewayContext, job_id: str) -> bool:
 def job_response(context: GatewayContext, job_id: str, wait_s: float):
     """Return (body, status, headers) for a job just submitted: 200 if it finished, else 202."""
     with context.db.session_scope(read_only=True) as session:
-        job = job_domain.get_job(session, current_caller(), job_id)
-        (body,) = job_domain.describe_jobs(session, [job], context.settings.worker_dead_after_s)
+        body = job_domain.describe_job(session, current_caller(), job_id, context.settings.worker_dead_after_s)
     finished = JobStatus(body.status).is_terminal
     headers = {"Location": url_for("jobs.get_job", job_id=job_id)}
     if wait_s > 0:
@@ -156,8 +162,7 @@ def get_job(job_id: str):
     """Return one of the caller's jobs."""
     context = gateway()
     with context.db.session_scope(read_only=True) as session:
-        job = job_domain.get_job(session, current_caller(), job_id)
-        (body,) = job_domain.describe_jobs(session, [job], context.settings.worker_dead_after_s)
+        body = job_domain.describe_job(session, current_caller(), job_id, context.settings.worker_dead_after_s)
     return body.model_dump(mode="json")
 
 
@@ -184,7 +189,12 @@ def list_jobs():
 @blueprint.get("/v1/jobs/<job_id>/events")
 @require_key()
 def list_job_events(job_id: str):
-    """Return a job's events oldest first: status changes and, for fine-tunes, each loss point."""
+    """Return a job's events oldest first: status changes and, for fine-tunes, each loss point.
+
+    With `Accept: text/event-stream`, stream them live instead, with tokens, until the job ends.
+    """
+    if streaming.wants_event_stream(request.accept_mimetypes):
+        return streaming.event_stream(gateway(), current_caller(), job_id, request.headers.get("Last-Event-ID"))
     query = parse_query(EventListQuery)
     with gateway().db.session_scope(read_only=True) as session:
         rows, has_more = job_domain.list_events(

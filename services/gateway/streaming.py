@@ -1,0 +1,208 @@
+"""A job as Server-Sent Events: its recorded events and live tokens, ending with the job.
+
+Two sources feed one stream: the job's events in the database (`job_events`, the truth) and
+its token stream in Redis (`shared.token_stream`, a convenience). Every SSE event carries
+`id: <last job_events id>:<last Redis stream entry id>` sent so far; a client that reconnects
+with it as `Last-Event-ID` gets exactly what it had not seen of either source.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import structlog
+from flask import Response
+from werkzeug.datastructures import MIMEAccept
+
+from services.domain import jobs as job_domain
+from services.domain.keys import Caller
+from services.gateway.context import GatewayContext
+from shared import token_stream
+from shared.errors import InvalidField
+from shared.jobs import JobStatus
+
+log = structlog.get_logger(__name__)
+
+EVENT_STREAM = "text/event-stream"
+# Short blocks keep terminal detection (a database read) within about a second.
+BLOCK_MS = 1000
+DB_POLL_S = 1.0
+# Proxies drop idle connections. Writing is also how a client that went away is found: TCP
+# fails the second write after the peer closed, so within two periods.
+KEEP_ALIVE_S = 15.0
+KEEP_ALIVE = ": keep-alive\n\n"
+REDIS_RETRY_S = 5.0
+EVENT_PAGE = 1000
+MAX_EVENT_ID = 2**63 - 1
+_CURSOR = re.compile(r"^(\d{1,19}):(\d{1,20}(?:-\d{1,20})?)$")
+
+
+def wants_event_stream(accept: MIMEAccept) -> bool:
+    """Return whether the Accept header names text/event-stream itself (`*/*` does not count)."""
+    return any(value.lower() == EVENT_STREAM and quality > 0 for value, quality in accept)
+
+
+@dataclass
+class Cursor:
+    """How far a client has read each source; its text is the SSE event id."""
+
+    event_id: int = 0
+    entry_id: str = "0"
+
+    def __str__(self) -> str:
+        return f"{self.event_id}:{self.entry_id}"
+
+    @classmethod
+    def parse(cls, value: str | None) -> Cursor:
+        """Read a Last-Event-ID header; none means from the start, a malformed one is a 422."""
+        if value is None:
+            return cls()
+        match = _CURSOR.match(value.strip())
+        if match is None or int(match.group(1)) > MAX_EVENT_ID:
+            raise InvalidField(
+                "Last-Event-ID must be an id this stream sends: <event id>:<stream entry id>",
+                details=[{"field": "Last-Event-ID", "message": "not an event id of this stream"}],
+            )
+        return cls(int(match.group(1)), match.group(2))
+
+
+class TokenFeed:
+    """Reads a job's token stream from Redis; while Redis is away it yields nothing."""
+
+    def __init__(self, client: redis.Redis, job_id: str, after_id: str):
+        self.client, self.job_id, self.after_id = client, job_id, after_id
+        self.retry_at = 0.0
+        self.down = False
+
+    def read(self, block_ms: int | None) -> list[dict[str, Any]]:
+        """Return every entry after the last one read, waiting up to block_ms for a first one."""
+        if time.monotonic() < self.retry_at:
+            if block_ms:
+                time.sleep(block_ms / 1000)  # keep the caller's pace without Redis to block on
+            return []
+        entries: list[dict[str, Any]] = []
+        try:
+            while True:
+                page = token_stream.read_entries(self.client, self.job_id, self.after_id, block_ms, EVENT_PAGE)
+                entries += page
+                if page:
+                    self.after_id = page[-1]["id"]
+                if len(page) < EVENT_PAGE:
+                    break
+                block_ms = None  # the rest is already there
+        except redis.RedisError as exc:
+            # Tokens are a convenience: events and the final job come from the database.
+            if not self.down:
+                log.warning("token_stream_unavailable", job_id=self.job_id, error=str(exc))
+            self.down, self.retry_at = True, time.monotonic() + REDIS_RETRY_S
+            return entries
+        self.down = False
+        return entries
+
+
+def event_stream(
+    context: GatewayContext,
+    caller: Caller,
+    job_id: str,
+    last_event_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """Check the job is the caller's (else 404), then answer 200 with its event stream."""
+    cursor = Cursor.parse(last_event_id)
+    with context.db.session_scope(read_only=True) as session:
+        job_domain.get_job(session, caller, job_id)
+    stream_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
+    return Response(_frames(context, caller, job_id, cursor), mimetype=EVENT_STREAM, headers=stream_headers)
+
+
+def _frames(context: GatewayContext, caller: Caller, job_id: str, cursor: Cursor) -> Iterator[str]:
+    """Yield SSE frames: what the client missed, then live, then `done` once the row is terminal.
+
+    No database session stays open across a yield or a Redis block, so a client that goes
+    away (the server closes this generator at its next write) leaves nothing behind.
+    """
+    tokens = TokenFeed(context.redis, job_id, cursor.entry_id)
+    done = False
+    try:
+        yield KEEP_ALIVE  # sends the headers now, even if nothing has happened yet
+        last_write, last_poll = time.monotonic(), None
+        while True:
+            entries = tokens.read(None if last_poll is None else BLOCK_MS)
+            # An attempt or end entry follows a database commit (claim, finish): read it now,
+            # so that the status event goes out before the tokens that came after it.
+            poll_due = last_poll is None or time.monotonic() - last_poll >= DB_POLL_S
+            if not poll_due and all(entry["type"] == "token" for entry in entries):
+                finished, events = False, []
+            else:
+                finished, events = _read_job(context, caller, job_id, cursor.event_id)
+                last_poll = time.monotonic()
+                if finished:
+                    # Workers write every token before committing the end: this drain is complete.
+                    entries += tokens.read(None)
+            for frame in _merged(events, entries, cursor):
+                yield frame
+                last_write = time.monotonic()
+            if finished:
+                yield _frame("done", _job_body(context, caller, job_id), cursor)
+                done = True
+                return
+            if time.monotonic() - last_write >= KEEP_ALIVE_S:
+                yield KEEP_ALIVE
+                last_write = time.monotonic()
+    finally:
+        log.info("event_stream_closed", job_id=job_id, done=done)
+
+
+def _read_job(context: GatewayContext, caller: Caller, job_id: str, after: int) -> tuple[bool, list[Any]]:
+    """Return whether the job has ended, and its events after an id, in one short session."""
+    with context.db.session_scope(read_only=True) as session:
+        # The status is read before the events: an ending seen here has its event seen below.
+        finished = JobStatus(job_domain.get_job(session, caller, job_id).status).is_terminal
+        events, has_more = [], True
+        while has_more:
+            rows, has_more = job_domain.list_events(session, caller, job_id, after=after, limit=EVENT_PAGE)
+            events += rows
+            after = rows[-1].id if rows else after
+    return finished, events
+
+
+def _job_body(context: GatewayContext, caller: Caller, job_id: str) -> dict[str, Any]:
+    """Return the job as GET /v1/jobs/{id} shows it."""
+    with context.db.session_scope(read_only=True) as session:
+        job = job_domain.describe_job(session, caller, job_id, context.settings.worker_dead_after_s)
+    return job.model_dump(mode="json")
+
+
+def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) -> Iterator[str]:
+    """Yield frames of both sources in time order, each source in its own order, moving the cursor."""
+    # Stream entry ids hold whole milliseconds, so events are compared at that precision; on a tie
+    # the database event goes first (heapq.merge is stable across its inputs).
+    timed = heapq.merge(
+        ((int(event.created_at.timestamp() * 1000), event) for event in events),
+        ((token_stream.entry_millis(entry["id"]), entry) for entry in entries),
+        key=lambda item: item[0],
+    )
+    for _, item in timed:
+        if isinstance(item, dict):
+            cursor.entry_id = item["id"]
+            if item["type"] == "token":
+                data = {"text": item["text"], "token_ids": item["token_ids"], "attempt": item["attempt"]}
+                yield _frame("token", data, cursor)
+            elif item["type"] == "attempt":
+                yield _frame("attempt", {"attempt": item["attempt"]}, cursor)
+            # An `end` entry only moves the cursor: `done` comes from the job row.
+        else:
+            cursor.event_id = item.id
+            yield _frame(item.type, item.data, cursor)
+
+
+def _frame(event: str, data: dict[str, Any], cursor: Cursor) -> str:
+    """Format one SSE event; JSON escapes newlines, so the data is one line."""
+    return f"id: {cursor}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
