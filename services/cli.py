@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="which job kinds to take: generation, fine-tuning, or both (a fine-tune holds the worker for its run)",
     )
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    worker.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        help="generation jobs batched together (default GEMMA_JOBS_WORKER_CONCURRENCY, 1)",
+    )
     worker.set_defaults(run=cmd_worker)
 
     reaper = commands.add_parser(
@@ -131,6 +136,13 @@ def cmd_gateway(args) -> int:
     return 0
 
 
+def _concurrency(value: str) -> int:
+    """Parse --concurrency: a whole number of jobs from 1 to 64."""
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, not {value!r}")
+    return int(value)
+
+
 def cmd_worker(args) -> int:
     """Pin the device, then start the worker (torch is imported only after this point)."""
     from shared.registry import DEFAULT_MODEL_ID
@@ -145,7 +157,9 @@ def cmd_worker(args) -> int:
     models = [m.strip() for m in (args.models or DEFAULT_MODEL_ID).split(",") if m.strip()]
     from workers.main import run_worker
 
-    run_worker(get_settings(), device, models, role=args.role, metrics_port=args.metrics_port)
+    run_worker(
+        get_settings(), device, models, role=args.role, metrics_port=args.metrics_port, concurrency=args.concurrency
+    )
     return 0
 
 

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     fine_tune_timeout_s: float = Field(default=24 * 3600.0, gt=0)
     adapter_cache_size: int = Field(default=8, ge=1)
 
+    # Generation jobs a worker runs batched together (`gemma-jobs worker --concurrency`).
+    worker_concurrency: int = Field(default=1, ge=1, le=64)
+    # Model dtype on CPU workers. "auto": bf16 for one job at a time, fp32 when batching
+    # (CPUs without bf16 matrix units run fp32 matrix products several times faster; see
+    # docs/benchmarks.md).
+    cpu_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+
     # Count prompt tokens at submit with the model's tokenizer.json (exact 422 over the
     # context, exact token reservations) at ~100 MB per gateway process per model; off:
     # estimate ~4 characters a token and let the worker check the context.

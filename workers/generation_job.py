@@ -8,13 +8,13 @@ import structlog
 
 from shared import job_store
 from shared.models import Adapter
-from workers.adapter_cache import AdapterUnavailable
-from workers.generation import GenerationError, GenerationOutput, generate
+from workers.generation import GenerationError, GenerationOutput
 from workers.job_guard import JobGuard
 from workers.job_runs import claim_job, fail_attempt, store_attempt
 from workers.metrics import TOKENS_GENERATED, TOKENS_PER_SECOND
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime
+from workers.token_publisher import TokenPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -28,16 +28,23 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     output: GenerationOutput | None = None
     with JobGuard(rt, held, timeout_s) as guard:
         try:
-            loaded = rt.models.get(held.params.get("base_model", held.model))
+            engine = rt.engine(held.params.get("base_model", held.model))
             adapter_path = _adapter_path(rt, held.adapter_id) if held.adapter_id else None
-            with rt.adapters.applied(loaded, held.adapter_id, adapter_path) as model:
-                output = generate(model, held.params, should_stop=guard.should_stop)
+            publisher = TokenPublisher(
+                rt.redis, engine.loaded.tokenizer, job_id, held.attempt, held.params.get("stop") or []
+            )
+            output = engine.generate(
+                held.params,
+                should_stop=guard.should_stop,
+                on_tokens=publisher.update,
+                adapter_id=held.adapter_id,
+                adapter_path=adapter_path,
+            )
+            publisher.finish(output.text, output.token_ids)
         except GenerationError as exc:
             code, message = exc.code, exc.message
         except ModelUnavailable as exc:
             code, message = "model_unavailable", str(exc)
-        except AdapterUnavailable as exc:
-            code, message = "adapter_unavailable", str(exc)
         except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
             log.exception("job_crashed")
             code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
@@ -66,7 +73,7 @@ def _store_outcome(
     usage = {
         "prompt_tokens": output.prompt_tokens,
         "completion_tokens": output.completion_tokens,
-        "gpu_seconds": round(output.seconds, 4),
+        "gpu_seconds": round(output.gpu_seconds, 4),
     }
     result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
     outcome = store_attempt(

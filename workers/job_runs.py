@@ -14,6 +14,7 @@ from shared.jobs import JobStatus
 from shared.models import utcnow
 from shared.notify import publish_job_done
 from shared.publish import publish_job
+from shared.token_stream import end_stream
 from workers.job_guard import StopReason
 from workers.metrics import QUEUE_WAIT
 from workers.runtime import WorkerRuntime
@@ -43,9 +44,12 @@ def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
 
 
 def announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
-    """Wake whoever waits on a job that just ended."""
+    """Wake whoever waits on a job that just ended, and close its token stream."""
     try:
-        publish_job_done(rt.redis, job_id, status)
+        with rt.redis.pipeline(transaction=False) as pipe:
+            publish_job_done(pipe, job_id, status)
+            end_stream(pipe, job_id, status)
+            pipe.execute()
     except RedisError as exc:
         # Waiters fall back to reading the row; the outcome is already committed.
         log.warning("announce_failed", error=str(exc))
@@ -58,6 +62,9 @@ def fail_attempt(rt: WorkerRuntime, held: Claim, code: str, message: str) -> Non
     log.warning("job_failed", code=code, message=message)
     if stored:
         announce(rt, held.job_id, JobStatus.FAILED)
+
+
+_OUTCOME_STATUS = {"finished": JobStatus.SUCCEEDED, "timed_out": JobStatus.FAILED, "cancelled": JobStatus.CANCELLED}
 
 
 def store_attempt(
@@ -89,6 +96,6 @@ def store_attempt(
             outcome = "cancelled"
     if outcome == "handed_back":
         publish_job(rt.celery, held.job_id, held.queue)
-    elif outcome in ("finished", "timed_out"):
-        announce(rt, held.job_id, JobStatus.SUCCEEDED if outcome == "finished" else JobStatus.FAILED)
+    elif outcome in ("finished", "timed_out", "cancelled"):
+        announce(rt, held.job_id, _OUTCOME_STATUS[outcome])
     return outcome

@@ -43,10 +43,12 @@ def run_worker(
     role: str = "all",
     reaper: bool = True,
     metrics_port: int | None = None,
+    concurrency: int | None = None,
 ) -> None:
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
     configure_logging(settings.log_level, settings.log_format, process="worker")
-    rt = WorkerRuntime.create(settings, resolve_device(device))
+    concurrency = concurrency or settings.worker_concurrency
+    rt = WorkerRuntime.create(settings, resolve_device(device), concurrency)
     rt.db.check_schema()
     unknown = [model_id for model_id in model_ids if rt.models.registry.get(model_id) is None]
     if unknown:
@@ -72,15 +74,16 @@ def run_worker(
     register_tasks(rt.celery)
     registration.mark("ready")
     registration.start_heartbeat()
-    log.info("worker_ready", queues=queues, models=rt.models.loaded_ids())
-    # The solo pool runs tasks in this process, where the model already lives: no fork
-    # after torch (or CUDA) has been initialised.
+    log.info("worker_ready", queues=queues, models=rt.models.loaded_ids(), concurrency=concurrency)
+    # Tasks run in this process, where the model already lives (no fork after torch or CUDA
+    # started): the solo pool for one job at a time, else K threads feeding the batch engine.
+    pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
     try:
         rt.celery.worker_main(
             argv=[
                 "--quiet",  # no banner on stdout; our logs say the same as JSON
                 "worker",
-                "--pool=solo",
+                *pool,
                 "--queues=" + ",".join(queues),
                 f"--hostname={rt.worker_id.replace(':', '-')}@%h",
                 "--without-gossip",

@@ -18,10 +18,13 @@ log = structlog.get_logger(__name__)
 class ModelCache:
     """Loaded models by id; a failed load is remembered so every job gets the same clear error."""
 
-    def __init__(self, registry: ModelRegistry, cache_root: Path, device: torch.device):
+    def __init__(
+        self, registry: ModelRegistry, cache_root: Path, device: torch.device, dtype: torch.dtype | None = None
+    ):
         self.registry = registry
         self.cache_root = cache_root
         self.device = device
+        self.dtype = dtype
         self._loaded: dict[str, LoadedModel] = {}
         self._failed: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -37,7 +40,7 @@ class ModelCache:
             if entry is None:
                 raise ModelUnavailable(f"model {model_id!r} is not registered on this worker")
             try:
-                loaded = load_model(entry, self.cache_root, self.device)
+                loaded = load_model(entry, self.cache_root, self.device, self.dtype)
             except ModelUnavailable as exc:
                 self._failed[model_id] = str(exc)
                 log.error("model_unavailable", model=model_id, error=str(exc))

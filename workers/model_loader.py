@@ -48,6 +48,17 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def generation_dtype(device: torch.device, concurrency: int, cpu_dtype: str = "auto") -> torch.dtype:
+    """Pick the dtype a worker generates in; on the CPU it depends on whether jobs are batched."""
+    if device.type == "cuda":
+        return dtype_for(device)
+    if cpu_dtype != "auto":
+        return getattr(torch, cpu_dtype)
+    # Measured here: bf16 is ~2x faster for one sequence (half the bytes to read), fp32 ~1.4x
+    # faster at batch 16 (no bf16 matrix units on AVX2, so bf16 products are slow).
+    return torch.float32 if concurrency > 1 else torch.bfloat16
+
+
 def weights_dir(entry: ModelEntry, cache_root: Path) -> Path:
     """Return a local folder of safetensors weights for an entry, converting GGUF once."""
     if entry.path is not None:
@@ -113,8 +124,10 @@ def _convert_gguf(entry: ModelEntry, target: Path) -> None:
     log.info("model_converted", model=entry.id, seconds=round(time.monotonic() - started, 1))
 
 
-def load_model(entry: ModelEntry, cache_root: Path, device: torch.device) -> LoadedModel:
-    """Load a registered model onto a device, from safetensors only, without remote code."""
+def load_model(
+    entry: ModelEntry, cache_root: Path, device: torch.device, dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Load a registered model onto a device (in `dtype`, or the device's default), from safetensors only."""
     started = time.monotonic()
     if entry.quantization != "none" and device.type != "cuda":
         raise ModelUnavailable(
@@ -122,7 +135,7 @@ def load_model(entry: ModelEntry, cache_root: Path, device: torch.device) -> Loa
             f"(bitsandbytes); this worker runs on {device.type}"
         )
     folder = weights_dir(entry, cache_root)
-    dtype = dtype_for(device)
+    dtype = dtype or dtype_for(device)
     kwargs: dict = {}
     if entry.quantization != "none":
         from transformers import BitsAndBytesConfig

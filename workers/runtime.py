@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import redis
 import torch
@@ -16,7 +17,9 @@ from shared.registry import ModelRegistry
 from shared.settings import Settings
 from shared.storage import Storage
 from workers.adapter_cache import AdapterCache
+from workers.batch_engine import BatchEngine
 from workers.model_cache import ModelCache
+from workers.model_loader import generation_dtype
 
 
 @dataclass
@@ -32,28 +35,44 @@ class WorkerRuntime:
     storage: Storage
     worker_id: str
     device: torch.device
+    # Generation jobs batched together; each task thread hands its job to the model's engine.
+    concurrency: int = 1
     # Set (monotonic clock) when SIGTERM arrives: a running job may go on until then.
     shutdown_deadline: float | None = None
-    # Reported by the heartbeat (solo pool: at most one job in flight).
+    # Reported by the heartbeat.
     jobs_in_flight: int = 0
     jobs_done: int = 0
+    # Task threads update the counters; fine-tunes take the training slot one at a time.
+    counter_lock: threading.Lock = field(default_factory=threading.Lock)
+    training_slot: threading.Lock = field(default_factory=threading.Lock)
+    _engines: dict[str, BatchEngine] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, settings: Settings, device: torch.device) -> "WorkerRuntime":
+    def create(cls, settings: Settings, device: torch.device, concurrency: int = 1) -> "WorkerRuntime":
         """Connect to the database and Redis and set up an empty model cache."""
         registry = ModelRegistry.load(settings.model_registry)
+        dtype = generation_dtype(device, concurrency, settings.cpu_dtype)
         return cls(
             settings=settings,
             db=Database(settings.database_url_or_default),
             # A timeout, so a half-open connection cannot wedge the worker or its reaper.
             redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10),
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
-            models=ModelCache(registry, settings.model_cache_path, device),
+            models=ModelCache(registry, settings.model_cache_path, device, dtype),
             adapters=AdapterCache(settings.adapter_cache_size),
             storage=Storage(settings.storage_path),
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{device}",
             device=device,
+            concurrency=concurrency,
         )
+
+    def engine(self, model_id: str) -> BatchEngine:
+        """Return the batching engine of a model, loading the model on first use."""
+        loaded = self.models.get(model_id)
+        with self.counter_lock:
+            if model_id not in self._engines:
+                self._engines[model_id] = BatchEngine(loaded, self.concurrency, self.adapters)
+            return self._engines[model_id]
 
 
 _runtime: WorkerRuntime | None = None

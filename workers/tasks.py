@@ -26,20 +26,22 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=FINE_TUNE_TASK)
     def fine_tune_task(job_id: str) -> None:
         """Run one fine-tuning job."""
-        with _running(job_id, "fine_tune") as rt:
-            run_fine_tune_job(rt, job_id)
+        with _running(job_id, "fine_tune") as rt, rt.training_slot:
+            run_fine_tune_job(rt, job_id)  # one training run at a time, even with --concurrency
 
 
 @contextmanager
 def _running(job_id: str, kind: str):
     """Bind the job id to log lines, count the job in flight, and time it."""
     rt: WorkerRuntime = runtime()
-    rt.jobs_in_flight += 1
+    with rt.counter_lock:
+        rt.jobs_in_flight += 1
     JOBS_IN_FLIGHT.inc()
     try:
         with structlog.contextvars.bound_contextvars(job_id=job_id), JOB_DURATION.labels(kind).time():
             yield rt
     finally:
-        rt.jobs_in_flight -= 1
-        rt.jobs_done += 1
+        with rt.counter_lock:
+            rt.jobs_in_flight -= 1
+            rt.jobs_done += 1
         JOBS_IN_FLIGHT.dec()

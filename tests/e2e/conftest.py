@@ -79,7 +79,17 @@ def stack(request, redis_url, model_cache_dir, registry_file, tmp_path_factory) 
     redis.Redis.from_url(redis_url).flushdb()
     env = stack_env(database_url, redis_url, workdir / "var", model_cache_dir, registry_file)
     gateway, base_url = start_gateway(env, workdir)
-    worker = start_worker(env, workdir, models="gemma-3-270m,gemma-3-270m-short,broken-model")
+    # The PostgreSQL stack batches (threads pool, batch engine) in bf16, so the same
+    # reference outputs hold for both; test_batching.py covers fp32 batches.
+    batching = ["--concurrency", "4"] if request.param == "postgresql" else []
+    worker = start_worker(
+        {**env, "GEMMA_JOBS_CPU_DTYPE": "bfloat16"},
+        workdir,
+        "gemma-3-270m,gemma-3-270m-short,broken-model",
+        "worker",
+        "all",
+        *batching,
+    )
     yield RunningStack(request.param, database_url, base_url, gateway, worker, env)
     worker.stop()
     gateway.stop()

@@ -10,7 +10,7 @@ import torch
 
 from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
 from workers.adapter_cache import AdapterCache, AdapterUnavailable
-from workers.generation import generate
+from workers.batch_engine import generate_alone
 from workers.model_loader import load_model
 
 pytestmark = pytest.mark.e2e
@@ -36,29 +36,29 @@ def loaded(model_cache_dir: Path):
 
 
 def test_adapters_swap_on_one_base_and_evict_beyond_capacity(loaded, tmp_path):
-    base_text = generate(loaded, PARAMS).text
+    base_text = generate_alone(loaded, PARAMS).text
     first = _random_adapter(loaded, tmp_path / "a", seed=1)
     second = _random_adapter(loaded, tmp_path / "b", seed=2)
     base_weights = loaded.model.get_input_embeddings().weight
     cache = AdapterCache(capacity=1)
 
     with cache.applied(loaded, "ft-a", first) as model:
-        text_a = generate(model, PARAMS).text
+        text_a = generate_alone(model, PARAMS).text
         # The adapter sits on the same base tensors: no copy of the weights was made.
         assert model.model.get_input_embeddings().weight is base_weights
     with cache.applied(loaded, None) as model:
-        assert generate(model, PARAMS).text == base_text  # adapters are off for base jobs
+        assert generate_alone(model, PARAMS).text == base_text  # adapters are off for base jobs
     with cache.applied(loaded, "ft-b", second) as model:
-        text_b = generate(model, PARAMS).text
+        text_b = generate_alone(model, PARAMS).text
     assert len({base_text, text_a, text_b}) == 3
     assert cache.loaded_ids() == ["ft-b"]  # capacity 1: ft-a was evicted
     with cache.applied(loaded, "ft-a", first) as model:
-        assert generate(model, PARAMS).text == text_a  # reloaded from its files, same output
+        assert generate_alone(model, PARAMS).text == text_a  # reloaded from its files, same output
     assert cache.loaded_ids() == ["ft-a"]
 
     cache.forget("ft-a")  # deleted: with no adapter left the base gets its own modules back
     assert cache.loaded_ids() == []
-    assert generate(loaded, PARAMS).text == base_text
+    assert generate_alone(loaded, PARAMS).text == base_text
     with pytest.raises(AdapterUnavailable):
         with cache.applied(loaded, "ft-gone", tmp_path / "missing"):
             pass

@@ -169,13 +169,15 @@ def test_the_worker_checks_the_context_where_the_gateway_could_not(model_cache_d
     import torch
 
     from shared.registry import ModelEntry
-    from workers.generation import GenerationError, generate
+    from workers.batch_engine import generate_alone
+    from workers.generation import GenerationError
     from workers.model_loader import load_model
 
     entry = ModelEntry(id="short", path=model_cache_dir / DEFAULT_MODEL_ID, context_length=64)
     loaded = load_model(entry, model_cache_dir, torch.device("cpu"))
     with pytest.raises(GenerationError) as failure:
-        generate(loaded, {"prompt": "word " * 80, "max_new_tokens": 8, "temperature": 0})
+        generate_alone(loaded, {"prompt": "word " * 80, "max_new_tokens": 8, "temperature": 0})
     assert failure.value.code == "context_length_exceeded"
     assert "context of 64 tokens" in failure.value.message
-    assert generate(loaded, {"prompt": "word " * 20, "max_new_tokens": 2, "temperature": 0}).completion_tokens == 2
+    output = generate_alone(loaded, {"prompt": "word " * 20, "max_new_tokens": 2, "temperature": 0})
+    assert output.completion_tokens == 2

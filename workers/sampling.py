@@ -1,0 +1,69 @@
+"""Choosing each job's next token from its logits row, with the job's own settings and seed."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+
+
+class Sampler:
+    """One job's decoding rule: greedy or temperature/top-k/top-p, with a repetition penalty.
+
+    Each job has its own random generator, seeded from its `seed`, so a job's samples do not
+    depend on which other jobs share its batch.
+    """
+
+    def __init__(self, params: dict[str, Any], device: torch.device):
+        self.temperature = params.get("temperature", 1.0)
+        self.top_p = params.get("top_p", 1.0)
+        self.top_k = params.get("top_k", 0)
+        self.repetition_penalty = params.get("repetition_penalty", 1.0)
+        self.generator = None
+        if not self.greedy:
+            seed = params.get("seed")
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+
+    @property
+    def greedy(self) -> bool:
+        """Return whether this job takes the most likely token every time."""
+        return self.temperature == 0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Return whether a batch-wide argmax gives this job's token (greedy, no penalty)."""
+        return self.greedy and self.repetition_penalty == 1.0
+
+    def pick(self, logits: torch.Tensor, history: torch.Tensor) -> int:
+        """Return the next token from one row of logits; `history` is the prompt plus tokens so far."""
+        scores = logits.float()
+        if self.repetition_penalty != 1.0:
+            scores = _penalize(scores, history, self.repetition_penalty)
+        if self.greedy:
+            return int(scores.argmax())
+        scores = scores / self.temperature
+        if self.top_k:
+            kth = torch.topk(scores, min(self.top_k, scores.shape[-1])).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            scores = _nucleus(scores, self.top_p)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def _penalize(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already seen less likely (the CTRL rule transformers uses)."""
+    seen = scores.gather(0, history)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(0, history, seen)
+
+
+def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability adds up to top_p."""
+    ordered, order = torch.sort(scores, descending=True)
+    probs = torch.softmax(ordered, dim=-1)
+    # Drop a token once the ones before it already reach top_p; the first always stays.
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    return scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
