@@ -12,89 +12,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import redis
-import requests
-from sqlalchemy import func, select
-
-from services.domain.keys import create_key
-from services.stack import free_port
-from shared.db import Database
-from shared.migrate import upgrade
-from shared.models import WorkerRecord
-
-CLI = [sys.executable, "-m", "services.cli"]
+from harness import bench_stack
 
 
 def run(workers: int, args, workdir: Path) -> float:
     """Return jobs/s for one worker count."""
-    database_url = f"sqlite:///{workdir / f'bench-{workers}.db'}"
-    upgrade(database_url)
-    redis.Redis.from_url(args.redis_url).flushdb()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": args.redis_url,
-        "GEMMA_JOBS_DATA_DIR": str(workdir / "var"),
-        "GEMMA_JOBS_LOG_LEVEL": "warning",
-        "GEMMA_JOBS_WORKER_HEARTBEAT_S": "0.5",
-    }
+    env = {}
     if args.split_cores:
         # Each worker's torch gets its share of the cores instead of all of them.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    port = free_port()
-    log = open(workdir / f"bench-{workers}.log", "ab")
-    spawn = lambda *cli: subprocess.Popen(  # noqa: E731
-        [*CLI, *cli], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    processes = [spawn("gateway", "--port", str(port), "--workers", "1", "--threads", "16")]
-    processes += [spawn("worker", "--device", "cpu", "--models", "gemma-3-270m") for _ in range(workers)]
-    db = Database(database_url)
-    try:
-        base_url = f"http://127.0.0.1:{port}"
-        _wait(lambda: _ready(base_url) and _ready_workers(db) == workers, 300)
-        with db.session_scope() as session:
-            _, key = create_key(session, role="user")
-        headers = {"Authorization": f"Bearer {key}"}
+    with bench_stack(workdir, f"bench-{workers}", args.redis_url, [[] for _ in range(workers)], env) as stack:
         body = {"model": "gemma-3-270m", "prompt": "Count: 1, 2, 3,", "max_new_tokens": args.new_tokens,
                 "temperature": 0}
         started = time.perf_counter()
-        ids = [requests.post(f"{base_url}/v1/generations", json=body, headers=headers, timeout=30).json()["id"]
-               for _ in range(args.jobs)]
-        for job_id in ids:
-            _wait(lambda: requests.get(f"{base_url}/v1/jobs/{job_id}", headers=headers, timeout=10)
-                  .json()["status"] == "succeeded", 600, interval=0.05)
+        stack.wait_all([stack.submit(body) for _ in range(args.jobs)], 600)
         return args.jobs / (time.perf_counter() - started)
-    finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGKILL)
-        db.dispose()
-
-
-def _ready(base_url: str) -> bool:
-    try:
-        return requests.get(f"{base_url}/readyz", timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _ready_workers(db: Database) -> int:
-    with db.session_scope(read_only=True) as session:
-        return session.scalar(select(func.count()).select_from(WorkerRecord).where(WorkerRecord.state == "ready"))
-
-
-def _wait(condition, timeout_s: float, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out")
-        time.sleep(interval)
 
 
 def main() -> None:

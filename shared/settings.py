@@ -52,6 +52,9 @@ class Settings(BaseSettings):
 
     # Generation jobs a worker runs batched together (`gemma-jobs worker --concurrency`).
     worker_concurrency: int = Field(default=1, ge=1, le=64)
+    # "continuous": jobs join and leave the batch between decode steps. "static" admits only
+    # into an empty batch; it exists as the baseline bench/batching.py measures against.
+    batching: Literal["continuous", "static"] = "continuous"
     # Model dtype on CPU workers. "auto": bf16 for one job at a time, fp32 when batching
     # (CPUs without bf16 matrix units run fp32 matrix products several times faster; see
     # docs/benchmarks.md).

@@ -30,22 +30,20 @@ class BatchCache:
         """Return how many rows the batch holds."""
         return 0 if self.valid is None else self.valid.shape[0]
 
-    def add(self, row_cache: DynamicCache, length: int) -> None:
-        """Append one prefilled row (a batch-1 cache of `length` tokens) as the last row."""
-        device = row_cache.layers[0].keys.device
-        row_valid = torch.ones(1, length, dtype=torch.bool, device=device)
-        row_position = torch.tensor([length], device=device)
+    def add(self, rows_cache: DynamicCache, rows_valid: torch.Tensor) -> None:
+        """Append prefilled rows (a left-padded cache and its [rows, length] mask) after the others."""
+        rows_position = rows_valid.sum(dim=1)
         if self.cache is None:
-            self.cache, self.valid, self.positions = row_cache, row_valid, row_position
+            self.cache, self.valid, self.positions = rows_cache, rows_valid, rows_position
             return
+        length = rows_valid.shape[1]
         width = max(length, self.valid.shape[1])
         self._pad_left(width - self.valid.shape[1])
-        for layer, row_layer in zip(self.cache.layers, row_cache.layers):
-            pad = width - row_layer.keys.shape[-2]
-            layer.keys = torch.cat([layer.keys, F.pad(row_layer.keys, (0, 0, pad, 0))])
-            layer.values = torch.cat([layer.values, F.pad(row_layer.values, (0, 0, pad, 0))])
-        self.valid = torch.cat([self.valid, F.pad(row_valid, (width - length, 0))])
-        self.positions = torch.cat([self.positions, row_position])
+        for layer, rows_layer in zip(self.cache.layers, rows_cache.layers):
+            layer.keys = torch.cat([layer.keys, F.pad(rows_layer.keys, (0, 0, width - length, 0))])
+            layer.values = torch.cat([layer.values, F.pad(rows_layer.values, (0, 0, width - length, 0))])
+        self.valid = torch.cat([self.valid, F.pad(rows_valid, (width - length, 0))])
+        self.positions = torch.cat([self.positions, rows_position])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); an empty list empties the batch."""

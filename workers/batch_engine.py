@@ -32,6 +32,10 @@ from workers.stopping import stop_string_seen
 
 log = structlog.get_logger(__name__)
 
+# The most prompt tokens (padding included) prefilled in one forward pass; a longer prompt
+# is prefilled alone.
+PREFILL_TOKENS = 8192
+
 
 @dataclass
 class Sequence:
@@ -66,9 +70,11 @@ class Sequence:
 class BatchEngine:
     """Runs up to `max_batch` sequences of one model together, one token per row per step."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, adapters=None):
+    def __init__(self, loaded: LoadedModel, max_batch: int, adapters=None, static: bool = False):
         self.loaded = loaded
         self.max_batch = max_batch
+        # Static batching (a benchmark baseline): admit only into an empty batch.
+        self.static = static
         self.adapters = adapters  # the worker's AdapterCache; None runs the bare model
         config = loaded.model.config
         sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
@@ -123,8 +129,8 @@ class BatchEngine:
         joining = self._admit()
         try:
             with torch.inference_mode(), self._model_for_group(joining) as model:
-                for sequence in joining:
-                    self._prefill(model, sequence)
+                for chunk in _prefill_chunks(joining):
+                    self._prefill(model, chunk)
                 self._retire()
                 if self.active:
                     self._decode(model)
@@ -142,6 +148,8 @@ class BatchEngine:
         """Take waiting sequences, oldest first, while there is room and they share the batch's adapter."""
         joining: list[Sequence] = []
         with self._wake:
+            if self.static and self.active:
+                return joining
             if not self.active and self.waiting:
                 self.group = self.waiting[0].adapter_id
             while (
@@ -159,25 +167,36 @@ class BatchEngine:
         path = next((s.adapter_path for s in self.active + joining if s.adapter_id == self.group), None)
         return self.adapters.applied(self.loaded, self.group, path)
 
-    def _prefill(self, loaded: LoadedModel, sequence: Sequence) -> None:
-        """Run a new sequence's prompt alone, pick its first token, and add it as a batch row."""
+    def _prefill(self, loaded: LoadedModel, joining: list[Sequence]) -> None:
+        """Run new sequences' prompts in one left-padded pass, pick their first tokens, add them as rows."""
         started = time.monotonic()
+        device = self.loaded.device
+        width = max(len(s.prompt_ids) for s in joining)
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in joining], device=device)
+        starts = torch.tensor([width - len(s.prompt_ids) for s in joining], device=device)
+        valid = torch.arange(width, device=device)[None, :] >= starts[:, None]
         try:
-            row_cache = DynamicCache()
+            rows_cache = DynamicCache()
             output = loaded.model(
-                input_ids=torch.tensor([sequence.prompt_ids], device=self.loaded.device),
-                cache=row_cache,
+                input_ids=input_ids,
+                attention_mask=valid.long(),
+                position_ids=(valid.long().cumsum(dim=1) - 1).clamp(min=0),
+                cache=rows_cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        except Exception as exc:  # noqa: BLE001 - this prompt failed; the batch goes on
-            log.exception("prefill_failed")
-            self._complete(sequence, error=_as_generation_error(exc))
+        except Exception as exc:  # noqa: BLE001 - these prompts failed; the batch goes on
+            log.exception("prefill_failed", rows=len(joining))
+            for sequence in joining:
+                self._complete(sequence, error=_as_generation_error(exc))
             return
-        sequence.gpu_seconds += time.monotonic() - started
-        self.batch.add(row_cache, len(sequence.prompt_ids))
-        self.active.append(sequence)
-        self._append(sequence, sequence.sampler.pick(output.logits[0, -1], sequence.history()))
+        self.batch.add(rows_cache, valid)
+        share = (time.monotonic() - started) / len(joining)
+        for row, sequence in enumerate(joining):
+            sequence.gpu_seconds += share
+            self.active.append(sequence)
+            self._append(sequence, sequence.sampler.pick(output.logits[row, -1], sequence.history()))
 
     def _decode(self, loaded: LoadedModel) -> None:
         """Feed every row its newest token and pick the next one."""
@@ -233,6 +252,20 @@ class BatchEngine:
             )
         sequence.error = error
         sequence.done.set()
+
+
+def _prefill_chunks(joining: list[Sequence]) -> list[list[Sequence]]:
+    """Group joining sequences, in order, so no prefill pass exceeds PREFILL_TOKENS (padding included)."""
+    chunks: list[list[Sequence]] = []
+    for sequence in joining:
+        chunk = chunks[-1] if chunks else None
+        if chunk is not None:
+            width = max(len(sequence.prompt_ids), *(len(s.prompt_ids) for s in chunk))
+            if width * (len(chunk) + 1) <= PREFILL_TOKENS:
+                chunk.append(sequence)
+                continue
+        chunks.append([sequence])
+    return chunks
 
 
 def generate_alone(loaded: LoadedModel, params: dict[str, Any], **kwargs) -> GenerationOutput:

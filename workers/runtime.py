@@ -71,7 +71,8 @@ class WorkerRuntime:
         loaded = self.models.get(model_id)
         with self.counter_lock:
             if model_id not in self._engines:
-                self._engines[model_id] = BatchEngine(loaded, self.concurrency, self.adapters)
+                static = self.settings.batching == "static"
+                self._engines[model_id] = BatchEngine(loaded, self.concurrency, self.adapters, static)
             return self._engines[model_id]
 
 

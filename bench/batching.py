@@ -1,0 +1,160 @@
+"""Batching across jobs: (a) stack vs raw batched `generate`, (b) batching on vs off,
+(c) mixed lengths arriving over time, continuous vs static batching.
+
+    .venv/bin/python bench/batching.py [--jobs 16] [--new-tokens 32] [--mixed-jobs 16]
+
+All in one run, on this machine's CPU, gemma-3-270m from the cached safetensors:
+(a) raw: one transformers `generate` call over all prompts (left-padded, greedy, exactly
+    --new-tokens each, fp32: the dtype a batching CPU worker uses); stack: the same prompts
+    as concurrent HTTP jobs to one `gemma-jobs worker --concurrency <jobs>`, clock from the
+    first submit to the last job finished, tokens counted from the results.
+(b) the same jobs with `--concurrency 1` (batching off: one job at a time, bf16, which is
+    what such a worker picks as fastest for one sequence) and, for the same-dtype view, fp32.
+(c) --mixed-jobs jobs with max_new_tokens spread log-uniformly from 8 to 256 (fixed seed), one submitted
+    every --arrival-s seconds; continuous batching vs GEMMA_JOBS_BATCHING=static (a batch
+    is admitted only when the previous one has finished). Short jobs are those of at most 32
+    tokens; latency is finished_at - created_at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from harness import bench_stack
+
+MODEL_DIR = Path(os.environ.get("GEMMA_JOBS_MODEL_CACHE_DIR", "var/models")) / "gemma-3-270m"
+TOPICS = ["rivers", "ships", "clocks", "bees", "maps", "salt", "glass", "rails", "tea", "owls", "kites", "bells",
+          "coal", "silk", "ink", "moss", "wax", "tin", "oak", "reed", "iron", "wool", "jade", "lime"]
+
+
+def prompts(count: int) -> list[str]:
+    """Return distinct prompts that keep generating (no early end of text)."""
+    return [f"A detailed history of {TOPICS[i % len(TOPICS)]}, part {i + 1}:" for i in range(count)]
+
+
+def raw_generate(texts: list[str], new_tokens: int) -> float:
+    """Return tokens/s of one padded `generate` call over all prompts, fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
+                   top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        model.generate(**batch, **{**options, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        started = time.perf_counter()
+        model.generate(**batch, **options)
+        return len(texts) * new_tokens / (time.perf_counter() - started)
+
+
+def stack_tokens_per_s(workdir: Path, name: str, args, worker: list[str], env: dict[str, str]) -> float:
+    """Return tokens/s for the jobs submitted at once to a fresh stack with one worker."""
+    with bench_stack(workdir, name, args.redis_url, [worker], env) as stack:
+        warm = {"model": "gemma-3-270m", "prompt": "Hi", "max_new_tokens": 2, "temperature": 0}
+        stack.wait_all([stack.submit(warm)])
+        bodies = [{"model": "gemma-3-270m", "prompt": text, "max_new_tokens": args.new_tokens, "temperature": 0}
+                  for text in prompts(args.jobs)]
+        started = time.perf_counter()
+        ids = _submit_concurrently(stack, bodies)
+        jobs = stack.wait_all(ids)
+        elapsed = time.perf_counter() - started
+    return sum(job["usage"]["completion_tokens"] for job in jobs) / elapsed
+
+
+def _submit_concurrently(stack, bodies: list[dict]) -> list[str]:
+    """Submit all bodies at once, as concurrent clients would; return ids in body order."""
+    ids: list[str | None] = [None] * len(bodies)
+
+    def send(index: int) -> None:
+        ids[index] = stack.submit(bodies[index])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ids
+
+
+def mixed(workdir: Path, name: str, args, env: dict[str, str]) -> dict:
+    """Run the mixed-length arrival pattern; return throughput and short-job latencies."""
+    rng = random.Random(7)
+    # Log-uniform from 8 to 256: about 40% short jobs, and a long tail.
+    lengths = [int(8 * 32 ** rng.random()) for _ in range(args.mixed_jobs)]
+    worker = ["--concurrency", str(args.jobs)]
+    with bench_stack(workdir, name, args.redis_url, [worker], env) as stack:
+        stack.wait_all([stack.submit({"model": "gemma-3-270m", "prompt": "Hi", "max_new_tokens": 2})])
+        started = time.perf_counter()
+        ids = []
+        for text, length in zip(prompts(args.mixed_jobs), lengths):
+            ids.append(stack.submit({"model": "gemma-3-270m", "prompt": text, "max_new_tokens": length,
+                                     "temperature": 0}))
+            time.sleep(args.arrival_s)
+        jobs = stack.wait_all(ids)
+        elapsed = time.perf_counter() - started
+    latency = {job["id"]: (_at(job["finished_at"]) - _at(job["created_at"])).total_seconds() for job in jobs}
+    short = sorted(latency[job["id"]] for job, length in zip(jobs, lengths) if length <= 32)
+    return {
+        "tokens_per_s": sum(job["usage"]["completion_tokens"] for job in jobs) / elapsed,
+        "short_p50": statistics.median(short),
+        "short_p95": short[min(len(short) - 1, round(0.95 * (len(short) - 1)))],
+        "short_jobs": len(short),
+    }
+
+
+def _at(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--mixed-jobs", type=int, default=16)
+    parser.add_argument("--arrival-s", type=float, default=0.5)
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/11"))
+    args = parser.parse_args()
+    skip = set(args.skip.split(","))
+    print(f"settings: cpu cores={os.cpu_count()} model=gemma-3-270m greedy jobs={args.jobs} "
+          f"new_tokens={args.new_tokens} database=sqlite gateway=1 process", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        workdir = Path(folder)
+        batched = None
+        if "a" not in skip or "b" not in skip:
+            batched = stack_tokens_per_s(workdir, "batched", args, ["--concurrency", str(args.jobs)], {})
+        if "a" not in skip:
+            raw = raw_generate(prompts(args.jobs), args.new_tokens)
+            print(f"(a) raw generate fp32 batch {args.jobs}: {raw:.1f} tok/s | stack --concurrency {args.jobs}: "
+                  f"{batched:.1f} tok/s | ratio {batched / raw:.2f}", flush=True)
+        if "b" not in skip:
+            off = stack_tokens_per_s(workdir, "off", args, ["--concurrency", "1"], {})
+            off32 = stack_tokens_per_s(workdir, "off32", args, ["--concurrency", "1"],
+                                       {"GEMMA_JOBS_CPU_DTYPE": "float32"})
+            print(f"(b) batching off (--concurrency 1, bf16): {off:.1f} tok/s | off fp32: {off32:.1f} tok/s | "
+                  f"on: {batched:.1f} tok/s | ratio {batched / off:.2f} (same dtype: {batched / off32:.2f})",
+                  flush=True)
+        if "c" not in skip:
+            static = mixed(workdir, "static", args, {"GEMMA_JOBS_BATCHING": "static"})
+            continuous = mixed(workdir, "continuous", args, {})
+            print(f"(c) mixed 8-256 tokens, {args.mixed_jobs} jobs every {args.arrival_s:g} s, "
+                  f"{continuous['short_jobs']} short (<=32 tokens)")
+            for name, result in (("static", static), ("continuous", continuous)):
+                print(f"    {name:10}: {result['tokens_per_s']:.1f} tok/s, short p50 {result['short_p50']:.2f} s, "
+                      f"p95 {result['short_p95']:.2f} s")
+            print(f"    ratio continuous/static: throughput {continuous['tokens_per_s'] / static['tokens_per_s']:.2f}, "
+                  f"short p50 {continuous['short_p50'] / static['short_p50']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
