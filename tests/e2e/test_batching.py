@@ -6,6 +6,7 @@ rest, and tokens stream live over SSE."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from datetime import datetime
 
@@ -24,6 +25,9 @@ from tests.e2e.conftest import stack_env
 from tests.processes import start_gateway, start_worker, wait_for_job
 
 pytestmark = pytest.mark.e2e
+
+# Leases short enough that a killed worker's batch is retried within seconds.
+FAST_RECOVERY = {"GEMMA_JOBS_LEASE_S": "5", "GEMMA_JOBS_CONTROL_POLL_S": "0.5", "GEMMA_JOBS_REAPER_INTERVAL_S": "0.5"}
 
 BASE = {"model": DEFAULT_MODEL_ID, "temperature": 0}
 # Different lengths, samplers and stop conditions, so rows join and leave at different steps.
@@ -45,14 +49,14 @@ def batching_stack(redis_url, model_cache_dir, registry_file, tmp_path_factory, 
     database_url, drop = fresh_postgres_database(postgres_admin_url)
     upgrade(database_url)
     redis.Redis.from_url(redis_url).flushdb()
-    env = stack_env(database_url, redis_url, workdir / "var", model_cache_dir, registry_file)
+    env = {**stack_env(database_url, redis_url, workdir / "var", model_cache_dir, registry_file), **FAST_RECOVERY}
     gateway, base_url = start_gateway(env, workdir)
     worker = start_worker(env, workdir, DEFAULT_MODEL_ID, "worker", "generate", "--concurrency", "8")
     db = Database(database_url)
     with db.session_scope() as session:
         _, key = create_key(session, role="user")
-    yield base_url, {"Authorization": f"Bearer {key}"}, db, worker
-    worker.stop()
+    yield base_url, {"Authorization": f"Bearer {key}"}, db, workdir, env, worker
+    worker.stop(signal.SIGKILL)
     gateway.stop()
     db.dispose()
     drop()
@@ -73,7 +77,7 @@ def at(value: str) -> datetime:
 
 
 def test_jobs_in_one_batch_match_each_job_run_alone(batching_stack):
-    base_url, headers, db, worker = batching_stack
+    base_url, headers, db, *_ = batching_stack
     ids = [submit(base_url, headers, body) for body in MIXED_JOBS]
     together = [wait_for_job(base_url, headers, job_id, timeout_s=240) for job_id in ids]
     assert {job["status"] for job in together} == {"succeeded"}, together
@@ -92,7 +96,7 @@ def test_jobs_in_one_batch_match_each_job_run_alone(batching_stack):
 
 
 def test_a_short_job_leaves_the_batch_before_a_long_one(batching_stack):
-    base_url, headers, _, _ = batching_stack
+    base_url, headers, *_ = batching_stack
     long_id = submit(base_url, headers, {**BASE, "prompt": "Write a long essay about rivers.", "max_new_tokens": 80})
     wait_until_running(base_url, headers, long_id)
     short = run_alone(base_url, headers, {**BASE, "prompt": "Hello", "max_new_tokens": 3})
@@ -103,7 +107,7 @@ def test_a_short_job_leaves_the_batch_before_a_long_one(batching_stack):
 
 
 def test_cancelling_one_job_leaves_the_rest_of_the_batch_running(batching_stack):
-    base_url, headers, _, _ = batching_stack
+    base_url, headers, *_ = batching_stack
     bodies = [{**BASE, "prompt": f"Story number {n}:", "max_new_tokens": 40} for n in range(3)]
     ids = [submit(base_url, headers, body) for body in bodies]
     for job_id in ids:
@@ -117,7 +121,7 @@ def test_cancelling_one_job_leaves_the_rest_of_the_batch_running(batching_stack)
 
 
 def test_tokens_stream_live_and_the_stream_ends_with_the_job(batching_stack):
-    base_url, headers, _, _ = batching_stack
+    base_url, headers, *_ = batching_stack
     body = {**BASE, "prompt": "The history of printing", "max_new_tokens": 24, "stream": True}
     arrivals: list[tuple[float, str, dict]] = []
     with requests.post(
@@ -145,6 +149,27 @@ def test_tokens_stream_live_and_the_stream_ends_with_the_job(batching_stack):
         f"{base_url}/v1/jobs/{job['id']}/events", headers={**headers, "Accept": "text/event-stream"}, timeout=30
     )
     assert "".join(json.loads(line[6:])["text"] for line in _token_lines(late.text)) == job["result"]["text"]
+
+
+def test_a_killed_batching_worker_loses_no_job_and_charges_each_once(batching_stack):
+    """Runs last: it kills the module's worker. Every job of the lost batch is retried elsewhere."""
+    base_url, headers, db, workdir, env, worker = batching_stack
+    ids = [submit(base_url, headers, {**BASE, "prompt": f"Chapter {n}.", "max_new_tokens": 30}) for n in range(4)]
+    for job_id in ids:
+        wait_until_running(base_url, headers, job_id)
+    time.sleep(1.0)  # some tokens into the batch
+    worker.stop(signal.SIGKILL)
+    replacement = start_worker(env, workdir, DEFAULT_MODEL_ID, "worker-2", "generate", "--concurrency", "8")
+    try:
+        jobs = [wait_for_job(base_url, headers, job_id, timeout_s=240) for job_id in ids]
+    finally:
+        replacement.stop()
+    assert [job["status"] for job in jobs] == ["succeeded"] * 4, jobs
+    assert all(job["attempts"] == 2 for job in jobs)
+    assert all(job["usage"]["completion_tokens"] == 30 for job in jobs)
+    with db.session_scope() as session:
+        charged = session.scalar(select(func.count()).select_from(UsageRecord).where(UsageRecord.job_id.in_(ids)))
+    assert charged == 4
 
 
 def _token_lines(text: str) -> list[str]:
