@@ -7,12 +7,14 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import structlog
-from peft import PeftModel
 
 from workers.model_loader import LoadedModel
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +65,8 @@ class AdapterCache:
             return wrapped
         if path is None or not (path / "adapter_config.json").is_file():
             raise AdapterUnavailable(f"adapter {adapter_id!r}: no adapter files at {path}")
+        from peft import PeftModel  # only workers that serve adapters pay for importing peft
+
         try:
             if wrapped is None:
                 wrapped = PeftModel.from_pretrained(loaded.model, path, adapter_name=adapter_id, is_trainable=False)

@@ -8,7 +8,6 @@ import structlog
 from celery import Celery
 
 from shared.celery_app import FINE_TUNE_TASK, GENERATE_TASK
-from workers.fine_tune_job import run_fine_tune_job
 from workers.generation_job import run_generation_job
 from workers.metrics import JOB_DURATION, JOBS_IN_FLIGHT
 from workers.runtime import WorkerRuntime, runtime
@@ -26,6 +25,9 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=FINE_TUNE_TASK)
     def fine_tune_task(job_id: str) -> None:
         """Run one fine-tuning job."""
+        # Imported here: peft and the Trainer add seconds to every worker's start-up otherwise.
+        from workers.fine_tune_job import run_fine_tune_job
+
         with _running(job_id, "fine_tune") as rt, rt.training_slot:
             run_fine_tune_job(rt, job_id)  # one training run at a time, even with --concurrency
 
