@@ -29,6 +29,10 @@ class JobKind(StrEnum):
 
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
+# A queued job's position is exact up to this many jobs ahead; one further back shows this
+# number, so reading a position costs the same however deep the queue is.
+QUEUE_POSITION_CAP = 1000
+
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
     # running -> queued is a hand-back (worker lost or shutting down).

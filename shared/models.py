@@ -118,6 +118,8 @@ class Job(Base):
     __table_args__ = (
         # Newest-first listing of one key's jobs (ids are time-ordered).
         Index("ix_jobs_owner_key_id_id", "owner_key_id", "id"),
+        # One key's jobs in one status: its active jobs (concurrency limit), filtered listing.
+        Index("ix_jobs_owner_key_id_status_id", "owner_key_id", "status", "id"),
         # Queue position: queued jobs of one queue, in order.
         Index("ix_jobs_queue_status_id", "queue", "status", "id"),
         UniqueConstraint("owner_key_id", "idempotency_key", name="uq_jobs_owner_idempotency"),

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.jobs import QUEUE_POSITION_CAP
+
 MAX_STOP_SEQUENCES = 8
 MAX_INT32 = 2**31 - 1
 MAX_METADATA_KEYS = 16
@@ -198,7 +200,8 @@ class Job(BaseModel):
     finished_at: datetime | None = None
     attempts: int = 0
     queue_position: int | None = Field(
-        default=None, description="jobs ahead of this one in its queue, while queued"
+        default=None,
+        description=f"jobs ahead of this one in its queue while queued, counted up to {QUEUE_POSITION_CAP}",
     )
     result: GenerationResult | FineTuneResult | None = None
     error: JobError | None = None

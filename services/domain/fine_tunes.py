@@ -58,7 +58,7 @@ def create_fine_tune(
     if (request.ttl_s or 0) > settings.max_ttl_s:
         raise _invalid("ttl_s", f"ttl_s is at most {settings.max_ttl_s:g} on this server")
     now = utcnow()
-    admission = limits.admit(session, caller.key_id, settings, 0, now)
+    admission = limits.admit(session, caller, settings, 0, now)
     job_id = new_id("job")
     job = Job(
         id=job_id,

@@ -5,21 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, case, func, select
+from sqlalchemy.orm import Session, aliased
 
 from services.domain import limits
 from services.domain.adapters import get_adapter, is_adapter_id
 from services.domain.keys import Caller
-from services.domain.operations import live_queues, waiting_for
+from services.domain.operations import LiveQueues, waiting_for
 from shared import job_store
 from shared.celery_app import queue_for
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
-from shared.jobs import JobKind, JobStatus
+from shared.jobs import QUEUE_POSITION_CAP, JobKind, JobStatus
 from shared.models import Job, JobEvent, UsageRecord, utcnow
 from shared.registry import ModelRegistry
 from shared.schemas import GenerationRequest
@@ -73,7 +74,7 @@ def create_generation(
         )
     now = utcnow()
     reserved = (prompt_tokens if prompt_tokens is not None else estimate_prompt_tokens(request)) + max_new_tokens
-    admission = limits.admit(session, caller.key_id, settings, reserved, now)
+    admission = limits.admit(session, caller, settings, reserved, now)
     job = Job(
         id=new_id("job"),
         owner_key_id=caller.key_id,
@@ -178,6 +179,10 @@ def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     """Return one of the caller's jobs; someone else's job is 'not found' too."""
     # PostgreSQL refuses NUL in text outright; no id holds one, so it is simply not found.
     job = session.get(Job, job_id) if "\x00" not in job_id else None
+    return _owned(job, caller, job_id)
+
+
+def _owned(job: Job | None, caller: Caller, job_id: str) -> Job:
     if job is None or job.owner_key_id != caller.key_id:
         raise NotFound(f"no job {job_id!r}")
     return job
@@ -193,57 +198,106 @@ def list_jobs(
     kind: str | None = None,
 ) -> tuple[list[Job], bool]:
     """Return a page of the caller's jobs, newest first, and whether more follow."""
-    query = select(Job).where(Job.owner_key_id == caller.key_id)
+    page = aliased(Job, name="page")
+    query = select(page.id).where(page.owner_key_id == caller.key_id)
     if after:
         # Ids are time-ordered, so the cursor is the last id seen: a keyset, not an offset.
-        query = query.where(Job.id < after)
+        query = query.where(page.id < after)
     if status:
-        query = query.where(Job.status == status)
+        query = query.where(page.status == status)
     if kind:
-        query = query.where(Job.kind == kind)
-    rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+        query = query.where(page.kind == kind)
+    # The page's ids alone come from the (owner, [status,] id) index: an exact range. Asked for
+    # whole rows, PostgreSQL may instead walk every job by id and skip other keys' — quick only
+    # while this key's jobs are spread evenly over time.
+    ids = query.order_by(page.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id.desc())))
     return rows[:limit], len(rows) > limit
 
 
-def queue_position(session: Session, job: Job) -> int | None:
-    """Return how many jobs wait ahead of a queued job in its queue."""
-    if job.status != JobStatus.QUEUED:
-        return None
-    return session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.queue == job.queue, Job.status == JobStatus.QUEUED, Job.id < job.id)
+def _queue_position():
+    """Return a column: jobs ahead of a queued job in its queue, up to QUEUE_POSITION_CAP."""
+    ahead = aliased(Job, name="ahead")
+    # The index on (queue, status, id) walks just the queued jobs ahead, and LIMIT stops the
+    # walk: a poll reads at most QUEUE_POSITION_CAP index entries however deep the queue.
+    jobs_ahead = (
+        select(ahead.id)
+        .where(ahead.queue == Job.queue, ahead.status == JobStatus.QUEUED, ahead.id < Job.id)
+        .limit(QUEUE_POSITION_CAP)
+        .correlate(Job)
+        .subquery()
     )
+    count = select(func.count()).select_from(jobs_ahead).scalar_subquery()
+    return case((Job.status == JobStatus.QUEUED, count)).label("queue_position")
 
 
-def describe_jobs(session: Session, jobs: list[Job], dead_after_s: float | None = None) -> list[JobOut]:
-    """Build the public view of job rows, fetching their usage in one query.
+# Built once: constructing these per request costs more than running them.
+_DESCRIBE_JOB = (
+    select(Job, UsageRecord, _queue_position())
+    .outerjoin(UsageRecord, UsageRecord.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"))
+)
+_USAGE_OF_JOBS = select(UsageRecord).where(UsageRecord.job_id.in_(bindparam("job_ids", expanding=True)))
+_FIRST_QUEUED = (
+    select(Job.id)
+    .where(Job.queue == bindparam("queue"), Job.status == JobStatus.QUEUED, Job.id < bindparam("before"))
+    .order_by(Job.id)
+    .limit(QUEUE_POSITION_CAP)
+)
 
-    With `dead_after_s`, a queued job whose queue no live worker consumes says so in `waiting_for`.
+
+def describe_jobs(session: Session, jobs: list[Job], live: LiveQueues | None = None) -> list[JobOut]:
+    """Build the public view of job rows (a page, a cancelled job): one query for their usage, one per queue.
+
+    With `live`, a queued job whose queue no live worker consumes says so in `waiting_for`.
     """
     ids = [job.id for job in jobs]
-    records = session.scalars(select(UsageRecord).where(UsageRecord.job_id.in_(ids))) if ids else []
+    records = session.scalars(_USAGE_OF_JOBS, {"job_ids": ids}) if ids else []
     usage_by_job = {record.job_id: record for record in records}
-    queued = any(job.status == JobStatus.QUEUED for job in jobs)
-    consumers = live_queues(session, utcnow(), dead_after_s) if queued and dead_after_s else None
-    return [
-        _to_response(
-            job,
-            usage_by_job.get(job.id),
-            queue_position(session, job),
-            waiting_for(job, consumers) if consumers is not None else None,
-        )
-        for job in jobs
-    ]
+    positions = _queue_positions(session, jobs)
+    consumers = _consumers(session, jobs, live)
+    return [_to_response(job, usage_by_job.get(job.id), positions.get(job.id), consumers) for job in jobs]
 
 
-def describe_job(session: Session, caller: Caller, job_id: str, dead_after_s: float | None = None) -> JobOut:
-    """Return the public view of one of the caller's jobs (404 if it is not theirs)."""
-    (body,) = describe_jobs(session, [get_job(session, caller, job_id)], dead_after_s)
-    return body
+def _queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """Return the positions of the queued jobs among `jobs`, with one query per queue.
+
+    A page of twenty queued jobs would otherwise walk up to twenty times QUEUE_POSITION_CAP
+    index entries. The first QUEUE_POSITION_CAP queued jobs of a queue (before the newest of
+    ours) hold every job whose position is exact: its index there is its position; a job not
+    among them has at least that many ahead.
+    """
+    waiting: dict[str, list[str]] = defaultdict(list)
+    for job in jobs:
+        if job.status == JobStatus.QUEUED:
+            waiting[job.queue].append(job.id)
+    positions = {}
+    for queue, ids in waiting.items():
+        # Ids are ASCII and time-ordered: max() here and `<` in SQL agree on the newest.
+        first = session.scalars(_FIRST_QUEUED, {"queue": queue, "before": max(ids)}).all()
+        index = {job_id: position for position, job_id in enumerate(first)}
+        positions.update((job_id, index.get(job_id, len(first))) for job_id in ids)
+    return positions
 
 
-def _to_response(job: Job, usage: UsageRecord | None, position: int | None, waiting: str | None) -> JobOut:
+def describe_job(session: Session, caller: Caller, job_id: str, live: LiveQueues | None = None) -> JobOut:
+    """Return the public view of one of the caller's jobs (404 if it is not theirs), in one query."""
+    row = session.execute(_DESCRIBE_JOB, {"job_id": job_id}).first() if "\x00" not in job_id else None
+    job, usage, position = row if row is not None else (None, None, None)
+    job = _owned(job, caller, job_id)
+    return _to_response(job, usage, position, _consumers(session, [job], live))
+
+
+def _consumers(session: Session, jobs: list[Job], live: LiveQueues | None) -> dict[str, int] | None:
+    """Return live consumers per queue when some job waits in a queue (and `live` is given)."""
+    if live is None or not any(job.status == JobStatus.QUEUED for job in jobs):
+        return None
+    return live.get(session)
+
+
+def _to_response(
+    job: Job, usage: UsageRecord | None, position: int | None, consumers: dict[str, int] | None
+) -> JobOut:
     return JobOut(
         id=job.id,
         kind=job.kind,
@@ -268,7 +322,7 @@ def _to_response(job: Job, usage: UsageRecord | None, position: int | None, wait
             else None
         ),
         adapter_id=job.adapter_id,
-        waiting_for=waiting,
+        waiting_for=waiting_for(job, consumers) if consumers is not None else None,
         metadata=job.metadata_,
     )
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from shared.jobs import JobStatus
-from shared.models import Job, WorkerRecord
+from shared.models import Job, WorkerRecord, utcnow
 from shared.schemas import QueueInfo, WorkerInfo
 
 # Dead or stopped workers stay listed this long, so an operator sees what just went away.
@@ -45,6 +46,27 @@ def live_queues(session: Session, now: datetime, dead_after_s: float) -> dict[st
         for queue in row.queues:
             counts[queue] = counts.get(queue, 0) + 1
     return counts
+
+
+class LiveQueues:
+    """`live_queues` as of at most `max_age_s` ago, read once per process per interval.
+
+    Every poll of a queued job needs it for `waiting_for`; workers only report every few
+    seconds and are declared dead after `dead_after_s`, so a second's staleness changes nothing.
+    """
+
+    def __init__(self, dead_after_s: float, max_age_s: float = 1.0):
+        self.dead_after_s = dead_after_s
+        self.max_age_s = max_age_s
+        self._read: tuple[float, dict[str, int]] | None = None
+
+    def get(self, session: Session) -> dict[str, int]:
+        """Return how many live workers consume each queue."""
+        read = self._read  # one tuple, swapped whole: safe across the gateway's threads
+        if read is None or time.monotonic() - read[0] > self.max_age_s:
+            read = (time.monotonic(), live_queues(session, utcnow(), self.dead_after_s))
+            self._read = read
+        return read[1]
 
 
 def queue_stats(session: Session, now: datetime, dead_after_s: float) -> list[QueueInfo]:

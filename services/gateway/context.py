@@ -8,6 +8,7 @@ import redis
 from celery import Celery
 from flask import current_app
 
+from services.domain.operations import LiveQueues
 from services.domain.token_counter import TokenCounter
 from shared.celery_app import make_celery
 from shared.db import Database
@@ -27,6 +28,7 @@ class GatewayContext:
     registry: ModelRegistry
     token_counter: TokenCounter
     storage: Storage
+    live_queues: LiveQueues
 
     @classmethod
     def create(cls, settings: Settings) -> "GatewayContext":
@@ -42,6 +44,7 @@ class GatewayContext:
             registry=registry,
             token_counter=TokenCounter(registry, settings.model_cache_path),
             storage=Storage(settings.storage_path),
+            live_queues=LiveQueues(settings.worker_dead_after_s),
         )
 
 

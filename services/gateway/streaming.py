@@ -176,7 +176,7 @@ def _read_job(context: GatewayContext, caller: Caller, job_id: str, after: int) 
 def _job_body(context: GatewayContext, caller: Caller, job_id: str) -> dict[str, Any]:
     """Return the job as GET /v1/jobs/{id} shows it."""
     with context.db.session_scope(read_only=True) as session:
-        job = job_domain.describe_job(session, caller, job_id, context.settings.worker_dead_after_s)
+        job = job_domain.describe_job(session, caller, job_id, context.live_queues)
     return job.model_dump(mode="json")
 
 

@@ -7,9 +7,12 @@ import time
 
 import pytest
 
+from services.domain.keys import create_key
 from services.gateway import create_app
 from shared.db import Database
-from shared.models import Job
+from shared.ids import new_id
+from shared.jobs import QUEUE_POSITION_CAP
+from shared.models import Job, WorkerRecord, utcnow
 from shared.settings import load_settings
 from tests.integration.helpers import QUEUE, assert_error, make_key, submit
 
@@ -37,6 +40,51 @@ def test_queue_position_counts_jobs_ahead(client, auth):
     ids = [submit(client, auth).get_json()["id"] for _ in range(3)]
     positions = [client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["queue_position"] for job_id in ids]
     assert positions == [0, 1, 2]
+
+
+def add_jobs(app, count: int, *, queue: str = QUEUE, status: str = "queued") -> None:
+    """Add jobs of another key, older than any submitted after this."""
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        key, _ = create_key(session, role="user")
+        session.add_all(
+            Job(id=new_id("job"), owner_key_id=key.id, kind="generation", model="gemma-3-270m", queue=queue,
+                status=status, params={}, enqueued_at=utcnow())
+            for _ in range(count)
+        )
+
+
+def test_queue_position_counts_only_queued_jobs_of_the_same_queue(client, auth, app):
+    add_jobs(app, 2, queue="generation.other-model")
+    add_jobs(app, 2, status="succeeded")
+    add_jobs(app, 1, status="running")
+    submitted = [submit(client, auth).get_json() for _ in range(3)]
+    assert [job["queue_position"] for job in submitted] == [0, 1, 2]
+    page = client.get("/v1/jobs", headers=auth).get_json()["data"]
+    assert [job["queue_position"] for job in page] == [2, 1, 0]
+    client.post(f"/v1/jobs/{submitted[0]['id']}/cancel", headers=auth)
+    page = client.get("/v1/jobs", headers=auth).get_json()["data"]
+    assert [job["queue_position"] for job in page] == [1, 0, None]
+
+
+def test_queue_position_is_counted_up_to_the_cap(client, auth, app):
+    add_jobs(app, QUEUE_POSITION_CAP + 5)
+    job = submit(client, auth).get_json()
+    assert job["queue_position"] == QUEUE_POSITION_CAP
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).get_json()["queue_position"] == QUEUE_POSITION_CAP
+
+
+def test_waiting_for_names_a_queue_without_live_workers(client, auth, app):
+    job_id = submit(client, auth).get_json()["id"]
+    assert "no live worker serves generation jobs for gemma-3-270m" in client.get(
+        f"/v1/jobs/{job_id}", headers=auth).get_json()["waiting_for"]
+    context = app.extensions["gemma_jobs"]
+    with context.db.session_scope() as session:
+        session.add(WorkerRecord(id="worker-1", host="h", pid=1, device="cpu", role="generate",
+                                 models=["gemma-3-270m"], queues=[QUEUE], state="ready"))
+    # Each process rereads the registry at most once per max_age_s.
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["waiting_for"] is not None
+    context.live_queues.max_age_s = 0
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["waiting_for"] is None
 
 
 def test_missing_and_bad_keys_are_401(client, app):

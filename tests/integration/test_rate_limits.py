@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from services.domain.keys import create_key
 from shared import job_store
-from shared.models import RateLimitWindow
+from shared.models import Job, RateLimitWindow
 from tests.integration.helpers import assert_error, submit
 
 
@@ -37,9 +37,13 @@ def test_requests_per_minute_are_counted_and_refused_with_headers(client, app):
     assert refused.headers["RateLimit-Policy"] == '"requests";q=3;w=60'
 
 
-def test_a_key_without_limits_gets_no_limit_headers(client, auth):
+def test_a_key_without_limits_gets_no_limit_headers(client, auth, app):
     response = submit(client, auth)
     assert response.status_code == 202 and "RateLimit" not in response.headers
+    # Nothing to enforce, so nothing is counted (and the key's row is not locked).
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        assert session.scalars(select(RateLimitWindow)).all() == []
+        assert session.get(Job, response.get_json()["id"]).rate_window_start is None
 
 
 def test_server_default_limits_apply_to_keys_without_their_own(settings, redis_client):

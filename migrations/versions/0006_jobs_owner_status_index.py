@@ -1,0 +1,28 @@
+"""An index on jobs by owner key and status: a key's active jobs and status-filtered listing.
+
+With a million jobs, counting one key's queued and running jobs (the concurrency limit, at
+every submit of a key that sets one) read all of that key's jobs; GET /v1/jobs?status= did
+too, to find a page of them. Building it blocks writes to jobs for a few seconds per million
+rows.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-28
+"""
+
+from alembic import op
+
+revision = '0006'
+down_revision = '0005'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.create_index('ix_jobs_owner_key_id_status_id', ['owner_key_id', 'status', 'id'], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_index('ix_jobs_owner_key_id_status_id')
