@@ -60,10 +60,11 @@ class Settings(BaseSettings):
     # docs/benchmarks.md).
     cpu_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
-    # Count prompt tokens at submit with the model's tokenizer.json (exact 422 over the
-    # context, exact token reservations) at ~100 MB per gateway process per model; off:
-    # estimate ~4 characters a token and let the worker check the context.
-    gateway_count_tokens: bool = True
+    # Count prompt tokens at submit with the model's tokenizer.json, which costs ~100 MB per
+    # gateway process per model. "auto": only prompts that might not fit the context (the 422
+    # stays exact; other prompts reserve an estimate the worker settles); true: every prompt
+    # (exact reservations too); false: never (estimate, and the worker checks the context).
+    gateway_count_tokens: bool | Literal["auto"] = "auto"
 
     # Per-key limits used when a key sets none; unset means unlimited.
     default_rpm: int | None = Field(default=None, ge=1)

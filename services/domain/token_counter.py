@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from shared.prompts import gemma_turn_format
 from shared.registry import ModelEntry, ModelRegistry
 from shared.schemas import GenerationRequest
+from shared.settings import Settings
 
 
 class TokenCounter:
@@ -25,22 +26,41 @@ class TokenCounter:
     def __init__(self, registry: ModelRegistry, cache_root: Path):
         self.registry = registry
         self.cache_root = cache_root
-        self._tokenizers: dict[str, tuple[Tokenizer, bool]] = {}
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._chat_templates: dict[str, bool] = {}
         self._lock = threading.Lock()
+
+    def at_submit(self, request: GenerationRequest, settings: Settings) -> int | None:
+        """Return the prompt count a submit checks and reserves with, or None to estimate.
+
+        `gateway_count_tokens`: True counts every prompt; False none; "auto" only prompts
+        that might not fit the context (so the 422 stays exact), as a loaded tokenizer costs
+        ~100 MB per process — and every prompt once one is loaded, as counting is then cheap.
+        """
+        mode = settings.gateway_count_tokens
+        entry = self.registry.get(request.model)
+        if mode is False or entry is None:
+            return None
+        if mode == "auto" and not self.is_loaded(entry.id):
+            max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
+            if prompt_token_bound(request) + max_new_tokens <= entry.context_length:
+                return None
+        return self.count(request)
 
     def count(self, request: GenerationRequest) -> int | None:
         """Return the prompt's token count as the worker will see it, or None if unknown."""
         entry = self.registry.get(request.model)
-        loaded = self._load(entry) if entry is not None else None
-        if loaded is None:
+        folder = self._folder(entry) if entry is not None else None
+        if folder is None or (request.prompt is None and self._has_chat_template(entry.id, folder)):
             return None
-        tokenizer, has_chat_template = loaded
-        if request.prompt is not None:
-            return len(tokenizer.encode(request.prompt).ids)
-        if has_chat_template:
+        tokenizer = self._load(entry.id, folder)
+        if tokenizer is None:
             return None
-        messages = [message.model_dump() for message in request.messages or []]
-        return len(tokenizer.encode(gemma_turn_format(messages)).ids)
+        return len(tokenizer.encode(_prompt_text(request)).ids)
+
+    def is_loaded(self, model_id: str) -> bool:
+        """Return whether this process holds the model's tokenizer in memory."""
+        return model_id in self._tokenizers
 
     def _folder(self, entry: ModelEntry) -> Path | None:
         if entry.path is not None:
@@ -49,20 +69,43 @@ class TokenCounter:
             return self.cache_root / entry.id
         return None  # a hub id: its cache layout is the worker's business
 
-    def _load(self, entry: ModelEntry) -> tuple[Tokenizer, bool] | None:
-        with self._lock:
-            if entry.id in self._tokenizers:
-                return self._tokenizers[entry.id]
-            folder = self._folder(entry)
-            # Not there yet (e.g. no worker has converted it): try again on a later request.
-            if folder is None or not (folder / "tokenizer.json").is_file():
-                return None
+    def _has_chat_template(self, model_id: str, folder: Path) -> bool:
+        """Return whether the model renders messages with its own template (which we do not run)."""
+        if model_id not in self._chat_templates:
+            if not (folder / "tokenizer.json").is_file():
+                return False  # not converted yet: nothing to count with anyway
             config_path = folder / "tokenizer_config.json"
             config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-            has_template = bool(config.get("chat_template")) or (folder / "chat_template.jinja").is_file()
-            self._tokenizers[entry.id] = (Tokenizer.from_file(str(folder / "tokenizer.json")), has_template)
-            _return_freed_memory()
-            return self._tokenizers[entry.id]
+            self._chat_templates[model_id] = (
+                bool(config.get("chat_template")) or (folder / "chat_template.jinja").is_file()
+            )
+        return self._chat_templates[model_id]
+
+    def _load(self, model_id: str, folder: Path) -> Tokenizer | None:
+        with self._lock:
+            if model_id not in self._tokenizers:
+                # Not there yet (e.g. no worker has converted it): try again on a later request.
+                if not (folder / "tokenizer.json").is_file():
+                    return None
+                self._tokenizers[model_id] = Tokenizer.from_file(str(folder / "tokenizer.json"))
+                _return_freed_memory()
+            return self._tokenizers[model_id]
+
+
+def prompt_token_bound(request: GenerationRequest) -> int:
+    """Return an upper bound on the prompt's tokens without a tokenizer.
+
+    Every token covers at least one UTF-8 byte of the text (byte-fallback tokens exactly one),
+    plus a BOS; so a prompt within this bound is known to fit without counting.
+    """
+    return len(_prompt_text(request).encode("utf-8", "surrogatepass")) + 1
+
+
+def _prompt_text(request: GenerationRequest) -> str:
+    """Return the text the worker tokenizes: the raw prompt, or messages in Gemma's turn format."""
+    if request.prompt is not None:
+        return request.prompt
+    return gemma_turn_format([message.model_dump() for message in request.messages or []])
 
 
 def _return_freed_memory() -> None:

@@ -23,6 +23,7 @@ from shared.models import Job
 from shared.notify import publish_job_done
 from shared.publish import publish_job
 from shared.schemas import GenerationRequest, JobEventInfo, JobEventList, JobList
+from shared.schemas import Job as JobOut
 
 log = structlog.get_logger(__name__)
 blueprint = Blueprint("jobs", __name__)
@@ -63,6 +64,7 @@ def create_generation():
     job = _existing_job(context, body, idempotency_key) if idempotency_key else None
     replayed = job is not None
     limit_headers: dict[str, str] = {}
+    described = None
     if job is None:
         try:
             with context.db.session_scope() as session:
@@ -73,10 +75,14 @@ def create_generation():
                     registry=context.registry,
                     settings=context.settings,
                     idempotency_key=idempotency_key,
-                    prompt_tokens=(
-                        context.token_counter.count(body) if context.settings.gateway_count_tokens else None
-                    ),
+                    prompt_tokens=context.token_counter.at_submit(body, context.settings),
                 )
+                if wait_s == 0 and not body.stream:
+                    # Nothing can change the job before the answer (it is published after the
+                    # commit), so describe it here rather than read it back in a second session.
+                    described = job_domain.describe_job(
+                        session, current_caller(), submission.job.id, context.live_queues
+                    )
             job, limit_headers = submission.job, submission.admission.headers()
         except IntegrityError:
             if idempotency_key is None:
@@ -100,7 +106,7 @@ def create_generation():
         return streaming.event_stream(context, current_caller(), job.id, headers=headers)
     if wait_s > 0:
         wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
-    response = job_response(context, job.id, wait_s)
+    response = job_response(context, job.id, wait_s, described)
     response[2].update(headers)
     return response
 
@@ -128,10 +134,11 @@ def _is_finished(context: GatewayContext, job_id: str) -> bool:
     return JobStatus(status).is_terminal
 
 
-def job_response(context: GatewayContext, job_id: str, wait_s: float):
-    """Return (body, status, headers) for a job just submitted: 200 if it finished, else 202."""
-    with context.db.session_scope(read_only=True) as session:
-        body = job_domain.describe_job(session, current_caller(), job_id, context.settings.worker_dead_after_s)
+def job_response(context: GatewayContext, job_id: str, wait_s: float, body: JobOut | None = None):
+    """Return (body, status, headers) for a job just submitted, read unless given: 200 if it finished, else 202."""
+    if body is None:
+        with context.db.session_scope(read_only=True) as session:
+            body = job_domain.describe_job(session, current_caller(), job_id, context.live_queues)
     finished = JobStatus(body.status).is_terminal
     headers = {"Location": url_for("jobs.get_job", job_id=job_id)}
     if wait_s > 0:
@@ -146,7 +153,7 @@ def cancel_job(job_id: str):
     context = gateway()
     with context.db.session_scope() as session:
         job = job_domain.cancel_job(session, current_caller(), job_id)
-        (body,) = job_domain.describe_jobs(session, [job], context.settings.worker_dead_after_s)
+        (body,) = job_domain.describe_jobs(session, [job], context.live_queues)
     structlog.contextvars.bind_contextvars(job_id=job_id)
     log.info("job_cancel_requested", status=body.status)
     try:
@@ -162,7 +169,7 @@ def get_job(job_id: str):
     """Return one of the caller's jobs."""
     context = gateway()
     with context.db.session_scope(read_only=True) as session:
-        body = job_domain.describe_job(session, current_caller(), job_id, context.settings.worker_dead_after_s)
+        body = job_domain.describe_job(session, current_caller(), job_id, context.live_queues)
     return body.model_dump(mode="json")
 
 
@@ -181,7 +188,7 @@ def list_jobs():
             status=query.status,
             kind=query.kind,
         )
-        data = job_domain.describe_jobs(session, rows, context.settings.worker_dead_after_s)
+        data = job_domain.describe_jobs(session, rows, context.live_queues)
     page = JobList(data=data, has_more=has_more, next_after=rows[-1].id if has_more else None)
     return page.model_dump(mode="json")
 
