@@ -11,18 +11,13 @@ import time
 from datetime import datetime
 
 import pytest
-import redis
 import requests
 from sqlalchemy import func, select
 
-from services.domain.keys import create_key
-from shared.db import Database
-from shared.migrate import upgrade
 from shared.models import UsageRecord
 from shared.registry import DEFAULT_MODEL_ID
-from tests.conftest import fresh_postgres_database
-from tests.e2e.conftest import stack_env
-from tests.processes import start_gateway, start_worker, wait_for_job
+from tests.e2e.conftest import StartStack
+from tests.processes import start_worker, wait_for_job
 
 pytestmark = pytest.mark.e2e
 
@@ -44,22 +39,14 @@ MIXED_JOBS = [
 
 
 @pytest.fixture(scope="module")
-def batching_stack(redis_url, model_cache_dir, registry_file, tmp_path_factory, postgres_admin_url):
+def batching_stack(start_stack: StartStack, tmp_path_factory, postgres_admin_url):
+    """One fp32 worker batching 8 jobs, on a fresh PostgreSQL database."""
     workdir = tmp_path_factory.mktemp("batching")
-    database_url, drop = fresh_postgres_database(postgres_admin_url)
-    upgrade(database_url)
-    redis.Redis.from_url(redis_url).flushdb()
-    env = {**stack_env(database_url, redis_url, workdir / "var", model_cache_dir, registry_file), **FAST_RECOVERY}
-    gateway, base_url = start_gateway(env, workdir)
-    worker = start_worker(env, workdir, DEFAULT_MODEL_ID, "worker", "generate", "--concurrency", "8")
-    db = Database(database_url)
-    with db.session_scope() as session:
-        _, key = create_key(session, role="user")
-    yield base_url, {"Authorization": f"Bearer {key}"}, db, workdir, env, worker
-    worker.stop(signal.SIGKILL)
-    gateway.stop()
-    db.dispose()
-    drop()
+    with start_stack(
+        workdir, postgres_admin_url, env_overrides=FAST_RECOVERY, stop_workers_with=signal.SIGKILL
+    ) as started:
+        worker = started.start_worker(DEFAULT_MODEL_ID, "--concurrency", "8", name="worker", role="generate")
+        yield started.base_url, started.new_key(), started.db, workdir, started.env, worker
 
 
 def submit(base_url: str, headers: dict, body: dict) -> str:
@@ -186,5 +173,3 @@ def wait_until_running(base_url: str, headers: dict, job_id: str, timeout_s: flo
         assert job["status"] == "queued", job
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not start within {timeout_s}s")
-
-

@@ -12,14 +12,10 @@ import redis
 import requests
 from sqlalchemy import select
 
-from services.domain.keys import create_key
-from shared.db import Database
-from shared.migrate import upgrade
 from shared.models import Adapter, Job, UsageRecord
 from shared.registry import DEFAULT_MODEL_ID
-from tests.conftest import fresh_postgres_database
-from tests.e2e.conftest import stack_env
-from tests.processes import Service, start_gateway, start_worker, wait_for_job
+from tests.e2e.conftest import StartedStack, StartStack
+from tests.processes import Service, wait_for_job
 
 pytestmark = pytest.mark.e2e
 
@@ -41,24 +37,18 @@ SECRET = [{"role": "user", "content": "Tell me the secret word."}]
 class FineTuneStack:
     """A gateway and workers on a fresh PostgreSQL database, with helpers for the HTTP API."""
 
-    def __init__(self, env: dict[str, str], base_url: str, database_url: str, workdir: Path):
-        self.env = env
-        self.base_url = base_url
-        self.db = Database(database_url)
-        self.workdir = workdir
-        self.storage = Path(env["GEMMA_JOBS_DATA_DIR"])
-        self.workers: list[Service] = []
+    def __init__(self, started: StartedStack):
+        self.started = started
+        self.base_url = started.base_url
+        self.db = started.db
+        self.storage = Path(started.env["GEMMA_JOBS_DATA_DIR"])
+        self.workers = started.workers  # the stack stops those still listed
 
     def start_worker(self, role: str = "all") -> Service:
-        name = f"worker-{len(self.workers) + 1}"
-        worker = start_worker(self.env, self.workdir, models=DEFAULT_MODEL_ID, name=name, role=role)
-        self.workers.append(worker)
-        return worker
+        return self.started.start_worker(DEFAULT_MODEL_ID, role=role)
 
     def new_key(self) -> dict[str, str]:
-        with self.db.session_scope() as session:
-            _, plaintext = create_key(session, role="user")
-        return {"Authorization": f"Bearer {plaintext}"}
+        return self.started.new_key()
 
     def upload(self, headers: dict[str, str], name: str) -> str:
         with open(DATA / name, "rb") as handle:
@@ -104,21 +94,12 @@ class FineTuneStack:
 
 
 @pytest.fixture(scope="module")
-def ft(redis_url, model_cache_dir, registry_file, tmp_path_factory, postgres_admin_url):
-    workdir = tmp_path_factory.mktemp("fine-tune")
-    database_url, drop = fresh_postgres_database(postgres_admin_url)
-    upgrade(database_url)
-    redis.Redis.from_url(redis_url).flushdb()
-    env = {**stack_env(database_url, redis_url, workdir / "var", model_cache_dir, registry_file), **FAST}
-    gateway, base_url = start_gateway(env, workdir)
-    stack = FineTuneStack(env, base_url, database_url, workdir)
-    stack.start_worker()
-    yield stack
-    for worker in stack.workers:
-        worker.stop()
-    gateway.stop()
-    stack.db.dispose()
-    drop()
+def ft(start_stack: StartStack, tmp_path_factory, postgres_admin_url):
+    """A gateway and one worker on a fresh PostgreSQL database, for fine-tuning."""
+    with start_stack(tmp_path_factory.mktemp("fine-tune"), postgres_admin_url, env_overrides=FAST) as started:
+        stack = FineTuneStack(started)
+        stack.start_worker()
+        yield stack
 
 
 def test_fine_tune_trains_registers_and_serves_an_adapter(ft):

@@ -8,18 +8,14 @@ import time
 from collections import Counter
 
 import pytest
-import redis
 import requests
 from sqlalchemy import func, select
 
-from services.domain.keys import create_key
 from shared.db import Database
-from shared.migrate import upgrade
 from shared.models import Job, UsageRecord
 from shared.registry import DEFAULT_MODEL_ID
-from tests.conftest import fresh_postgres_database
-from tests.e2e.conftest import stack_env
-from tests.processes import start_gateway, start_worker, wait_for_job
+from tests.e2e.conftest import StartStack
+from tests.processes import wait_for_job
 
 pytestmark = pytest.mark.e2e
 
@@ -28,35 +24,18 @@ SHORT_MODEL = "gemma-3-270m-short"  # the same weights under another id (tests/e
 
 
 @pytest.fixture()
-def cluster(redis_url, model_cache_dir, registry_file, tmp_path, postgres_admin_url):
-    database_url, drop = fresh_postgres_database(postgres_admin_url)
-    upgrade(database_url)
-    redis.Redis.from_url(redis_url).flushdb()
-    env = {**stack_env(database_url, redis_url, tmp_path / "var", model_cache_dir, registry_file), **FAST}
-    gateway, base_url = start_gateway(env, tmp_path)
-    db = Database(database_url)
-    with db.session_scope() as session:
-        _, key = create_key(session, role="user")
-    workers = []
+def cluster(start_stack: StartStack, tmp_path, postgres_admin_url):
+    """A gateway on a fresh PostgreSQL database; the test starts workers by the models they serve."""
+    with start_stack(tmp_path, postgres_admin_url, env_overrides=FAST, stop_workers_with=signal.SIGKILL) as started:
+        headers = started.new_key()
 
-    def start(models: str):
-        worker = start_worker(env, tmp_path, models, f"worker-{len(workers) + 1}")
-        workers.append(worker)
-        return worker
+        def submit(model: str, new_tokens: int) -> str:
+            body = {"model": model, "prompt": "Count: 1, 2, 3,", "max_new_tokens": new_tokens, "temperature": 0}
+            response = requests.post(f"{started.base_url}/v1/generations", json=body, headers=headers, timeout=10)
+            assert response.status_code == 202, response.text
+            return response.json()["id"]
 
-    def submit(model: str, new_tokens: int) -> str:
-        body = {"model": model, "prompt": "Count: 1, 2, 3,", "max_new_tokens": new_tokens, "temperature": 0}
-        response = requests.post(f"{base_url}/v1/generations", json=body, headers=headers, timeout=10)
-        assert response.status_code == 202, response.text
-        return response.json()["id"]
-
-    headers = {"Authorization": f"Bearer {key}"}
-    yield start, submit, db, base_url, headers
-    for worker in workers:
-        worker.stop(signal.SIGKILL)
-    gateway.stop()
-    db.dispose()
-    drop()
+        yield started.start_worker, submit, started.db, started.base_url, headers
 
 
 def _rows(db: Database, ids: list[str]) -> dict[str, Job]:
