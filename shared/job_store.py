@@ -2,6 +2,10 @@
 
 Every write by a worker is fenced by (worker_id, attempts): a worker whose lease was taken
 over — reaped, cancelled, or claimed again after expiry — can no longer touch the job.
+
+Statements are SQLAlchemy Core on the tables, not ORM units of work: a job's claim and its
+end run once per job on the worker's hot path, and the ORM's bookkeeping cost more than the
+database did (see "queue overhead" in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.jobs import JobStatus
 from shared.models import Job, JobEvent, RateLimitWindow, UsageRecord, utcnow
+
+JOBS, EVENTS, USAGE, WINDOWS = Job.__table__, JobEvent.__table__, UsageRecord.__table__, RateLimitWindow.__table__
+J, W = JOBS.c, WINDOWS.c
 
 
 @dataclass(frozen=True)
@@ -32,11 +39,14 @@ class Claim:
     # The adapter a fine-tune creates, or the one a generation runs with.
     adapter_id: str | None = None
     created_at: datetime | None = None
+    # The tokens reserved at submit, in which rate window: settled when the attempt ends.
+    reserved_tokens: int = 0
+    rate_window_start: datetime | None = None
 
 
 def add_event(session: Session, job_id: str, event_type: str, data: dict[str, Any]) -> None:
     """Append an event to a job's history."""
-    session.add(JobEvent(job_id=job_id, type=event_type, data=data))
+    session.execute(insert(EVENTS).values(job_id=job_id, type=event_type, data=data))
 
 
 def claim(
@@ -52,20 +62,16 @@ def claim(
     lease lapsed with attempts left. None when someone else has it or it is over."""
     now = utcnow()
     claimable = or_(
-        and_(Job.status == JobStatus.QUEUED, or_(Job.expires_at.is_(None), Job.expires_at > now)),
-        and_(
-            Job.status == JobStatus.RUNNING,
-            Job.lease_expires_at < now,
-            Job.attempts < max_attempts,
-        ),
+        and_(J.status == JobStatus.QUEUED, or_(J.expires_at.is_(None), J.expires_at > now)),
+        and_(J.status == JobStatus.RUNNING, J.lease_expires_at < now, J.attempts < max_attempts),
     )
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, claimable)
+    row = session.execute(
+        update(JOBS)
+        .where(J.id == job_id, claimable)
         .values(
             status=JobStatus.RUNNING,
             started_at=now,
-            attempts=Job.attempts + 1,
+            attempts=J.attempts + 1,
             worker_id=worker_id,
             worker_device=device,
             heartbeat_at=now,
@@ -73,91 +79,76 @@ def claim(
             # ttl_s bounds the wait before a job first runs; a retry must not expire.
             expires_at=None,
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if not claimed:
+        .returning(
+            J.attempts, J.kind, J.model, J.queue, J.owner_key_id, J.params, J.adapter_id, J.created_at,
+            J.reserved_tokens, J.rate_window_start,
+        )
+    ).one_or_none()
+    if row is None:
         return None
-    job = session.get(Job, job_id, populate_existing=True)
-    add_event(
-        session,
-        job_id,
-        "status",
-        {"status": JobStatus.RUNNING, "worker_id": worker_id, "attempt": job.attempts},
-    )
+    add_event(session, job_id, "status", {"status": JobStatus.RUNNING, "worker_id": worker_id, "attempt": row.attempts})
     return Claim(
-        job_id=job.id,
-        attempt=job.attempts,
-        kind=job.kind,
-        model=job.model,
-        queue=job.queue,
-        owner_key_id=job.owner_key_id,
-        params=dict(job.params),
-        adapter_id=job.adapter_id,
-        created_at=job.created_at,
+        job_id=job_id,
+        attempt=row.attempts,
+        kind=row.kind,
+        model=row.model,
+        queue=row.queue,
+        owner_key_id=row.owner_key_id,
+        params=dict(row.params),
+        adapter_id=row.adapter_id,
+        created_at=row.created_at,
+        reserved_tokens=row.reserved_tokens or 0,
+        rate_window_start=row.rate_window_start,
     )
 
 
 def _held_by(held: Claim, worker_id: str):
-    return (
-        Job.id == held.job_id,
-        Job.status == JobStatus.RUNNING,
-        Job.worker_id == worker_id,
-        Job.attempts == held.attempt,
-    )
+    return (J.id == held.job_id, J.status == JobStatus.RUNNING, J.worker_id == worker_id, J.attempts == held.attempt)
 
 
 def renew_lease(session: Session, held: Claim, worker_id: str, lease_s: float) -> str | None:
     """Extend the lease; return None while it is held, else the job's status now."""
     now = utcnow()
     renewed = session.execute(
-        update(Job)
+        update(JOBS)
         .where(*_held_by(held, worker_id))
         .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
-        .execution_options(synchronize_session=False)
     ).rowcount
     if renewed:
         return None
-    return session.scalar(select(Job.status).where(Job.id == held.job_id))
+    return session.scalar(select(J.status).where(J.id == held.job_id))
 
 
 def record_progress(
     session: Session, held: Claim, worker_id: str, progress: dict[str, Any], event: dict[str, Any] | None = None
 ) -> bool:
     """Store a running job's progress (and an event for its history) while this worker holds it."""
-    updated = session.execute(
-        update(Job)
-        .where(*_held_by(held, worker_id))
-        .values(progress=progress)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    updated = session.execute(update(JOBS).where(*_held_by(held, worker_id)).values(progress=progress)).rowcount
     if updated and event is not None:
         add_event(session, held.job_id, "progress", event)
     return bool(updated)
 
 
+def _add_to_window(session: Session, key_id: str, window_start: datetime, tokens: int) -> None:
+    session.execute(
+        update(WINDOWS)
+        .where(W.key_id == key_id, W.window_start == window_start)
+        .values(tokens=W.tokens + tokens)
+    )
+
+
 def settle_reservation(session: Session, job_id: str, used_tokens: int) -> None:
     """Replace the tokens a job reserved at submit with what it used, once."""
     job = session.execute(
-        select(Job.owner_key_id, Job.reserved_tokens, Job.rate_window_start).where(Job.id == job_id)
+        select(J.owner_key_id, J.reserved_tokens, J.rate_window_start).where(J.id == job_id)
     ).one()
     if not job.reserved_tokens or job.rate_window_start is None:
         return
     settled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.reserved_tokens == job.reserved_tokens)
-        .values(reserved_tokens=0)
-        .execution_options(synchronize_session=False)
+        update(JOBS).where(J.id == job_id, J.reserved_tokens == job.reserved_tokens).values(reserved_tokens=0)
     ).rowcount
     if settled:
-        session.execute(
-            update(RateLimitWindow)
-            .where(
-                RateLimitWindow.key_id == job.owner_key_id,
-                RateLimitWindow.window_start == job.rate_window_start,
-            )
-            .values(tokens=RateLimitWindow.tokens - job.reserved_tokens + used_tokens)
-            .execution_options(synchronize_session=False)
-        )
+        _add_to_window(session, job.owner_key_id, job.rate_window_start, used_tokens - job.reserved_tokens)
 
 
 def _used_tokens(usage: dict[str, Any] | None) -> int:
@@ -167,51 +158,43 @@ def _used_tokens(usage: dict[str, Any] | None) -> int:
 
 
 def _charge(session: Session, held: Claim, status: str, usage: dict[str, Any]) -> bool:
-    """Insert the job's one usage row; the unique job_id makes a second charge impossible."""
-    try:
-        with session.begin_nested():
-            session.add(
-                UsageRecord(
-                    job_id=held.job_id,
-                    key_id=held.owner_key_id,
-                    model=held.model,
-                    status=status,
-                    **usage,
-                )
-            )
-    except IntegrityError:
-        already_charged = session.scalar(
-            select(UsageRecord.id).where(UsageRecord.job_id == held.job_id)
-        )
-        if already_charged is None:
-            raise  # not the duplicate we guard against: a real error
-        return False
-    return True
+    """Insert the job's one usage row; the unique job_id makes a second charge a no-op."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    inserted_id = session.scalar(
+        dialect.insert(USAGE)
+        .values(job_id=held.job_id, key_id=held.owner_key_id, model=held.model, status=status, **usage)
+        .on_conflict_do_nothing(index_elements=[USAGE.c.job_id])
+        .returning(USAGE.c.id)  # no row back when the charge already existed
+    )
+    return inserted_id is not None
 
 
-def _end(session: Session, held: Claim, worker_id: str, status: str, **values: Any) -> bool:
+def _end(session: Session, held: Claim, worker_id: str, status: str, used_tokens: int, **values: Any) -> bool:
+    """End the attempt this worker holds, with its event, and settle the job's reservation."""
     ended = session.execute(
-        update(Job)
+        update(JOBS)
         .where(*_held_by(held, worker_id))
-        .values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
-        .execution_options(synchronize_session=False)
+        .values(status=status, finished_at=utcnow(), lease_expires_at=None, reserved_tokens=0, **values)
     ).rowcount
-    if ended:
-        data = {"status": status}
-        if values.get("error"):
-            data["code"] = values["error"]["code"]
-        add_event(session, held.job_id, "status", data)
-    return bool(ended)
+    if not ended:
+        return False
+    data = {"status": status}
+    if values.get("error"):
+        data["code"] = values["error"]["code"]
+    add_event(session, held.job_id, "status", data)
+    # Only the holder ends a running job, once: the reservation read at claim is still the job's.
+    if held.reserved_tokens and held.rate_window_start is not None:
+        _add_to_window(session, held.owner_key_id, held.rate_window_start, used_tokens - held.reserved_tokens)
+    return True
 
 
 def finish(
     session: Session, held: Claim, worker_id: str, *, result: dict[str, Any], usage: dict[str, Any]
 ) -> bool:
     """Store the result and its one usage charge, if this worker still holds the job."""
-    if not _end(session, held, worker_id, JobStatus.SUCCEEDED, result=result):
+    if not _end(session, held, worker_id, JobStatus.SUCCEEDED, _used_tokens(usage), result=result):
         return False
     _charge(session, held, JobStatus.SUCCEEDED, usage)
-    settle_reservation(session, held.job_id, _used_tokens(usage))
     return True
 
 
@@ -226,22 +209,24 @@ def fail(
 ) -> bool:
     """Record why a job failed (charging tokens it produced), if this worker still holds it."""
     error = {"code": code, "message": message}
-    if not _end(session, held, worker_id, JobStatus.FAILED, error=error):
+    if not _end(session, held, worker_id, JobStatus.FAILED, _used_tokens(usage), error=error):
         return False
     if usage and (usage.get("completion_tokens") or usage.get("train_tokens")):
         _charge(session, held, JobStatus.FAILED, usage)
-    settle_reservation(session, held.job_id, _used_tokens(usage))
     return True
 
 
 def charge_cancelled(session: Session, held: Claim, worker_id: str, usage: dict[str, Any]) -> bool:
     """Charge what a cancelled attempt produced; only the attempt that ran may charge."""
-    job = session.get(Job, held.job_id)
-    if not (
-        job.status == JobStatus.CANCELLED
-        and job.worker_id == worker_id
-        and job.attempts == held.attempt
-    ):
+    ran_and_cancelled = session.scalar(
+        select(J.id).where(
+            J.id == held.job_id,
+            J.status == JobStatus.CANCELLED,
+            J.worker_id == worker_id,
+            J.attempts == held.attempt,
+        )
+    )
+    if ran_and_cancelled is None:
         return False
     charged = _charge(session, held, JobStatus.CANCELLED, usage)
     if charged:
@@ -252,7 +237,7 @@ def charge_cancelled(session: Session, held: Claim, worker_id: str, usage: dict[
 def hand_back(session: Session, held: Claim, worker_id: str) -> bool:
     """Return a running job to the queue (worker shutting down); the caller republishes it."""
     handed = session.execute(
-        update(Job)
+        update(JOBS)
         .where(*_held_by(held, worker_id))
         .values(
             status=JobStatus.QUEUED,
@@ -262,7 +247,6 @@ def hand_back(session: Session, held: Claim, worker_id: str) -> bool:
             lease_expires_at=None,
             enqueued_at=utcnow(),
         )
-        .execution_options(synchronize_session=False)
     ).rowcount
     if handed:
         add_event(session, held.job_id, "status", {"status": JobStatus.QUEUED, "reason": "handed_back"})
@@ -277,10 +261,9 @@ def cancel(session: Session, job_id: str) -> bool:
     """
     for status in (JobStatus.QUEUED, JobStatus.RUNNING):
         cancelled = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == status)
+            update(JOBS)
+            .where(J.id == job_id, J.status == status)
             .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
-            .execution_options(synchronize_session=False)
         ).rowcount
         if cancelled:
             add_event(session, job_id, "status", {"status": JobStatus.CANCELLED})
@@ -293,23 +276,22 @@ def cancel(session: Session, job_id: str) -> bool:
 def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str]:
     """Fail queued jobs past their TTL with `expired`; return their ids."""
     candidates = session.scalars(
-        select(Job.id)
-        .where(Job.status == JobStatus.QUEUED, Job.expires_at <= now)
-        .order_by(Job.id)  # one lock order for every reaper: no deadlocks between them
+        select(J.id)
+        .where(J.status == JobStatus.QUEUED, J.expires_at <= now)
+        .order_by(J.id)  # one lock order for every reaper: no deadlocks between them
         .limit(limit)
     ).all()
     expired = []
     for job_id in candidates:
         changed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.expires_at <= now)
+            update(JOBS)
+            .where(J.id == job_id, J.status == JobStatus.QUEUED, J.expires_at <= now)
             .values(
                 status=JobStatus.FAILED,
                 finished_at=now,
                 error={"code": "expired", "message": "the job waited in the queue past its ttl_s"},
             )
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            ).rowcount
         if changed:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "expired"})
             settle_reservation(session, job_id, 0)
@@ -325,18 +307,18 @@ def recover_lapsed(
     Returns (requeued (id, queue) pairs to publish after commit, ids failed `worker_lost`).
     """
     lapsed = session.execute(
-        select(Job.id, Job.queue, Job.attempts)
-        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
-        .order_by(Job.id)
+        select(J.id, J.queue, J.attempts)
+        .where(J.status == JobStatus.RUNNING, J.lease_expires_at < now)
+        .order_by(J.id)
         .limit(limit)
     ).all()
     requeued, failed = [], []
     for job_id, queue, attempts in lapsed:
         still_lapsed = (
-            Job.id == job_id,
-            Job.status == JobStatus.RUNNING,
-            Job.attempts == attempts,
-            Job.lease_expires_at < now,
+            J.id == job_id,
+            J.status == JobStatus.RUNNING,
+            J.attempts == attempts,
+            J.lease_expires_at < now,
         )
         if attempts >= max_attempts:
             error = {
@@ -347,11 +329,10 @@ def recover_lapsed(
         else:
             values = {"status": JobStatus.QUEUED, "worker_id": None, "worker_device": None, "enqueued_at": now}
         changed = session.execute(
-            update(Job)
+            update(JOBS)
             .where(*still_lapsed)
             .values(lease_expires_at=None, heartbeat_at=None, **values)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            ).rowcount
         if not changed:
             continue
         if attempts >= max_attempts:
@@ -369,12 +350,12 @@ def stale_queued(session: Session, published_before: datetime, limit: int = 1000
     return [
         (job_id, queue)
         for job_id, queue in session.execute(
-            select(Job.id, Job.queue)
+            select(J.id, J.queue)
             .where(
-                Job.status == JobStatus.QUEUED,
-                or_(Job.enqueued_at.is_(None), Job.enqueued_at < published_before),
+                J.status == JobStatus.QUEUED,
+                or_(J.enqueued_at.is_(None), J.enqueued_at < published_before),
             )
-            .order_by(Job.id)
+            .order_by(J.id)
             .limit(limit)
         ).all()
     ]
@@ -384,8 +365,7 @@ def mark_published(session: Session, job_ids: list[str], now: datetime) -> None:
     """Record that messages for these jobs were (re)published now."""
     if job_ids:
         session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED)
+            update(JOBS)
+            .where(J.id.in_(job_ids), J.status == JobStatus.QUEUED)
             .values(enqueued_at=now)
-            .execution_options(synchronize_session=False)
-        )
+            )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, select
 
 from shared import job_store
 from shared.db import Database
-from shared.models import Job, JobEvent, UsageRecord, utcnow
+from shared.models import Job, JobEvent, RateLimitWindow, UsageRecord, utcnow
 from tests.integration.helpers import RESULT, USAGE, claim, lapse_lease, queued_job
 
 
@@ -103,6 +104,46 @@ def test_cancel_then_the_running_worker_charges_once(database_url):
         assert not job_store.charge_cancelled(session, held, "worker-a", USAGE)
         row = session.get(Job, job_id)
         assert row.status == "cancelled" and row.result is None
+    assert usage_rows(db) == 1
+
+
+def reserved_job(db, tokens: int) -> tuple[str, str]:
+    """A queued job that reserved `tokens` in its key's current rate window; returns (job id, key id)."""
+    window = utcnow().replace(second=0, microsecond=0)
+    job_id = queued_job(db, reserved_tokens=tokens, rate_window_start=window)
+    with db.session_scope() as session:
+        key_id = session.get(Job, job_id).owner_key_id
+        session.add(RateLimitWindow(key_id=key_id, window_start=window, requests=1, tokens=tokens))
+    return job_id, key_id
+
+
+def window_tokens(db, key_id: str) -> int:
+    with db.session_scope() as session:
+        return session.scalar(select(RateLimitWindow.tokens).where(RateLimitWindow.key_id == key_id))
+
+
+@pytest.mark.parametrize("ending", ["finish", "fail"])
+def test_the_reservation_is_settled_once_by_the_attempt_that_ends(database_url, ending):
+    db = Database(database_url)
+    job_id, key_id = reserved_job(db, tokens=50)
+    old = claim(db, job_id, "worker-a")
+    lapse_lease(db, job_id)
+    new = claim(db, job_id, "worker-b")
+    assert new.reserved_tokens == 50
+    end = {
+        "finish": lambda session, held, worker: job_store.finish(session, held, worker, result=RESULT, usage=USAGE),
+        "fail": lambda session, held, worker: job_store.fail(session, held, worker, code="timeout", message="slow",
+                                                             usage=USAGE),
+    }[ending]
+    with db.session_scope() as session:
+        assert not end(session, old, "worker-a")  # fenced: the lapsed attempt settles nothing
+    assert window_tokens(db, key_id) == 50
+    with db.session_scope() as session:
+        assert end(session, new, "worker-b")
+    with db.session_scope() as session:
+        assert not end(session, new, "worker-b")  # a redelivery
+        assert session.get(Job, job_id).reserved_tokens == 0
+    assert window_tokens(db, key_id) == 4  # 3 prompt + 1 completion tokens, once
     assert usage_rows(db) == 1
 
 
