@@ -126,6 +126,7 @@ class BatchEngine:
 
     def step(self) -> None:
         """One scheduling round: admit, decode one token for every row, retire finished rows."""
+        self._drop_stopped_waiting()
         joining = self._admit()
         try:
             with torch.inference_mode(), self._model_for_group(joining) as model:
@@ -159,6 +160,16 @@ class BatchEngine:
             ):
                 joining.append(self.waiting.popleft())
         return joining
+
+    def _drop_stopped_waiting(self) -> None:
+        """Hand back, unrun, waiting sequences whose job was cancelled or stopped: a job waiting
+        for the batch's adapter to change must not wait for the rows ahead to drain to stop."""
+        with self._wake:
+            stopped = [s for s in self.waiting if s.should_stop is not None and s.should_stop()]
+            for sequence in stopped:
+                self.waiting.remove(sequence)
+        for sequence in stopped:
+            self._complete(sequence)
 
     def _model_for_group(self, joining: list[Sequence]):
         """Return a context giving the model with the batch's adapter active (or none)."""
@@ -246,7 +257,8 @@ class BatchEngine:
                 text=text,
                 finish_reason=reason,
                 token_ids=list(sequence.tokens),
-                prompt_tokens=len(sequence.prompt_ids),
+                # A sequence that never joined the batch did not read its prompt.
+                prompt_tokens=len(sequence.prompt_ids) if sequence.tokens else 0,
                 seconds=time.monotonic() - sequence.submitted,
                 gpu_seconds=sequence.gpu_seconds,
             )

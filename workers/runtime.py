@@ -45,7 +45,9 @@ class WorkerRuntime:
     # Task threads update the counters; fine-tunes take the training slot one at a time.
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
     training_slot: threading.Lock = field(default_factory=threading.Lock)
+    # One engine per model, created by whichever task thread needs it first.
     _engines: dict[str, BatchEngine] = field(default_factory=dict)
+    _engines_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, settings: Settings, device: torch.device, concurrency: int = 1) -> "WorkerRuntime":
@@ -69,7 +71,7 @@ class WorkerRuntime:
     def engine(self, model_id: str) -> BatchEngine:
         """Return the batching engine of a model, loading the model on first use."""
         loaded = self.models.get(model_id)
-        with self.counter_lock:
+        with self._engines_lock:
             if model_id not in self._engines:
                 static = self.settings.batching == "static"
                 self._engines[model_id] = BatchEngine(loaded, self.concurrency, self.adapters, static)

@@ -62,3 +62,24 @@ def test_adapters_swap_on_one_base_and_evict_beyond_capacity(loaded, tmp_path):
     with pytest.raises(AdapterUnavailable):
         with cache.applied(loaded, "ft-gone", tmp_path / "missing"):
             pass
+
+
+def test_a_job_waiting_for_another_adapter_stops_at_once_when_cancelled(loaded, tmp_path):
+    from workers.batch_engine import BatchEngine
+
+    adapter = _random_adapter(loaded, tmp_path / "a", seed=3)
+    engine = BatchEngine(loaded, max_batch=4, adapters=AdapterCache(capacity=2))
+    running = engine.submit({**PARAMS, "max_new_tokens": 40}, adapter_id="ft-a", adapter_path=adapter)
+    cancelled = []
+    waiting = engine.submit(PARAMS, should_stop=lambda: bool(cancelled))  # the base model: waits for ft-a to drain
+    engine.step()
+    engine.step()
+    assert engine.active == [running] and list(engine.waiting) == [waiting]
+    cancelled.append(True)
+    engine.step()
+    assert waiting.done.is_set() and not running.done.is_set()
+    output = waiting.result()
+    assert (output.token_ids, output.prompt_tokens, output.text) == ([], 0, "")  # never ran, charged nothing
+    while not running.done.is_set():
+        engine.step()
+    assert len(running.result().token_ids) == 40
