@@ -10,19 +10,23 @@ database did (see "queue overhead" in docs/benchmarks.md).
 
 from __future__ import annotations
 
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.jobs import JobStatus
-from shared.models import Job, JobEvent, RateLimitWindow, UsageRecord, utcnow
+from shared.models import Job, JobEvent, JobOutcomeCount, RateLimitWindow, UsageRecord, utcnow
 
 JOBS, EVENTS, USAGE, WINDOWS = Job.__table__, JobEvent.__table__, UsageRecord.__table__, RateLimitWindow.__table__
+OUTCOMES = JobOutcomeCount.__table__
 J, W = JOBS.c, WINDOWS.c
+OUTCOME_SHARDS = 16
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,41 @@ def _used_tokens(usage: dict[str, Any] | None) -> int:
     return usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0) + usage.get("train_tokens", 0)
 
 
+def _upsert(session: Session, table):
+    """Return the backend's INSERT, which has ON CONFLICT clauses (PostgreSQL and SQLite)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def count_ended(session: Session, ended: list[tuple[str, str, str, str]]) -> None:
+    """Add jobs that this transaction ended, as (job id, kind, model, status), to the outcome counters."""
+    counts = Counter((kind, model, status, zlib.crc32(job_id.encode()) % OUTCOME_SHARDS)
+                     for job_id, kind, model, status in ended)
+    # Sorted: transactions that end several jobs lock counter rows in one order (no deadlock).
+    for (kind, model, status, shard), jobs in sorted(counts.items()):
+        insert = _upsert(session, OUTCOMES).values(kind=kind, model=model, status=status, shard=shard, jobs=jobs)
+        session.execute(
+            insert.on_conflict_do_update(
+                index_elements=[OUTCOMES.c.kind, OUTCOMES.c.model, OUTCOMES.c.status, OUTCOMES.c.shard],
+                set_={"jobs": OUTCOMES.c.jobs + insert.excluded.jobs},
+            )
+        )
+
+
+def ended_counts(session: Session) -> list[tuple[str, str, str, int]]:
+    """Return how many jobs have ended, as (kind, model, status, jobs), summed over shards."""
+    c = OUTCOMES.c
+    rows = session.execute(
+        select(c.kind, c.model, c.status, func.sum(c.jobs)).group_by(c.kind, c.model, c.status)
+        .order_by(c.kind, c.model, c.status)
+    ).all()
+    return [(kind, model, status, int(jobs)) for kind, model, status, jobs in rows]
+
+
 def _charge(session: Session, held: Claim, status: str, usage: dict[str, Any]) -> bool:
     """Insert the job's one usage row; the unique job_id makes a second charge a no-op."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     inserted_id = session.scalar(
-        dialect.insert(USAGE)
+        _upsert(session, USAGE)
         .values(job_id=held.job_id, key_id=held.owner_key_id, model=held.model, status=status, **usage)
         .on_conflict_do_nothing(index_elements=[USAGE.c.job_id])
         .returning(USAGE.c.id)  # no row back when the charge already existed
@@ -182,6 +216,7 @@ def _end(session: Session, held: Claim, worker_id: str, status: str, used_tokens
     if values.get("error"):
         data["code"] = values["error"]["code"]
     add_event(session, held.job_id, "status", data)
+    count_ended(session, [(held.job_id, held.kind, held.model, status)])
     # Only the holder ends a running job, once: the reservation read at claim is still the job's.
     if held.reserved_tokens and held.rate_window_start is not None:
         _add_to_window(session, held.owner_key_id, held.rate_window_start, used_tokens - held.reserved_tokens)
@@ -264,9 +299,11 @@ def cancel(session: Session, job_id: str) -> bool:
             update(JOBS)
             .where(J.id == job_id, J.status == status)
             .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
-        ).rowcount
-        if cancelled:
+            .returning(J.kind, J.model)
+        ).one_or_none()
+        if cancelled is not None:
             add_event(session, job_id, "status", {"status": JobStatus.CANCELLED})
+            count_ended(session, [(job_id, cancelled.kind, cancelled.model, JobStatus.CANCELLED)])
             if status == JobStatus.QUEUED:
                 settle_reservation(session, job_id, 0)
             return True
@@ -275,14 +312,14 @@ def cancel(session: Session, job_id: str) -> bool:
 
 def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str]:
     """Fail queued jobs past their TTL with `expired`; return their ids."""
-    candidates = session.scalars(
-        select(J.id)
+    candidates = session.execute(
+        select(J.id, J.kind, J.model)
         .where(J.status == JobStatus.QUEUED, J.expires_at <= now)
         .order_by(J.id)  # one lock order for every reaper: no deadlocks between them
         .limit(limit)
     ).all()
-    expired = []
-    for job_id in candidates:
+    expired, ended = [], []
+    for job_id, kind, model in candidates:
         changed = session.execute(
             update(JOBS)
             .where(J.id == job_id, J.status == JobStatus.QUEUED, J.expires_at <= now)
@@ -291,11 +328,13 @@ def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str
                 finished_at=now,
                 error={"code": "expired", "message": "the job waited in the queue past its ttl_s"},
             )
-            ).rowcount
+        ).rowcount
         if changed:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "expired"})
             settle_reservation(session, job_id, 0)
             expired.append(job_id)
+            ended.append((job_id, kind, model, JobStatus.FAILED))
+    count_ended(session, ended)
     return expired
 
 
@@ -307,13 +346,13 @@ def recover_lapsed(
     Returns (requeued (id, queue) pairs to publish after commit, ids failed `worker_lost`).
     """
     lapsed = session.execute(
-        select(J.id, J.queue, J.attempts)
+        select(J.id, J.queue, J.attempts, J.kind, J.model)
         .where(J.status == JobStatus.RUNNING, J.lease_expires_at < now)
         .order_by(J.id)
         .limit(limit)
     ).all()
-    requeued, failed = [], []
-    for job_id, queue, attempts in lapsed:
+    requeued, failed, ended = [], [], []
+    for job_id, queue, attempts, kind, model in lapsed:
         still_lapsed = (
             J.id == job_id,
             J.status == JobStatus.RUNNING,
@@ -332,16 +371,18 @@ def recover_lapsed(
             update(JOBS)
             .where(*still_lapsed)
             .values(lease_expires_at=None, heartbeat_at=None, **values)
-            ).rowcount
+        ).rowcount
         if not changed:
             continue
         if attempts >= max_attempts:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "worker_lost"})
             settle_reservation(session, job_id, 0)
             failed.append(job_id)
+            ended.append((job_id, kind, model, JobStatus.FAILED))
         else:
             add_event(session, job_id, "status", {"status": JobStatus.QUEUED, "reason": "worker_lost"})
             requeued.append((job_id, queue))
+    count_ended(session, ended)
     return requeued, failed
 
 

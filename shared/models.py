@@ -237,3 +237,19 @@ class WorkerRecord(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     stopped_at: Mapped[datetime | None]
+
+
+class JobOutcomeCount(Base):
+    """How many jobs ended in each status, per kind and model: the counters behind /metrics.
+
+    Added to in the same transaction as the job's terminal update, so each end counts once.
+    Spread over shards (by job id) so that concurrent job ends rarely wait on one row.
+    """
+
+    __tablename__ = "job_outcome_counts"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger, default=0)

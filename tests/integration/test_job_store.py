@@ -203,3 +203,32 @@ def test_the_ttl_bounds_only_the_first_wait(database_url):
         assert job_store.expire_queued(session, utcnow() + timedelta(hours=1)) == []
     assert requeued == [(job_id, "generation.gemma-3-270m")]
     assert claim(db, job_id, "worker-b").attempt == 2
+
+
+def test_every_job_end_is_counted_once_by_kind_model_and_status(database_url):
+    db = Database(database_url)
+    finished, failed, cancelled_running = (claim(db, queued_job(db), "worker-a") for _ in range(3))
+    cancelled_queued = queued_job(db)
+    with db.session_scope() as session:
+        assert job_store.finish(session, finished, "worker-a", result=RESULT, usage=USAGE)
+        assert job_store.fail(session, failed, "worker-a", code="timeout", message="slow")
+        assert job_store.cancel(session, cancelled_running.job_id)
+        assert job_store.cancel(session, cancelled_queued)
+    with db.session_scope() as session:  # redeliveries and late writers add nothing
+        assert not job_store.finish(session, finished, "worker-a", result=RESULT, usage=USAGE)
+        assert not job_store.fail(session, failed, "worker-a", code="timeout", message="slow")
+        assert not job_store.cancel(session, cancelled_running.job_id)
+        assert job_store.charge_cancelled(session, cancelled_running, "worker-a", USAGE)
+    expired = queued_job(db, expires_at=utcnow() - timedelta(seconds=1))
+    lost = queued_job(db)
+    claim(db, lost, "worker-a", max_attempts=1)
+    lapse_lease(db, lost)
+    with db.session_scope() as session:
+        assert job_store.expire_queued(session, utcnow()) == [expired]
+        assert job_store.recover_lapsed(session, utcnow(), max_attempts=1) == ([], [lost])
+    with db.session_scope() as session:
+        assert job_store.ended_counts(session) == [
+            ("generation", "gemma-3-270m", "cancelled", 2),
+            ("generation", "gemma-3-270m", "failed", 3),  # timeout, expired, worker_lost
+            ("generation", "gemma-3-270m", "succeeded", 1),
+        ]

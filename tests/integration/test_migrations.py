@@ -80,3 +80,25 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path):
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     db.dispose()
+
+
+def test_0007_counts_the_jobs_that_ended_before_it(database_url):
+    from sqlalchemy import update
+
+    from shared import job_store
+    from shared.models import Job
+    from tests.integration.helpers import queued_job
+
+    downgrade(database_url, "0006")
+    db = Database(database_url)
+    jobs = {queued_job(db): status for status in ("succeeded", "succeeded", "failed", "queued")}
+    with db.session_scope() as session:
+        for job_id, status in jobs.items():
+            session.execute(update(Job).where(Job.id == job_id).values(status=status))
+    upgrade(database_url)
+    with db.session_scope() as session:
+        assert job_store.ended_counts(session) == [
+            ("generation", "gemma-3-270m", "failed", 1),
+            ("generation", "gemma-3-270m", "succeeded", 2),
+        ]
+    db.dispose()
