@@ -28,7 +28,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from harness import bench_stack
+from bench_processes import bench_stack
 
 MODEL_DIR = Path(os.environ.get("GEMMA_JOBS_MODEL_CACHE_DIR", "var/models")) / "gemma-3-270m"
 TOPICS = ["rivers", "ships", "clocks", "bees", "maps", "salt", "glass", "rails", "tea", "owls", "kites", "bells",

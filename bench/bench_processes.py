@@ -1,4 +1,4 @@
-"""Child processes, a throwaway PostgreSQL database and polling, for benchmarks that start real processes."""
+"""Child processes, throwaway databases, a running stack and polling, for benchmarks that start real processes."""
 
 from __future__ import annotations
 
@@ -6,31 +6,67 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import redis
+import requests
+from sqlalchemy import func, select
 
+from services.domain.keys import create_key
+from services.stack import free_port
+from shared.db import Database
 from shared.migrate import upgrade
+from shared.models import WorkerRecord
 
+CLI = [sys.executable, "-m", "services.cli"]
 POSTGRES_ADMIN_URL = os.environ.get("POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+# --- databases ---------------------------------------------------------------------------------
+
+
+def connect(database_url: str, **options) -> psycopg.Connection:
+    """Open a plain psycopg connection to a (SQLAlchemy-style) PostgreSQL URL."""
+    return psycopg.connect(database_url.replace("+psycopg", ""), **options)
 
 
 @contextmanager
 def fresh_postgres() -> Iterator[str]:
     """Create an empty PostgreSQL database, migrate it to head, and drop it afterwards."""
     name = f"gemma_jobs_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+    with connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
         upgrade(url)
         yield url
     finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
+        with connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def new_key(database_url: str) -> tuple[str, str]:
+    """Create a user key with no limits; return its id and plaintext."""
+    db = Database(database_url)
+    with db.session_scope() as session:
+        row, plaintext = create_key(session, role="user", name="bench")
+    db.dispose()
+    return row.id, plaintext
+
+
+def ready_workers(db: Database) -> int:
+    """Return how many workers the registry lists as ready."""
+    with db.session_scope(read_only=True) as session:
+        return session.scalar(select(func.count()).select_from(WorkerRecord).where(WorkerRecord.state == "ready"))
+
+
+# --- processes ---------------------------------------------------------------------------------
 
 
 class Child:
@@ -45,9 +81,11 @@ class Child:
 
     @property
     def pid(self) -> int:
+        """Return the process id (also its process group's)."""
         return self.process.pid
 
     def log(self) -> str:
+        """Return everything the process wrote so far."""
         return self.log_path.read_text(errors="replace")
 
     def check_alive(self) -> None:
@@ -56,6 +94,7 @@ class Child:
             raise SystemExit(f"{self.process.args} exited ({self.process.returncode}):\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
+        """Kill the process group (if still running) and close the log."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -72,3 +111,97 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, interval: float 
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out after {timeout_s} s")
         time.sleep(interval)
+
+
+def answers(url: str) -> bool:
+    """Return whether a GET on a URL answers 200 right now."""
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@contextmanager
+def serving(command: list[str], ready_path: str, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run a server (`command` gets `--port N` appended) until the block ends; yield its base URL."""
+    port = free_port()
+    server = Child([*command, "--port", str(port)], env or dict(os.environ), log_path)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(base_url + ready_path), 60, interval=0.2, child=server)
+        yield base_url
+    finally:
+        server.stop()
+
+
+# --- a whole stack -----------------------------------------------------------------------------
+
+
+@dataclass
+class BenchStack:
+    """A running gateway and its workers, with a user key."""
+
+    base_url: str
+    headers: dict[str, str]
+
+    def submit(self, body: dict) -> str:
+        """Submit a generation job; return its id."""
+        response = requests.post(f"{self.base_url}/v1/generations", json=body, headers=self.headers, timeout=30)
+        response.raise_for_status()
+        return response.json()["id"]
+
+    def job(self, job_id: str) -> dict:
+        """Return a job as the API shows it."""
+        return requests.get(f"{self.base_url}/v1/jobs/{job_id}", headers=self.headers, timeout=10).json()
+
+    def wait_all(self, ids: list[str], timeout_s: float = 1800) -> list[dict]:
+        """Wait until every job has ended; return them (a failed job stops the benchmark)."""
+        jobs = []
+        for job_id in ids:
+            wait_until(lambda: self.job(job_id)["status"] not in ("queued", "running"), timeout_s, interval=0.05)
+            job = self.job(job_id)
+            if job["status"] != "succeeded":
+                raise SystemExit(f"job {job_id} ended {job['status']}: {job.get('error')}")
+            jobs.append(job)
+        return jobs
+
+
+@contextmanager
+def bench_stack(
+    workdir: Path, name: str, redis_url: str, worker_args: list[list[str]], env: dict[str, str] | None = None
+) -> Iterator[BenchStack]:
+    """Run a fresh SQLite database, a flushed Redis db, a gateway and one worker per entry of worker_args."""
+    database_url = f"sqlite:///{workdir / f'{name}.db'}"
+    upgrade(database_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    full_env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "GEMMA_JOBS_DATA_DIR": str(workdir / "var"),
+        "GEMMA_JOBS_LOG_LEVEL": "warning",
+        "GEMMA_JOBS_WORKER_HEARTBEAT_S": "0.5",
+        **(env or {}),
+    }
+    workers: list[Child] = []
+    db = Database(database_url)
+
+    def all_ready() -> bool:
+        for worker in workers:
+            worker.check_alive()
+        return ready_workers(db) == len(workers)
+
+    try:
+        # Workers first: loading the model takes longest, and they need only the database and Redis.
+        for index, args in enumerate(worker_args):
+            command = [*CLI, "worker", "--device", "cpu", "--models", "gemma-3-270m", *args]
+            workers.append(Child(command, full_env, workdir / f"{name}-worker-{index}.log"))
+        gateway = [*CLI, "gateway", "--workers", "1", "--threads", "32"]
+        with serving(gateway, "/readyz", workdir / f"{name}-gateway.log", full_env) as base_url:
+            wait_until(all_ready, 300, interval=0.2)
+            _, key = new_key(database_url)
+            yield BenchStack(base_url, {"Authorization": f"Bearer {key}"})
+    finally:
+        for worker in workers:
+            worker.stop()
+        db.dispose()

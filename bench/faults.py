@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,15 +21,15 @@ from pathlib import Path
 
 import redis
 import requests
+
+# A sibling script (bench/ is on sys.path when a script in it runs).
+from bench_processes import CLI, Child, new_key, serving
 from sqlalchemy import func, select
 
-from services.domain.keys import create_key
-from services.stack import free_port
 from shared.db import Database
 from shared.migrate import upgrade
 from shared.models import Job, JobEvent, UsageRecord
 
-CLI = [sys.executable, "-m", "services.cli"]
 FAST = {
     "GEMMA_JOBS_LEASE_S": "3",
     "GEMMA_JOBS_CONTROL_POLL_S": "0.2",
@@ -42,21 +40,10 @@ FAST = {
 }
 
 
-def spawn(args: list[str], env: dict[str, str], log_dir: Path, name: str) -> subprocess.Popen:
-    log = open(log_dir / f"{name}.log", "ab")
-    return subprocess.Popen([*CLI, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(base_url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{base_url}/readyz", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("gateway never became ready")
+def open_jobs(db: Database) -> int:
+    """Return how many jobs are still queued or running."""
+    with db.session_scope(read_only=True) as session:
+        return session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(["queued", "running"])))
 
 
 def main() -> None:
@@ -74,48 +61,54 @@ def main() -> None:
     redis.Redis.from_url(redis_url).flushdb()
     upgrade(database_url)
     db = Database(database_url)
-    with db.session_scope() as session:
-        _, key = create_key(session, role="user", name="faults")
+    _, key = new_key(database_url)
     env = {**os.environ, **FAST, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
-    port = free_port()
-    gateway = spawn(["gateway", "--port", str(port)], env, workdir, "gateway")
-    base_url = f"http://127.0.0.1:{port}"
-    wait_ready(base_url)
-    workers = [spawn(["worker", "--device", "cpu"], env, workdir, f"worker-{i}") for i in range(args.workers)]
+    spawns = 0
+
+    def start_worker() -> Child:
+        # A log per process started, so a killed worker's log survives its replacement.
+        nonlocal spawns
+        spawns += 1
+        return Child([*CLI, "worker", "--device", "cpu"], env, workdir / f"worker-{spawns}.log")
+
     headers = {"Authorization": f"Bearer {key}"}
     accepted: list[str] = []
     kills = 0
     stop_killing = threading.Event()
+    workers: list[Child] = []
 
     def killer() -> None:
         nonlocal kills
         while not stop_killing.wait(args.kill_every):
             index = rng.randrange(len(workers))
-            workers[index].send_signal(signal.SIGKILL)
-            workers[index].wait()
+            workers[index].stop()
             kills += 1
-            workers[index] = spawn(["worker", "--device", "cpu"], env, workdir, f"worker-{index}")
+            workers[index] = start_worker()
 
-    threading.Thread(target=killer, daemon=True).start()
-    started = time.monotonic()
-    for _ in range(args.jobs):
-        body = {"model": "gemma-3-270m", "prompt": "Count: 1, 2, 3,", "temperature": 0,
-                "max_new_tokens": rng.randint(4, 48)}
-        response = requests.post(f"{base_url}/v1/generations", json=body, headers=headers, timeout=30)
-        if response.status_code == 202:
-            accepted.append(response.json()["id"])
-        time.sleep(rng.uniform(0, 0.5))
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        with db.session_scope() as session:
-            open_jobs = session.scalar(
-                select(func.count()).select_from(Job).where(Job.status.in_(["queued", "running"]))
-            )
-        if open_jobs == 0:
-            break
-        time.sleep(1)
-    stop_killing.set()
-    elapsed = time.monotonic() - started
+    killing = threading.Thread(target=killer, daemon=True)
+    with serving([*CLI, "gateway"], "/readyz", workdir / "gateway.log", env) as base_url:
+        try:
+            workers += [start_worker() for _ in range(args.workers)]
+            killing.start()
+            started = time.monotonic()
+            for _ in range(args.jobs):
+                body = {"model": "gemma-3-270m", "prompt": "Count: 1, 2, 3,", "temperature": 0,
+                        "max_new_tokens": rng.randint(4, 48)}
+                response = requests.post(f"{base_url}/v1/generations", json=body, headers=headers, timeout=30)
+                if response.status_code == 202:
+                    accepted.append(response.json()["id"])
+                time.sleep(rng.uniform(0, 0.5))
+            # Not wait_until: on timeout the check below still runs and reports the jobs left open.
+            deadline = time.monotonic() + args.timeout
+            while time.monotonic() < deadline and open_jobs(db):
+                time.sleep(1)
+            elapsed = time.monotonic() - started
+        finally:
+            stop_killing.set()
+            if killing.is_alive():  # let a kill and restart under way finish, so that no worker is left over
+                killing.join()
+            for worker in workers:
+                worker.stop()
     with db.session_scope() as session:
         rows = {job.id: job for job in session.scalars(select(Job))}
         usage = dict(
@@ -124,7 +117,8 @@ def main() -> None:
         terminal_events = dict(
             session.execute(
                 select(JobEvent.job_id, func.count())
-                .where(JobEvent.type == "status", JobEvent.data["status"].as_string().in_(["succeeded", "failed", "cancelled"]))
+                .where(JobEvent.type == "status",
+                       JobEvent.data["status"].as_string().in_(["succeeded", "failed", "cancelled"]))
                 .group_by(JobEvent.job_id)
             ).all()
         )
@@ -136,8 +130,6 @@ def main() -> None:
     uncharged = [job_id for job_id in succeeded if usage.get(job_id, 0) != 1]
     failed = {rows[j].error["code"] for j in accepted if j in rows and rows[j].status == "failed"}
     retried = sum(1 for job_id in accepted if job_id in rows and rows[job_id].attempts > 1)
-    for process in [*workers, gateway]:
-        process.send_signal(signal.SIGKILL)
     print(f"settings: {args.workers} workers, SIGKILL every {args.kill_every:g} s, {database_url.split(':')[0]}, "
           f"lease 3 s, {elapsed:.0f} s, logs in {workdir}")
     print(f"succeeded={len(succeeded)} retried={retried} failed_codes={sorted(failed)} uncharged={len(uncharged)}")

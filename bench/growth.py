@@ -23,21 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
 import redis
 
 # Sibling scripts (bench/ is on sys.path when a script in it runs).
-from bench_processes import fresh_postgres
-from gateway_http import (
-    SUBMIT_BODY,
-    WrkResult,
-    job_ids,
-    lua_script,
-    new_key,
-    run_wrk,
-    serving_gateway,
-    spread,
-)
+from bench_processes import connect, fresh_postgres, new_key
+from gateway_http import SUBMIT_BODY, WrkResult, job_ids, lua_script, run_wrk, serving_gateway, spread
 
 FLOOR = 1.2
 FILL_KEYS = 1000
@@ -107,7 +97,7 @@ def fill(database_url: str, key_id: str, rows: int, queued: int) -> float:
     """Fill the jobs table with SQL; return the seconds it took."""
     started = time.perf_counter()
     params = {"keys": FILL_KEYS, "key_id": key_id, "rows": rows, "queued": queued}
-    with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as connection:
+    with connect(database_url, autocommit=True) as connection:
         connection.execute(BASE32_TIME_FUNCTION)
         with connection.transaction():
             connection.execute(FILL_KEYS_SQL, params)
@@ -132,7 +122,7 @@ class Table:
                         duration_s=max(1, args.duration // args.rounds))
         self.workdir = workdir
         # Ids are time-ordered: the jobs the submit run makes come after every id there now.
-        with psycopg.connect(database_url.replace("+psycopg", "")) as connection:
+        with connect(database_url) as connection:
             self.before_submit = connection.execute("SELECT coalesce(max(id), '') FROM jobs").fetchone()[0]
 
     def measure(self, operation: str) -> WrkResult:

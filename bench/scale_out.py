@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import bench_stack
+from bench_processes import bench_stack
 
 
 def run(workers: int, args, workdir: Path) -> float:

@@ -17,29 +17,25 @@ from pathlib import Path
 
 import requests
 
+# A sibling script (bench/ is on sys.path when a script in it runs).
+from bench_processes import new_key, wait_until
+
 PROMPT = "The history of the printing press begins"
 
 
 def run_stack(data_dir: Path, port: int, jobs: int, new_tokens: int) -> tuple[float, list[float]]:
     """Return the stack's tokens/s over sequential jobs and each job's wall seconds."""
-    from services.domain.keys import create_key
     from services.stack import Stack
-    from shared.db import Database
     from shared.settings import load_settings
 
     settings = load_settings(data_dir=data_dir)
     with Stack(settings, port=port) as stack:
-        db = Database(settings.database_url_or_default)
-        with db.session_scope() as session:
-            _, key = create_key(session, role="user", name="bench")
+        _, key = new_key(settings.database_url_or_default)
         headers = {"Authorization": f"Bearer {key}", "Prefer": "wait=120"}
         body = {"model": "gemma-3-270m", "prompt": PROMPT, "max_new_tokens": new_tokens, "temperature": 0}
         url = f"{stack.base_url}/v1/generations"
         # Warm-up: the worker may still be loading the model; wait until one job is done.
-        deadline = time.monotonic() + 600
-        while requests.post(url, json=body, headers=headers, timeout=130).status_code != 200:
-            if time.monotonic() > deadline:
-                raise SystemExit("the worker never finished a warm-up job")
+        wait_until(lambda: requests.post(url, json=body, headers=headers, timeout=130).status_code == 200, 600)
         tokens, walls = 0, []
         for _ in range(jobs):
             started = time.perf_counter()
