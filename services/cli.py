@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_concurrency,
         help="generation jobs batched together (default GEMMA_JOBS_WORKER_CONCURRENCY, 1)",
     )
+    worker.add_argument(
+        "--cpu-threads",
+        type=_cpu_threads,
+        help="torch threads on a CPU worker (default GEMMA_JOBS_CPU_THREADS, auto: the cores split "
+        "among this host's CPU workers)",
+    )
     worker.set_defaults(run=cmd_worker)
 
     reaper = commands.add_parser(
@@ -143,6 +149,13 @@ def _concurrency(value: str) -> int:
     return int(value)
 
 
+def _cpu_threads(value: str) -> str:
+    """Parse --cpu-threads: auto, or a whole number of threads from 1."""
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"must be auto or a whole number from 1, not {value!r}")
+    return value
+
+
 def cmd_worker(args) -> int:
     """Pin the device, then start the worker (torch is imported only after this point)."""
     from shared.registry import DEFAULT_MODEL_ID
@@ -155,6 +168,8 @@ def cmd_worker(args) -> int:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
         device = "cpu"
     models = [m.strip() for m in (args.models or DEFAULT_MODEL_ID).split(",") if m.strip()]
+    if args.cpu_threads is not None:
+        os.environ["GEMMA_JOBS_CPU_THREADS"] = args.cpu_threads  # read by get_settings() below
     from workers.main import run_worker
 
     run_worker(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # (CPUs without bf16 matrix units run fp32 matrix products several times faster; see
     # docs/benchmarks.md).
     cpu_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # Torch threads of a CPU worker. "auto": the cores split evenly among the live CPU workers
+    # on this host (re-checked at each heartbeat), or OMP_NUM_THREADS when that is set.
+    cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
 
     # Count prompt tokens at submit with the model's tokenizer.json, which costs ~100 MB per
     # gateway process per model. "auto": only prompts that might not fit the context (the 422

@@ -70,12 +70,13 @@ class Sequence:
 class BatchEngine:
     """Runs up to `max_batch` sequences of one model together, one token per row per step."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, adapters=None, static: bool = False):
+    def __init__(self, loaded: LoadedModel, max_batch: int, adapters=None, static: bool = False, cpu_threads=None):
         self.loaded = loaded
         self.max_batch = max_batch
         # Static batching (a benchmark baseline): admit only into an empty batch.
         self.static = static
         self.adapters = adapters  # the worker's AdapterCache; None runs the bare model
+        self.cpu_threads = cpu_threads  # a CPU worker's CpuThreads; applied in the thread that steps
         config = loaded.model.config
         sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
         self.batch = BatchCache(config.sliding_window if sliding else None)
@@ -126,6 +127,8 @@ class BatchEngine:
 
     def step(self) -> None:
         """One scheduling round: admit, decode one token for every row, retire finished rows."""
+        if self.cpu_threads is not None:
+            self.cpu_threads.apply()
         self._drop_stopped_waiting()
         joining = self._admit()
         try:

@@ -56,14 +56,13 @@ def run_worker(
     structlog.contextvars.bind_contextvars(worker_id=rt.worker_id)
     set_runtime(rt)
     _hand_back_on_shutdown(rt)
-    if device == "cpu":
-        # Torch defaults to all cores; say so in the log, it is the biggest speed lever here.
-        log.info("cpu_threads", threads=torch.get_num_threads())
     if metrics_port:
         serve_metrics(metrics_port, rt.device)
     queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
     registration = Registration(rt, role, queues)
-    registration.register()
+    registration.register()  # before loading: CPU workers that start together split the cores
+    if rt.cpu_threads is not None:
+        rt.cpu_threads.apply()  # model loading runs in this thread
     if JobKind.GENERATION in ROLE_KINDS[role]:
         rt.models.preload(model_ids)  # a fine-tune loads its own training copy per job
     if JobKind.FINE_TUNE in ROLE_KINDS[role]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from datetime import timedelta
 
 import structlog
 import torch
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared.models import WorkerRecord, utcnow
@@ -25,6 +26,7 @@ class Registration:
         self.role = role
         self.queues = queues
         self.state = "starting"
+        self.host = socket.gethostname()
         self._stop = threading.Event()
 
     def register(self) -> None:
@@ -35,7 +37,7 @@ class Registration:
             session.merge(
                 WorkerRecord(
                     id=self.rt.worker_id,
-                    host=socket.gethostname(),
+                    host=self.host,
                     pid=os.getpid(),
                     device=str(self.rt.device),
                     gpu_name=gpu_name,
@@ -51,6 +53,7 @@ class Registration:
                     stopped_at=None,
                 )
             )
+        self._share_cpu()
 
     def mark(self, state: str) -> None:
         """Change state (ready, stopped) and write it at once."""
@@ -78,8 +81,25 @@ class Registration:
                     .values(**values)
                     .execution_options(synchronize_session=False)
                 )
+            self._share_cpu()
         except SQLAlchemyError as exc:
             log.warning("heartbeat_failed", error=str(exc))
+
+    def _share_cpu(self) -> None:
+        """On a CPU worker, split the host's cores among the live CPU workers on it."""
+        if self.rt.cpu_threads is None:
+            return
+        live_since = utcnow() - timedelta(seconds=self.rt.settings.worker_dead_after_s)
+        with self.rt.db.session_scope(read_only=True) as session:
+            cpu_workers = session.scalar(
+                select(func.count()).select_from(WorkerRecord).where(
+                    WorkerRecord.host == self.host,
+                    WorkerRecord.device == "cpu",
+                    WorkerRecord.state != "stopped",
+                    WorkerRecord.heartbeat_at >= live_since,
+                )
+            )
+        self.rt.cpu_threads.share_with(cpu_workers)
 
     def start_heartbeat(self) -> None:
         """Beat every worker_heartbeat_s from a daemon thread until stop()."""

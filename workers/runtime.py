@@ -18,6 +18,7 @@ from shared.settings import Settings
 from shared.storage import Storage
 from workers.adapter_cache import AdapterCache
 from workers.batch_engine import BatchEngine
+from workers.cpu_threads import CpuThreads, usable_cores
 from workers.model_cache import ModelCache
 from workers.model_loader import generation_dtype
 
@@ -37,6 +38,8 @@ class WorkerRuntime:
     device: torch.device
     # Generation jobs batched together; each task thread hands its job to the model's engine.
     concurrency: int = 1
+    # CPU workers only: the torch thread count their model threads use.
+    cpu_threads: CpuThreads | None = None
     # Set (monotonic clock) when SIGTERM arrives: a running job may go on until then.
     shutdown_deadline: float | None = None
     # Reported by the heartbeat.
@@ -66,6 +69,7 @@ class WorkerRuntime:
             worker_id=f"{socket.gethostname()}:{os.getpid()}:{device}",
             device=device,
             concurrency=concurrency,
+            cpu_threads=CpuThreads(settings.cpu_threads, usable_cores()) if device.type == "cpu" else None,
         )
 
     def engine(self, model_id: str) -> BatchEngine:
@@ -74,7 +78,9 @@ class WorkerRuntime:
         with self._engines_lock:
             if model_id not in self._engines:
                 static = self.settings.batching == "static"
-                self._engines[model_id] = BatchEngine(loaded, self.concurrency, self.adapters, static)
+                self._engines[model_id] = BatchEngine(
+                    loaded, self.concurrency, self.adapters, static, cpu_threads=self.cpu_threads
+                )
             return self._engines[model_id]
 
 

@@ -36,6 +36,8 @@ def register_tasks(app: Celery) -> None:
 def _running(job_id: str, kind: str):
     """Bind the job id to log lines, count the job in flight, and time it."""
     rt: WorkerRuntime = runtime()
+    if rt.cpu_threads is not None:
+        rt.cpu_threads.apply()  # a fine-tune trains in this thread
     with rt.counter_lock:
         rt.jobs_in_flight += 1
     JOBS_IN_FLIGHT.inc()

@@ -3,6 +3,8 @@ a worker killed mid-run loses nothing, and workers receive only their own models
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
 from collections import Counter
@@ -56,6 +58,11 @@ def test_thirty_jobs_spread_over_three_workers_and_survive_a_kill(cluster):
             break
         assert time.monotonic() < deadline, done_by
         time.sleep(0.1)
+    # Three CPU workers on one host split its cores instead of each claiming all of them.
+    cores = len(os.sched_getaffinity(0))
+    for worker in workers if cores > 1 else []:
+        changes = [json.loads(line)["threads"] for line in worker.log().splitlines() if '"cpu_threads"' in line]
+        assert max(1, cores // 3) in changes, worker.log()[-2000:]
     victim = workers[1]
     victim.stop(signal.SIGKILL)
 
