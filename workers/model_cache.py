@@ -51,6 +51,7 @@ class ModelCache:
                 device=str(self.device),
                 dtype=str(loaded.dtype),
                 seconds=round(loaded.load_seconds, 2),
+                tokenizer_seconds=round(loaded.tokenizer_seconds, 2),
             )
             MODEL_LOAD_SECONDS.labels(model_id).set(loaded.load_seconds)
             self._loaded[model_id] = loaded
