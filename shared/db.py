@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections import namedtuple
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Select, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -25,8 +29,12 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys."""
+def make_engine(url: str, *, ping_idle_after_s: float | None = None) -> Engine:
+    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys.
+
+    A server database's connections are pinged at every checkout, or with `ping_idle_after_s`
+    only after sitting idle that long (see `_ping_when_idle`).
+    """
     url = normalize_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
@@ -36,7 +44,40 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_pre_ping=ping_idle_after_s is None, pool_size=10, max_overflow=20)
+    if ping_idle_after_s is not None:
+        _ping_when_idle(engine, ping_idle_after_s)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Ping a pooled connection at checkout only if it was idle for more than `idle_s`.
+
+    A ping is a round trip: at every checkout it costs a busy server (the gateway) as much as
+    the query it guards. A connection in use a moment ago is alive as far as a ping can tell;
+    one idle for longer (a database restart) is pinged, and replaced if dead.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def mark_idle(_dbapi_connection, record) -> None:
+        if record is not None:
+            record.info[_CHECKED_IN_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def ping_if_idle(dbapi_connection, record, _proxy) -> None:
+        # `info` is emptied on reconnect: a fresh connection needs no ping.
+        checked_in_at = record.info.get(_CHECKED_IN_AT)
+        if checked_in_at is None or time.monotonic() - checked_in_at <= idle_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_connection, None):
+                raise DisconnectionError(str(exc)) from exc  # the pool connects anew and retries
+            raise
+
+
+_CHECKED_IN_AT = "gemma_jobs_checked_in_at"
 
 
 def _configure_sqlite(dbapi_connection, _record) -> None:
@@ -60,24 +101,83 @@ def _begin_sqlite(connection) -> None:
 READ_ONLY_OPTION = "gemma_jobs_read_only"
 
 
+class CompiledSelect:
+    """A SELECT compiled once for one engine, run on a DBAPI cursor; rows are named tuples.
+
+    For the hottest one-row reads: SQLAlchemy's per-execution work (cache key, execution
+    context, result metadata) costs more than the read itself. What is kept is the types'
+    processing of parameters and of values (e.g. UTC datetimes, JSON on SQLite).
+    """
+
+    def __init__(self, engine: Engine, statement: Select):
+        self.dialect = engine.dialect
+        compiled = statement.compile(dialect=self.dialect)
+        if any(bind.expanding for bind in compiled.binds.values()):
+            raise ValueError("expanding (IN) parameters need SQLAlchemy's execution")
+        self.sql = compiled.string
+        self._defaults = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
+        self._order = compiled.positiontup if compiled.positional else None
+        self._bind_processors = {
+            name: process for name, bind in compiled.binds.items()
+            if (process := bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)) is not None
+        }
+        self._types = [column.type for column in statement.selected_columns]
+        self._row = namedtuple("Row", [column.key for column in statement.selected_columns])
+        # Some processors depend on the column type the driver reports: set on the first run.
+        self._result_processors: Sequence | None = None
+
+    def first(self, cursor, params: dict[str, Any]) -> tuple | None:
+        """Run with these parameters (the rest keep their built-in values); return the first row."""
+        values = {**self._defaults, **params}
+        for name, process in self._bind_processors.items():
+            values[name] = process(values[name])
+        cursor.execute(self.sql, values if self._order is None else [values[name] for name in self._order])
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        processors = self._result_processors or self._processors_for(cursor.description)
+        return self._row(*(value if process is None else process(value) for value, process in zip(row, processors)))
+
+    def _processors_for(self, description) -> Sequence:
+        processors = [
+            type_.dialect_impl(self.dialect).result_processor(self.dialect, column[1])
+            for type_, column in zip(self._types, description)
+        ]
+        self._result_processors = processors
+        return processors
+
+
 class Database:
     """One engine and its session factory, created once per process (after any fork)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, ping_idle_after_s: float | None = None):
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, ping_idle_after_s=ping_idle_after_s)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(
-            self.engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
-        )
+        read_engine = self.engine.execution_options(**{READ_ONLY_OPTION: True})
+        self._read_sessions = sessionmaker(read_engine, expire_on_commit=False)
+        # On PostgreSQL a read, or a block whose one write is a single statement, needs no BEGIN
+        # and COMMIT round trips: each statement is its own transaction. SQLite keeps its BEGIN
+        # (local, and the write lock must be taken up front).
+        self._reads = self._autocommit(read_engine)
+        self._statement_sessions = sessionmaker(self._autocommit(self.engine), expire_on_commit=False)
+        self._compiled: dict[Select, CompiledSelect] = {}
+
+    def _autocommit(self, engine: Engine) -> Engine:
+        if self.engine.dialect.name == "sqlite":
+            return engine
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
-    def session_scope(self, *, read_only: bool = False) -> Iterator[Session]:
+    def session_scope(self, *, read_only: bool = False, per_statement: bool = False) -> Iterator[Session]:
         """Yield a session that commits at the end of the block, or rolls back on error.
 
         `read_only` sessions do not take SQLite's write lock (they may not write).
+        `per_statement` sessions commit each statement on its own on PostgreSQL: only for a
+        block whose writes are one statement (nothing to roll back together).
         """
-        session = (self._read_sessions if read_only else self._sessions)()
+        factory = self._read_sessions if read_only else self._statement_sessions if per_statement else self._sessions
+        session = factory()
         try:
             yield session
             session.commit()
@@ -86,6 +186,43 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """Yield a Core connection for reads: cheaper than a session, one snapshot per statement."""
+        with self._reads.connect() as connection:
+            yield connection
+
+    def first(self, statement: Select, params: dict[str, Any]) -> tuple | None:
+        """Return the first row of a prebuilt SELECT (a module constant: it is compiled once and
+        kept), read on a pooled connection outside any transaction."""
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = CompiledSelect(self.engine, statement)
+        with self._dbapi_connection() as connection:
+            cursor = connection.cursor()
+            try:
+                return compiled.first(cursor, params)
+            finally:
+                cursor.close()
+
+    @contextmanager
+    def _dbapi_connection(self):
+        """Yield a pooled DBAPI connection; on PostgreSQL in autocommit (no BEGIN, no COMMIT)."""
+        connection = self.engine.raw_connection()
+        autocommit = self.engine.dialect.name == "postgresql"
+        try:
+            if autocommit:
+                connection.driver_connection.autocommit = True
+            yield connection
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            if self.engine.dialect.is_disconnect(exc, connection.dbapi_connection, None):
+                connection.invalidate(exc)  # the pool replaces it
+            raise
+        finally:
+            if autocommit and connection.dbapi_connection is not None and not connection.driver_connection.closed:
+                connection.driver_connection.autocommit = False
+            connection.close()
 
     def check_schema(self) -> None:
         """Refuse to run against a schema that is not at the migrations' head."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
+import uuid
+from collections.abc import Callable
 
 import redis
 import structlog
@@ -21,8 +26,53 @@ UNACKED_INDEX_KEY = "unacked_index"
 
 def publish_job(celery: Celery, job_id: str, queue: str) -> bool:
     """Send the job's message (its task id is the job id); False if Redis is unreachable."""
+    return _sent(lambda: celery.send_task(task_for_queue(queue), args=[job_id], queue=queue, task_id=job_id),
+                 job_id, queue)
+
+
+class JobPublisher:
+    """Sends the message `publish_job` sends with one LPUSH of a prebuilt dict, for the gateway.
+
+    `send_task` costs ~1 ms of CPU a message (signals, routing, option merging); here the only
+    per-job parts are the id and the delivery tag. The message is Celery's task protocol 2 as
+    kombu's Redis transport stores it (anonymous exchange, priority 0: the list named after the
+    queue), so the workers consume it like any other; a test compares it with `send_task`'s.
+    """
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        # What Celery puts there for a producer that is not a worker.
+        self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
+        self.reply_to = str(uuid.uuid4())
+
+    def publish(self, job_id: str, queue: str) -> bool:
+        """Send the job's message (its task id is the job id); False if Redis is unreachable."""
+        return _sent(lambda: self.client.lpush(queue, json.dumps(self.message(job_id, queue))), job_id, queue)
+
+    def message(self, job_id: str, queue: str) -> dict:
+        """Return the kombu envelope of the job's task message."""
+        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        body = json.dumps([[job_id], {}, embed]).encode("utf-8")
+        headers = {
+            "lang": "py", "task": task_for_queue(queue), "id": job_id, "shadow": None, "eta": None,
+            "expires": None, "group": None, "group_index": None, "retries": 0, "timelimit": [None, None],
+            "root_id": job_id, "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}",
+            "origin": self.origin, "ignore_result": None, "replaced_task_nesting": 0,
+            "stamped_headers": None, "stamps": {},
+        }
+        properties = {
+            "correlation_id": job_id, "reply_to": self.reply_to, "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+        }
+        return {"body": base64.b64encode(body).decode("ascii"), "content-encoding": "utf-8",
+                "content-type": "application/json", "headers": headers, "properties": properties}
+
+
+def _sent(send: Callable[[], object], job_id: str, queue: str) -> bool:
+    """Run a send; log and return False if Redis is unreachable."""
     try:
-        celery.send_task(task_for_queue(queue), args=[job_id], queue=queue, task_id=job_id)
+        send()
     except (OperationalError, redis.RedisError, OSError) as exc:
         # The row is committed and stays queued; the reaper republishes it later.
         log.error("publish_failed", job_id=job_id, queue=queue, error=str(exc))

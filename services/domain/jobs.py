@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import bindparam, case, func, select
+from sqlalchemy import Connection, bindparam, case, func, insert, inspect, select
 from sqlalchemy.orm import Session, aliased
 
 from services.domain import limits
@@ -18,6 +18,7 @@ from services.domain.keys import Caller
 from services.domain.operations import LiveQueues, waiting_for
 from shared import job_store
 from shared.celery_app import queue_for
+from shared.db import Database
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import QUEUE_POSITION_CAP, JobKind, JobStatus
@@ -34,6 +35,8 @@ class Submission:
 
     job: Job
     admission: limits.Admission
+    # Jobs ahead of it in its queue when it was recorded (generations; see `_INSERT_JOB`).
+    queue_position: int | None = None
 
 
 def create_generation(
@@ -96,9 +99,13 @@ def create_generation(
         reserved_tokens=reserved,
         rate_window_start=admission.window_start,
     )
-    session.add(job)
-    session.flush()
-    return Submission(job, admission)
+    # A prebuilt Core INSERT rather than the unit of work, and the queue position in the same
+    # round trip: together they are most of a submit's cost. `job` stays a transient object.
+    values = {column.name: getattr(job, attribute) for attribute, column in _JOB_TABLE_COLUMNS}
+    position = session.connection().execute(
+        _INSERT_JOB, {**values, "position_queue": job.queue, "position_before": job.id}
+    ).scalar_one()
+    return Submission(job, admission, position)
 
 
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
@@ -182,7 +189,8 @@ def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     return _owned(job, caller, job_id)
 
 
-def _owned(job: Job | None, caller: Caller, job_id: str) -> Job:
+def _owned(job, caller: Caller, job_id: str):
+    """Return a job (entity or row) if it is the caller's; else 404."""
     if job is None or job.owner_key_id != caller.key_id:
         raise NotFound(f"no job {job_id!r}")
     return job
@@ -231,18 +239,36 @@ def _queue_position():
     return case((Job.status == JobStatus.QUEUED, count)).label("queue_position")
 
 
-# Built once: constructing these per request costs more than running them.
+# Built once: constructing these per request costs more than running them. Columns, not
+# entities: a poll builds its answer from one row without the ORM's identity map.
+_JOB_COLUMNS = (
+    Job.id, Job.owner_key_id, Job.kind, Job.status, Job.model, Job.queue, Job.created_at, Job.started_at,
+    Job.finished_at, Job.attempts, Job.result, Job.error, Job.progress, Job.adapter_id,
+    Job.metadata_.label("metadata_"),
+)
+_USAGE_COLUMNS = (UsageRecord.prompt_tokens, UsageRecord.completion_tokens, UsageRecord.train_tokens,
+                  UsageRecord.gpu_seconds)
 _DESCRIBE_JOB = (
-    select(Job, UsageRecord, _queue_position())
+    select(*_JOB_COLUMNS, UsageRecord.id.label("usage_id"), *_USAGE_COLUMNS, _queue_position())
     .outerjoin(UsageRecord, UsageRecord.job_id == Job.id)
     .where(Job.id == bindparam("job_id"))
 )
 _USAGE_OF_JOBS = select(UsageRecord).where(UsageRecord.job_id.in_(bindparam("job_ids", expanding=True)))
 _FIRST_QUEUED = (
     select(Job.id)
-    .where(Job.queue == bindparam("queue"), Job.status == JobStatus.QUEUED, Job.id < bindparam("before"))
+    .where(
+        Job.queue == bindparam("position_queue"),
+        Job.status == JobStatus.QUEUED,
+        Job.id < bindparam("position_before"),
+    )
     .order_by(Job.id)
     .limit(QUEUE_POSITION_CAP)
+)
+# Every column, by attribute name and by column name (`metadata_` is stored as `metadata`).
+_JOB_TABLE_COLUMNS = [(attribute.key, attribute.columns[0]) for attribute in inspect(Job).column_attrs]
+# The row, answering with the new job's queue position (the jobs before it, as `_queue_position`).
+_INSERT_JOB = insert(Job.__table__).returning(
+    select(func.count()).select_from(_FIRST_QUEUED.subquery()).scalar_subquery()
 )
 
 
@@ -253,7 +279,7 @@ def describe_jobs(session: Session, jobs: list[Job], live: LiveQueues | None = N
     """
     ids = [job.id for job in jobs]
     records = session.scalars(_USAGE_OF_JOBS, {"job_ids": ids}) if ids else []
-    usage_by_job = {record.job_id: record for record in records}
+    usage_by_job = {record.job_id: _usage(record) for record in records}
     positions = _queue_positions(session, jobs)
     consumers = _consumers(session, jobs, live)
     return [_to_response(job, usage_by_job.get(job.id), positions.get(job.id), consumers) for job in jobs]
@@ -274,30 +300,56 @@ def _queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
     positions = {}
     for queue, ids in waiting.items():
         # Ids are ASCII and time-ordered: max() here and `<` in SQL agree on the newest.
-        first = session.scalars(_FIRST_QUEUED, {"queue": queue, "before": max(ids)}).all()
+        first = session.scalars(_FIRST_QUEUED, {"position_queue": queue, "position_before": max(ids)}).all()
         index = {job_id: position for position, job_id in enumerate(first)}
         positions.update((job_id, index.get(job_id, len(first))) for job_id in ids)
     return positions
 
 
-def describe_job(session: Session, caller: Caller, job_id: str, live: LiveQueues | None = None) -> JobOut:
+def describe_job(
+    session: Session | Connection, caller: Caller, job_id: str, live: LiveQueues | None = None
+) -> JobOut:
     """Return the public view of one of the caller's jobs (404 if it is not theirs), in one query."""
     row = session.execute(_DESCRIBE_JOB, {"job_id": job_id}).first() if "\x00" not in job_id else None
-    job, usage, position = row if row is not None else (None, None, None)
-    job = _owned(job, caller, job_id)
-    return _to_response(job, usage, position, _consumers(session, [job], live))
+    job = _owned(row, caller, job_id)
+    return _described(job, _consumers(session, [job], live))
 
 
-def _consumers(session: Session, jobs: list[Job], live: LiveQueues | None) -> dict[str, int] | None:
+def poll_job(db: Database, caller: Caller, job_id: str, live: LiveQueues | None = None) -> JobOut:
+    """`describe_job` for a poll, the gateway's most frequent request: its one query runs
+    prebuilt on a pooled connection, without a session or a transaction."""
+    row = db.first(_DESCRIBE_JOB, {"job_id": job_id}) if "\x00" not in job_id else None
+    job = _owned(row, caller, job_id)
+    consumers = live.current(db) if live is not None and job.status == JobStatus.QUEUED else None
+    return _described(job, consumers)
+
+
+def _described(row, consumers: dict[str, int] | None) -> JobOut:
+    """Build the public view from a `_DESCRIBE_JOB` row."""
+    usage = _usage(row) if row.usage_id is not None else None
+    return _to_response(row, usage, row.queue_position, consumers)
+
+
+def describe_new_job(session: Session, submission: Submission, live: LiveQueues | None = None) -> JobOut:
+    """Return the public view of a generation this session just recorded: queued, no usage."""
+    job = submission.job
+    return _to_response(job, None, submission.queue_position, _consumers(session, [job], live))
+
+
+def _consumers(session: Session | Connection, jobs: list, live: LiveQueues | None) -> dict[str, int] | None:
     """Return live consumers per queue when some job waits in a queue (and `live` is given)."""
     if live is None or not any(job.status == JobStatus.QUEUED for job in jobs):
         return None
     return live.get(session)
 
 
-def _to_response(
-    job: Job, usage: UsageRecord | None, position: int | None, consumers: dict[str, int] | None
-) -> JobOut:
+def _usage(record) -> dict:
+    """Return the usage fields of a usage record or of a described job's row."""
+    return {column.key: getattr(record, column.key) for column in _USAGE_COLUMNS}
+
+
+def _to_response(job, usage: dict | None, position: int | None, consumers: dict[str, int] | None) -> JobOut:
+    """Build the public view of a job row or entity (the same attribute names)."""
     return JobOut(
         id=job.id,
         kind=job.kind,
@@ -311,16 +363,7 @@ def _to_response(
         result=job.result,
         error=job.error,
         progress=job.progress,
-        usage=(
-            {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "train_tokens": usage.train_tokens,
-                "gpu_seconds": usage.gpu_seconds,
-            }
-            if usage
-            else None
-        ),
+        usage=usage,
         adapter_id=job.adapter_id,
         waiting_for=waiting_for(job, consumers) if consumers is not None else None,
         metadata=job.metadata_,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidField, NotFound, Unauthenticated
@@ -71,22 +73,70 @@ _AUTHENTICATE = select(
 ).where(ApiKey.key_hash == bindparam("key_hash"))
 
 
-def authenticate(session: Session, plaintext: str | None) -> Caller:
+def authenticate(session: Session | Connection, plaintext: str | None) -> Caller:
     """Return the caller for a bearer key, or raise Unauthenticated."""
-    if not plaintext or not looks_like_key(plaintext):
-        raise Unauthenticated("send `Authorization: Bearer gj_...` with a valid API key")
-    digest = hash_key(plaintext)
-    row = session.execute(_AUTHENTICATE, {"key_hash": digest}).first()
+    digest = _digest(plaintext)
+    return caller_for(find_key(session, digest), digest)
+
+
+def find_key(session: Session | Connection, digest: str) -> Row | None:
+    """Return the authentication columns of the key with this hash, if any."""
+    return session.execute(_AUTHENTICATE, {"key_hash": digest}).first()
+
+
+def caller_for(row: Row | None, digest: str) -> Caller:
+    """Return the caller a key row stands for, or raise Unauthenticated (unknown, revoked, expired)."""
     # The lookup is by hash, so timing reveals nothing about the key; compare anyway.
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         raise Unauthenticated("unknown API key")
-    now = utcnow()
     if row.revoked_at is not None:
         raise Unauthenticated("this API key has been revoked")
-    if row.expires_at is not None and row.expires_at <= now:
+    if row.expires_at is not None and row.expires_at <= utcnow():
         raise Unauthenticated("this API key has expired")
     has_limits = (row.rpm, row.tpm, row.max_concurrent) != (None, None, None)
     return Caller(key_id=row.id, role=row.role, has_limits=has_limits)
+
+
+def _digest(plaintext: str | None) -> str:
+    if not plaintext or not looks_like_key(plaintext):
+        raise Unauthenticated("send `Authorization: Bearer gj_...` with a valid API key")
+    return hash_key(plaintext)
+
+
+class KeyCache:
+    """Authenticate keys from rows read at most `ttl_s` ago (per process), not one query a request.
+
+    Through the API only revocation changes a key's row (limits are fixed at creation; expiry is
+    checked against the clock at every use): a key revoked by another gateway process, by the CLI
+    or by editing its row keeps working here for up to `ttl_s`; one revoked through this process
+    stops at its next request (`forget`). Unknown keys are not remembered, so a key created
+    elsewhere works at once.
+    """
+
+    # Bounds memory if very many distinct keys pass through one process.
+    MAX_KEYS = 10_000
+
+    def __init__(self, find: Callable[[str], Row | None], ttl_s: float):
+        self.find = find
+        self.ttl_s = ttl_s
+        self._rows: dict[str, tuple[float, Row]] = {}
+
+    def authenticate(self, plaintext: str | None) -> Caller:
+        """Return the caller for a bearer key, or raise Unauthenticated."""
+        digest = _digest(plaintext)
+        cached = self._rows.get(digest)  # one dict read or write at a time: safe across threads
+        if cached is not None and time.monotonic() - cached[0] <= self.ttl_s:
+            return caller_for(cached[1], digest)
+        row = self.find(digest)
+        if row is not None:
+            if len(self._rows) >= self.MAX_KEYS:
+                self._rows = {}
+            self._rows[digest] = (time.monotonic(), row)
+        return caller_for(row, digest)
+
+    def forget(self, key_id: str) -> None:
+        """Drop a key's row (it was just revoked): its next request reads it anew."""
+        self._rows = {digest: entry for digest, entry in self._rows.items() if entry[1].id != key_id}
 
 
 def list_keys(session: Session) -> list[ApiKey]:

@@ -66,10 +66,19 @@ def window_start_of(now: datetime) -> datetime:
     return now.replace(second=0, microsecond=0)
 
 
-def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now: datetime) -> Admission:
-    """Count one request of `tokens` against the key's limits, or raise RateLimited."""
+def applies(caller: Caller, settings: Settings) -> bool:
+    """Return whether the key has limits to enforce (its own or the server's defaults)."""
     defaults = (settings.default_rpm, settings.default_tpm, settings.default_max_concurrent)
-    if not caller.has_limits and defaults == (None, None, None):
+    return caller.has_limits or defaults != (None, None, None)
+
+
+def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now: datetime) -> Admission:
+    """Count one request of `tokens` against the key's limits, or raise RateLimited.
+
+    Without limits (`applies` is False) it neither reads nor writes: a submit's only write is
+    then its job row.
+    """
+    if not applies(caller, settings):
         # Nothing to enforce: skip the key's row lock, which would make each submit of the key
         # wait for the one before it to commit. No window is counted, so none is settled.
         return Admission((), None)

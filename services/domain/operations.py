@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Connection, func, or_, select
 from sqlalchemy.orm import Session
 
+from shared.db import Database
 from shared.jobs import JobStatus
 from shared.models import Job, WorkerRecord, utcnow
 from shared.schemas import QueueInfo, WorkerInfo
@@ -34,16 +35,17 @@ def list_workers(session: Session, now: datetime, dead_after_s: float) -> list[W
     return sorted(workers, key=lambda worker: not worker.alive)
 
 
-def live_queues(session: Session, now: datetime, dead_after_s: float) -> dict[str, int]:
+def live_queues(session: Session | Connection, now: datetime, dead_after_s: float) -> dict[str, int]:
     """Return how many live workers consume each queue."""
-    rows = session.scalars(
-        select(WorkerRecord).where(
+    # The column, not the entity: a poll may read this on a Core connection.
+    queue_lists = session.scalars(
+        select(WorkerRecord.queues).where(
             WorkerRecord.state != "stopped", WorkerRecord.heartbeat_at >= now - timedelta(seconds=dead_after_s)
         )
     ).all()
     counts: dict[str, int] = {}
-    for row in rows:
-        for queue in row.queues:
+    for queues in queue_lists:
+        for queue in queues:
             counts[queue] = counts.get(queue, 0) + 1
     return counts
 
@@ -60,12 +62,26 @@ class LiveQueues:
         self.max_age_s = max_age_s
         self._read: tuple[float, dict[str, int]] | None = None
 
-    def get(self, session: Session) -> dict[str, int]:
+    def get(self, session: Session | Connection) -> dict[str, int]:
         """Return how many live workers consume each queue."""
-        read = self._read  # one tuple, swapped whole: safe across the gateway's threads
+        counts = self._fresh()
+        if counts is None:
+            counts = live_queues(session, utcnow(), self.dead_after_s)
+            self._read = (time.monotonic(), counts)  # one tuple, swapped whole: safe across threads
+        return counts
+
+    def current(self, db: Database) -> dict[str, int]:
+        """Return `get`'s counts, opening a connection only when they must be read anew."""
+        counts = self._fresh()
+        if counts is None:
+            with db.read_connection() as connection:
+                counts = self.get(connection)
+        return counts
+
+    def _fresh(self) -> dict[str, int] | None:
+        read = self._read
         if read is None or time.monotonic() - read[0] > self.max_age_s:
-            read = (time.monotonic(), live_queues(session, utcnow(), self.dead_after_s))
-            self._read = read
+            return None
         return read[1]
 
 

@@ -7,7 +7,7 @@ from functools import wraps
 import structlog
 from flask import g, request
 
-from services.domain.keys import Caller, authenticate
+from services.domain.keys import Caller
 from services.gateway.context import gateway
 from shared.errors import Forbidden
 
@@ -20,8 +20,7 @@ def require_key(role: str | None = None):
         def wrapper(*args, **kwargs):
             header = request.headers.get("Authorization", "")
             scheme, _, token = header.partition(" ")
-            with gateway().db.session_scope(read_only=True) as session:
-                caller = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
+            caller = gateway().keys.authenticate(token.strip() if scheme.lower() == "bearer" else None)
             if role == "admin" and not caller.is_admin:
                 raise Forbidden("this route needs an admin key")
             g.caller = caller

@@ -1,20 +1,25 @@
-"""Per-process resources of the gateway: database, Redis, Celery producer, registry."""
+"""Per-process resources of the gateway: database, Redis, job publisher, registry, key cache."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import redis
-from celery import Celery
 from flask import current_app
 
+from services.domain.keys import KeyCache, find_key
 from services.domain.operations import LiveQueues
 from services.domain.token_counter import TokenCounter
-from shared.celery_app import make_celery
 from shared.db import Database
+from shared.publish import JobPublisher
 from shared.registry import ModelRegistry
 from shared.settings import Settings
 from shared.storage import Storage
+
+# How long a process trusts a key row it read: a key revoked elsewhere works here that much longer.
+KEY_CACHE_TTL_S = 5.0
+# Pooled connections used within this long are not pinged at checkout (see shared.db).
+PING_IDLE_AFTER_S = 1.0
 
 
 @dataclass
@@ -24,7 +29,8 @@ class GatewayContext:
     settings: Settings
     db: Database
     redis: redis.Redis
-    celery: Celery
+    publisher: JobPublisher
+    keys: KeyCache
     registry: ModelRegistry
     token_counter: TokenCounter
     storage: Storage
@@ -34,18 +40,24 @@ class GatewayContext:
     def create(cls, settings: Settings) -> "GatewayContext":
         """Connect (lazily) to the database and Redis named in the settings."""
         registry = ModelRegistry.load(settings.model_registry)
+        db = Database(settings.database_url_or_default, ping_idle_after_s=PING_IDLE_AFTER_S)
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
         return cls(
             settings=settings,
-            db=Database(settings.database_url_or_default),
-            redis=redis.Redis.from_url(
-                settings.redis_url, socket_connect_timeout=3, socket_timeout=10
-            ),
-            celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
+            db=db,
+            redis=client,
+            publisher=JobPublisher(client),
+            keys=KeyCache(lambda digest: _find_key(db, digest), KEY_CACHE_TTL_S),
             registry=registry,
             token_counter=TokenCounter(registry, settings.model_cache_path),
             storage=Storage(settings.storage_path),
             live_queues=LiveQueues(settings.worker_dead_after_s),
         )
+
+
+def _find_key(db: Database, digest: str):
+    with db.read_connection() as connection:
+        return find_key(connection, digest)
 
 
 def gateway() -> GatewayContext:

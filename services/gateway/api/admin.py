@@ -44,9 +44,12 @@ def list_keys():
 @blueprint.delete("/v1/admin/keys/<key_id>")
 @require_key(role="admin")
 def revoke_key(key_id: str):
-    """Revoke a key; it fails authentication from the next request on."""
-    with gateway().db.session_scope() as session:
+    """Revoke a key; it fails authentication from the next request on (in other gateway
+    processes within `KEY_CACHE_TTL_S`)."""
+    context = gateway()
+    with context.db.session_scope() as session:
         info = key_info(key_domain.revoke_key(session, key_id))
+    context.keys.forget(key_id)
     return info.model_dump(mode="json")
 
 

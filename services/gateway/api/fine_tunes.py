@@ -11,7 +11,6 @@ from services.gateway.auth import current_caller, require_key
 from services.gateway.context import gateway
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.requests import parse_body
-from shared.publish import publish_job
 from shared.schemas import FineTuneRequest
 
 log = structlog.get_logger(__name__)
@@ -32,7 +31,7 @@ def submit_fine_tune():
     structlog.contextvars.bind_contextvars(job_id=job.id)
     log.info("job_submitted", model=job.model, kind=job.kind, adapter_id=job.adapter_id)
     JOBS_SUBMITTED.labels(job.kind, job.model).inc()
-    publish_job(context.celery, job.id, job.queue)
+    context.publisher.publish(job.id, job.queue)
     payload, status, headers = job_response(context, job.id, 0)
     headers.update(submission.admission.headers())
     return payload, status, headers

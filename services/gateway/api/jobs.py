@@ -11,6 +11,7 @@ from redis import RedisError
 from sqlalchemy.exc import IntegrityError
 
 from services.domain import jobs as job_domain
+from services.domain import limits
 from services.gateway import streaming
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import GatewayContext, gateway
@@ -21,7 +22,6 @@ from shared.errors import InvalidField
 from shared.jobs import JobStatus
 from shared.models import Job
 from shared.notify import publish_job_done
-from shared.publish import publish_job
 from shared.schemas import GenerationRequest, JobEventInfo, JobEventList, JobList
 from shared.schemas import Job as JobOut
 
@@ -66,8 +66,10 @@ def create_generation():
     limit_headers: dict[str, str] = {}
     described = None
     if job is None:
+        # Without limits to count, the job row is the submit's one write: it commits by itself.
+        per_statement = not limits.applies(current_caller(), context.settings)
         try:
-            with context.db.session_scope() as session:
+            with context.db.session_scope(per_statement=per_statement) as session:
                 submission = job_domain.create_generation(
                     session,
                     current_caller(),
@@ -78,11 +80,9 @@ def create_generation():
                     prompt_tokens=context.token_counter.at_submit(body, context.settings),
                 )
                 if wait_s == 0 and not body.stream:
-                    # Nothing can change the job before the answer (it is published after the
-                    # commit), so describe it here rather than read it back in a second session.
-                    described = job_domain.describe_job(
-                        session, current_caller(), submission.job.id, context.live_queues
-                    )
+                    # Nothing can change the job before the answer (it is published after this
+                    # block), so describe it here rather than read it back in a second session.
+                    described = job_domain.describe_new_job(session, submission, context.live_queues)
             job, limit_headers = submission.job, submission.admission.headers()
         except IntegrityError:
             if idempotency_key is None:
@@ -96,7 +96,7 @@ def create_generation():
         log.info("job_submitted", model=job.model, kind=job.kind)
         JOBS_SUBMITTED.labels(job.kind, job.model).inc()
         # Only now is the row committed: a worker that gets the message will find it.
-        publish_job(context.celery, job.id, job.queue)
+        context.publisher.publish(job.id, job.queue)
     headers = dict(limit_headers)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -137,8 +137,7 @@ def _is_finished(context: GatewayContext, job_id: str) -> bool:
 def job_response(context: GatewayContext, job_id: str, wait_s: float, body: JobOut | None = None):
     """Return (body, status, headers) for a job just submitted, read unless given: 200 if it finished, else 202."""
     if body is None:
-        with context.db.session_scope(read_only=True) as session:
-            body = job_domain.describe_job(session, current_caller(), job_id, context.live_queues)
+        body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues)
     finished = JobStatus(body.status).is_terminal
     headers = {"Location": url_for("jobs.get_job", job_id=job_id)}
     if wait_s > 0:
@@ -168,8 +167,7 @@ def cancel_job(job_id: str):
 def get_job(job_id: str):
     """Return one of the caller's jobs."""
     context = gateway()
-    with context.db.session_scope(read_only=True) as session:
-        body = job_domain.describe_job(session, current_caller(), job_id, context.live_queues)
+    body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues)
     return body.model_dump(mode="json")
 
 

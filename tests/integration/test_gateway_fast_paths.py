@@ -1,0 +1,125 @@
+"""The gateway's fast paths answer exactly as the general ones: job messages, polls, cached keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from services.domain import jobs as job_domain
+from services.domain.keys import Caller, KeyCache, find_key, revoke_key
+from shared import job_store
+from shared.celery_app import make_celery
+from shared.errors import NotFound, Unauthenticated
+from shared.keys import hash_key
+from shared.publish import JobPublisher, publish_job
+from tests.integration.helpers import QUEUE, RESULT, USAGE, claim, make_key, submit
+
+
+def _messages(redis_client, queue: str) -> list[dict]:
+    return [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)]
+
+
+# What differs between two sends of the same job: a fresh tag, and who sent it.
+PER_SENDER = {("properties", "delivery_tag"), ("properties", "reply_to"), ("headers", "origin")}
+
+
+def _without_sender(message: dict) -> dict:
+    return {
+        part: {key: value for key, value in fields.items() if (part, key) not in PER_SENDER}
+        if isinstance(fields, dict) else fields
+        for part, fields in message.items()
+    }
+
+
+@pytest.mark.parametrize("queue", [QUEUE, "fine_tune.gemma-3-270m"])
+def test_job_publisher_sends_what_send_task_sends(redis_url, redis_client, queue):
+    assert publish_job(make_celery(redis_url), "job_abc", queue)
+    assert JobPublisher(redis_client).publish("job_abc", queue)
+    by_celery, by_publisher = _messages(redis_client, queue)
+    assert _without_sender(by_publisher) == _without_sender(by_celery)
+    assert by_publisher["properties"]["delivery_tag"] != by_celery["properties"]["delivery_tag"]
+
+
+def test_job_publisher_reports_an_unreachable_redis():
+    client = redis.Redis(port=1, socket_connect_timeout=0.5)
+    assert JobPublisher(client).publish("job_abc", QUEUE) is False
+
+
+def test_poll_answers_as_describe_job(app, client, auth):
+    """A poll (prebuilt query, no session) and describe_job (a session) agree, queued or finished."""
+    context = app.extensions["gemma_jobs"]
+    first, second = (submit(client, auth).get_json()["id"] for _ in range(2))
+    held = claim(context.db, first, "w1")
+    with context.db.session_scope() as session:
+        job_store.finish(session, held, "w1", result=RESULT, usage=USAGE)
+    caller = _caller(context, auth)
+    for job_id in (first, second):
+        with context.db.session_scope(read_only=True) as session:
+            described = job_domain.describe_job(session, caller, job_id, context.live_queues)
+        assert job_domain.poll_job(context.db, caller, job_id, context.live_queues) == described
+        assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json() == described.model_dump(mode="json")
+    polled = client.get(f"/v1/jobs/{second}", headers=auth).get_json()
+    assert polled["queue_position"] == 0 and polled["waiting_for"]
+    finished = client.get(f"/v1/jobs/{first}", headers=auth).get_json()
+    assert finished["usage"]["completion_tokens"] == 1 and finished["result"]["text"] == "hi"
+
+
+def test_poll_of_someone_elses_job_is_not_found(app, client, auth):
+    job_id = submit(client, auth).get_json()["id"]
+    other = Caller(key_id="key_other", role="user")
+    with pytest.raises(NotFound):
+        job_domain.poll_job(app.extensions["gemma_jobs"].db, other, job_id)
+
+
+def test_submit_answers_the_queue_position_it_recorded(client, auth):
+    positions = [submit(client, auth).get_json()["queue_position"] for _ in range(3)]
+    assert positions == [0, 1, 2]
+
+
+def test_submit_of_a_limited_key_still_counts_in_one_transaction(app, client):
+    """Keys with limits keep the locked, transactional admission (a 429 leaves no job behind)."""
+    admin = {"Authorization": f"Bearer {make_key(app, role='admin')}"}
+    created = client.post("/v1/admin/keys", json={"role": "user", "rpm": 1}, headers=admin).get_json()
+    limited = {"Authorization": f"Bearer {created['key']}"}
+    assert submit(client, limited).status_code == 202
+    assert submit(client, limited).status_code == 429
+    assert len(client.get("/v1/jobs", headers=limited).get_json()["data"]) == 1
+
+
+def test_key_cache_serves_a_revocation_elsewhere_after_its_ttl(app):
+    context = app.extensions["gemma_jobs"]
+    plaintext = make_key(app)
+    reads = []
+
+    def find(digest):
+        reads.append(digest)
+        with context.db.read_connection() as connection:
+            return find_key(connection, digest)
+
+    cache = KeyCache(find, ttl_s=60)
+    caller = cache.authenticate(plaintext)
+    assert cache.authenticate(plaintext) == caller and len(reads) == 1
+    with context.db.session_scope() as session:
+        revoke_key(session, caller.key_id)
+    assert cache.authenticate(plaintext) == caller  # revoked in "another process": within the TTL
+    cache.ttl_s = 0
+    with pytest.raises(Unauthenticated, match="revoked"):
+        cache.authenticate(plaintext)
+
+
+def test_key_cache_forgets_a_key_revoked_here_and_never_remembers_unknown_keys(app):
+    context = app.extensions["gemma_jobs"]
+    plaintext = make_key(app)
+    caller = context.keys.authenticate(plaintext)
+    context.keys.forget(caller.key_id)
+    assert hash_key(plaintext) not in context.keys._rows
+    with pytest.raises(Unauthenticated, match="unknown"):
+        context.keys.authenticate("gj_" + "x" * 40)
+    assert hash_key("gj_" + "x" * 40) not in context.keys._rows
+
+
+def _caller(context, auth: dict[str, str]) -> Caller:
+    return context.keys.authenticate(auth["Authorization"].removeprefix("Bearer "))
+
