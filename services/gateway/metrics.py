@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway: requests, latency, submits, and queue depth from SQL.
+"""Prometheus metrics of the gateway: requests, latency, submits; queue depth and ended jobs from SQL.
 
 gunicorn runs several worker processes; each writes its samples to files under
 PROMETHEUS_MULTIPROC_DIR (set by `gemma-jobs gateway` before forking), and /metrics merges
@@ -19,9 +19,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.domain.operations import queue_stats
+from shared.job_store import ended_counts
 from shared.models import utcnow
 
 REQUESTS = Counter(
@@ -36,8 +37,12 @@ LATENCY = Histogram(
 JOBS_SUBMITTED = Counter("gemma_jobs_jobs_submitted_total", "Jobs accepted", ["kind", "model"])
 
 
-class QueueCollector:
-    """Queue depth and running jobs per queue, read from the database at scrape time."""
+class DatabaseCollector:
+    """Queue depth and running jobs per queue, and jobs ended by status, read from the database at scrape time.
+
+    Ended jobs are counted where they end (a worker, the reaper, a cancel), in the same
+    transaction, so the counter is the whole system's, whichever process ended the job.
+    """
 
     def __init__(self, context):
         self.context = context
@@ -49,6 +54,9 @@ class QueueCollector:
             "gemma_jobs_queue_oldest_wait_seconds", "Wait of the oldest queued job", labels=["queue"]
         )
         consumers = GaugeMetricFamily("gemma_jobs_queue_live_workers", "Live workers consuming", labels=["queue"])
+        ended = CounterMetricFamily(
+            "gemma_jobs_jobs_finished", "Jobs that ended, by status", labels=["kind", "model", "status"]
+        )
         settings = self.context.settings
         with self.context.db.session_scope(read_only=True) as session:
             for queue in queue_stats(session, utcnow(), settings.worker_dead_after_s):
@@ -56,7 +64,9 @@ class QueueCollector:
                 running.add_metric([queue.name], queue.running)
                 oldest.add_metric([queue.name], queue.oldest_wait_s or 0.0)
                 consumers.add_metric([queue.name], queue.live_workers)
-        yield from (queued, running, oldest, consumers)
+            for kind, model, status, jobs in ended_counts(session):
+                ended.add_metric([kind, model, status], jobs)
+        yield from (queued, running, oldest, consumers, ended)
 
 
 def install_metrics(app: Flask, context) -> None:
@@ -85,6 +95,6 @@ def install_metrics(app: Flask, context) -> None:
 
             registry = REGISTRY
         scrape = CollectorRegistry()
-        scrape.register(QueueCollector(context))
+        scrape.register(DatabaseCollector(context))
         body = generate_latest(registry) + generate_latest(scrape)
         return Response(body, content_type=CONTENT_TYPE_LATEST)

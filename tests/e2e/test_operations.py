@@ -145,6 +145,9 @@ def test_registry_queues_waiting_hint_status_and_metrics(ops):
     assert metric(page, "gemma_jobs_jobs_submitted_total", kind="generation", model=DEFAULT_MODEL_ID) == 1
     assert metric(page, "gemma_jobs_jobs_submitted_total", kind="fine_tune", model=DEFAULT_MODEL_ID) == 1
     assert metric(page, "gemma_jobs_queue_depth", queue=f"fine_tune.{DEFAULT_MODEL_ID}") == 1
+    ended = {"kind": "generation", "model": DEFAULT_MODEL_ID}
+    assert metric(page, "gemma_jobs_jobs_finished_total", **ended, status="succeeded") == 1
+    assert metric(page, "gemma_jobs_jobs_finished_total", **{**ended, "model": "broken-model"}, status="failed") == 1
     worker_page = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     assert metric(worker_page, "gemma_jobs_worker_job_duration_seconds_count", kind="generation") == 2
     assert metric(worker_page, "gemma_jobs_worker_tokens_generated_total", model=DEFAULT_MODEL_ID) > 0
