@@ -78,6 +78,9 @@ def _ping_when_idle(engine: Engine, idle_s: float) -> None:
 
 
 _CHECKED_IN_AT = "gemma_jobs_checked_in_at"
+# For busy processes (the gateway, workers): pooled connections used within this long are not
+# pinged at checkout.
+PING_IDLE_AFTER_S = 1.0
 
 
 def _configure_sqlite(dbapi_connection, _record) -> None:

@@ -10,13 +10,14 @@ database did (see "queue overhead" in docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -48,9 +49,57 @@ class Claim:
     rate_window_start: datetime | None = None
 
 
+# The hot path's statements are built once: building one per call cost more CPU than running it.
+# Parameters are named p_*, as SQLAlchemy keeps column names for the SET clause's own values.
+_ADD_EVENT = insert(EVENTS)
+_CLAIM = (
+    update(JOBS)
+    .where(
+        J.id == bindparam("p_job_id"),
+        or_(
+            and_(J.status == JobStatus.QUEUED, or_(J.expires_at.is_(None), J.expires_at > bindparam("p_now"))),
+            and_(
+                J.status == JobStatus.RUNNING,
+                J.lease_expires_at < bindparam("p_now"),
+                J.attempts < bindparam("p_max_attempts"),
+            ),
+        ),
+    )
+    .values(
+        status=JobStatus.RUNNING,
+        started_at=bindparam("p_now"),
+        attempts=J.attempts + 1,
+        worker_id=bindparam("p_worker_id"),
+        worker_device=bindparam("p_device"),
+        heartbeat_at=bindparam("p_now"),
+        lease_expires_at=bindparam("p_lease_expires_at"),
+        # ttl_s bounds the wait before a job first runs; a retry must not expire.
+        expires_at=None,
+    )
+    .returning(
+        J.attempts, J.kind, J.model, J.queue, J.owner_key_id, J.params, J.adapter_id, J.created_at,
+        J.reserved_tokens, J.rate_window_start,
+    )
+)
+_HELD = and_(
+    J.id == bindparam("p_job_id"),
+    J.status == JobStatus.RUNNING,
+    J.worker_id == bindparam("p_worker_id"),
+    J.attempts == bindparam("p_attempt"),
+)
+_END = dict(status=bindparam("p_status"), finished_at=bindparam("p_now"), lease_expires_at=None, reserved_tokens=0)
+_FINISH = update(JOBS).where(_HELD).values(**_END, result=bindparam("p_result"))
+_FAIL = update(JOBS).where(_HELD).values(**_END, error=bindparam("p_error"))
+_ADD_TO_WINDOW = (
+    update(WINDOWS)
+    .where(W.key_id == bindparam("p_key_id"), W.window_start == bindparam("p_window_start"))
+    .values(tokens=W.tokens + bindparam("p_tokens"))
+)
+
+
 def add_event(session: Session, job_id: str, event_type: str, data: dict[str, Any]) -> None:
     """Append an event to a job's history."""
-    session.execute(insert(EVENTS).values(job_id=job_id, type=event_type, data=data))
+    session.execute(_ADD_EVENT, {"job_id": job_id, "type": event_type, "data": data})
 
 
 def claim(
@@ -65,29 +114,11 @@ def claim(
     """Move a job to running for this worker: if queued (and not past its TTL), or if its
     lease lapsed with attempts left. None when someone else has it or it is over."""
     now = utcnow()
-    claimable = or_(
-        and_(J.status == JobStatus.QUEUED, or_(J.expires_at.is_(None), J.expires_at > now)),
-        and_(J.status == JobStatus.RUNNING, J.lease_expires_at < now, J.attempts < max_attempts),
-    )
-    row = session.execute(
-        update(JOBS)
-        .where(J.id == job_id, claimable)
-        .values(
-            status=JobStatus.RUNNING,
-            started_at=now,
-            attempts=J.attempts + 1,
-            worker_id=worker_id,
-            worker_device=device,
-            heartbeat_at=now,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            # ttl_s bounds the wait before a job first runs; a retry must not expire.
-            expires_at=None,
-        )
-        .returning(
-            J.attempts, J.kind, J.model, J.queue, J.owner_key_id, J.params, J.adapter_id, J.created_at,
-            J.reserved_tokens, J.rate_window_start,
-        )
-    ).one_or_none()
+    params = {
+        "p_job_id": job_id, "p_now": now, "p_max_attempts": max_attempts, "p_worker_id": worker_id,
+        "p_device": device, "p_lease_expires_at": now + timedelta(seconds=lease_s),
+    }
+    row = session.execute(_CLAIM, params).one_or_none()
     if row is None:
         return None
     add_event(session, job_id, "status", {"status": JobStatus.RUNNING, "worker_id": worker_id, "attempt": row.attempts})
@@ -134,11 +165,7 @@ def record_progress(
 
 
 def _add_to_window(session: Session, key_id: str, window_start: datetime, tokens: int) -> None:
-    session.execute(
-        update(WINDOWS)
-        .where(W.key_id == key_id, W.window_start == window_start)
-        .values(tokens=W.tokens + tokens)
-    )
+    session.execute(_ADD_TO_WINDOW, {"p_key_id": key_id, "p_window_start": window_start, "p_tokens": tokens})
 
 
 def settle_reservation(session: Session, job_id: str, used_tokens: int) -> None:
@@ -161,25 +188,28 @@ def _used_tokens(usage: dict[str, Any] | None) -> int:
     return usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0) + usage.get("train_tokens", 0)
 
 
-def _upsert(session: Session, table):
-    """Return the backend's INSERT, which has ON CONFLICT clauses (PostgreSQL and SQLite)."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+@functools.cache
+def _upserts(dialect_name: str) -> tuple[Any, Any]:
+    """Return this backend's (charge, count) statements: INSERT … ON CONFLICT (PostgreSQL, SQLite)."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    # No row comes back when the job's charge already existed.
+    charge = dialect.insert(USAGE).on_conflict_do_nothing(index_elements=[USAGE.c.job_id]).returning(USAGE.c.id)
+    count = dialect.insert(OUTCOMES)
+    count = count.on_conflict_do_update(
+        index_elements=[OUTCOMES.c.kind, OUTCOMES.c.model, OUTCOMES.c.status, OUTCOMES.c.shard],
+        set_={"jobs": OUTCOMES.c.jobs + count.excluded.jobs},
+    )
+    return charge, count
 
 
 def count_ended(session: Session, ended: list[tuple[str, str, str, str]]) -> None:
     """Add jobs that this transaction ended, as (job id, kind, model, status), to the outcome counters."""
     counts = Counter((kind, model, status, zlib.crc32(job_id.encode()) % OUTCOME_SHARDS)
                      for job_id, kind, model, status in ended)
+    _, count = _upserts(session.get_bind().dialect.name)
     # Sorted: transactions that end several jobs lock counter rows in one order (no deadlock).
     for (kind, model, status, shard), jobs in sorted(counts.items()):
-        insert = _upsert(session, OUTCOMES).values(kind=kind, model=model, status=status, shard=shard, jobs=jobs)
-        session.execute(
-            insert.on_conflict_do_update(
-                index_elements=[OUTCOMES.c.kind, OUTCOMES.c.model, OUTCOMES.c.status, OUTCOMES.c.shard],
-                set_={"jobs": OUTCOMES.c.jobs + insert.excluded.jobs},
-            )
-        )
+        session.execute(count, {"kind": kind, "model": model, "status": status, "shard": shard, "jobs": jobs})
 
 
 def ended_counts(session: Session) -> list[tuple[str, str, str, int]]:
@@ -194,27 +224,27 @@ def ended_counts(session: Session) -> list[tuple[str, str, str, int]]:
 
 def _charge(session: Session, held: Claim, status: str, usage: dict[str, Any]) -> bool:
     """Insert the job's one usage row; the unique job_id makes a second charge a no-op."""
-    inserted_id = session.scalar(
-        _upsert(session, USAGE)
-        .values(job_id=held.job_id, key_id=held.owner_key_id, model=held.model, status=status, **usage)
-        .on_conflict_do_nothing(index_elements=[USAGE.c.job_id])
-        .returning(USAGE.c.id)  # no row back when the charge already existed
-    )
-    return inserted_id is not None
+    charge, _ = _upserts(session.get_bind().dialect.name)
+    row = {"job_id": held.job_id, "key_id": held.owner_key_id, "model": held.model, "status": status, **usage}
+    return session.scalar(charge, row) is not None
 
 
-def _end(session: Session, held: Claim, worker_id: str, status: str, used_tokens: int, **values: Any) -> bool:
-    """End the attempt this worker holds, with its event, and settle the job's reservation."""
-    ended = session.execute(
-        update(JOBS)
-        .where(*_held_by(held, worker_id))
-        .values(status=status, finished_at=utcnow(), lease_expires_at=None, reserved_tokens=0, **values)
-    ).rowcount
+def _end(
+    session: Session, held: Claim, worker_id: str, status: str, used_tokens: int,
+    result: dict[str, Any] | None = None, error: dict[str, str] | None = None,
+) -> bool:
+    """End the attempt this worker holds with a result or an error, its event, and settle the reservation."""
+    params = {"p_job_id": held.job_id, "p_worker_id": worker_id, "p_attempt": held.attempt, "p_status": status,
+              "p_now": utcnow()}
+    if error is None:
+        ended = session.execute(_FINISH, {**params, "p_result": result}).rowcount
+    else:
+        ended = session.execute(_FAIL, {**params, "p_error": error}).rowcount
     if not ended:
         return False
     data = {"status": status}
-    if values.get("error"):
-        data["code"] = values["error"]["code"]
+    if error is not None:
+        data["code"] = error["code"]
     add_event(session, held.job_id, "status", data)
     count_ended(session, [(held.job_id, held.kind, held.model, status)])
     # Only the holder ends a running job, once: the reservation read at claim is still the job's.

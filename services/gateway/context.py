@@ -10,7 +10,7 @@ from flask import current_app
 from services.domain.keys import KeyCache, find_key
 from services.domain.operations import LiveQueues
 from services.domain.token_counter import TokenCounter
-from shared.db import Database
+from shared.db import PING_IDLE_AFTER_S, Database
 from shared.publish import JobPublisher
 from shared.registry import ModelRegistry
 from shared.settings import Settings
@@ -18,8 +18,6 @@ from shared.storage import Storage
 
 # How long a process trusts a key row it read: a key revoked elsewhere works here that much longer.
 KEY_CACHE_TTL_S = 5.0
-# Pooled connections used within this long are not pinged at checkout (see shared.db).
-PING_IDLE_AFTER_S = 1.0
 
 
 @dataclass
