@@ -1,13 +1,14 @@
 """Batching across jobs: (a) stack vs raw batched `generate`, (b) batching on vs off,
 (c) mixed lengths arriving over time, continuous vs static batching.
 
-    .venv/bin/python bench/batching.py [--jobs 16] [--new-tokens 32] [--mixed-jobs 16]
+    .venv/bin/python bench/batching.py [--jobs 16] [--new-tokens 32] [--mixed-jobs 16] [--rounds 3]
 
 All in one run, on this machine's CPU, gemma-3-270m from the cached safetensors:
 (a) raw: one transformers `generate` call over all prompts (left-padded, greedy, exactly
     --new-tokens each, fp32: the dtype a batching CPU worker uses); stack: the same prompts
     as concurrent HTTP jobs to one `gemma-jobs worker --concurrency <jobs>`, clock from the
-    first submit to the last job finished, tokens counted from the results.
+    first submit to the last job finished, tokens counted from the results. --rounds
+    alternates raw and stack runs and compares their medians (single runs swing ±20% here).
 (b) the same jobs with `--concurrency 1` (batching off: one job at a time, bf16, which is
     what such a worker picks as fastest for one sequence) and, for the same-dtype view, fp32.
 (c) --mixed-jobs jobs with max_new_tokens spread log-uniformly from 8 to 256 (fixed seed), one submitted
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--mixed-jobs", type=int, default=16)
     parser.add_argument("--arrival-s", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=1, help="(a): alternate raw and stack runs; medians")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/11"))
     args = parser.parse_args()
@@ -132,11 +134,19 @@ def main() -> None:
         workdir = Path(folder)
         batched = None
         if "a" not in skip or "b" not in skip:
-            batched = stack_tokens_per_s(workdir, "batched", args, ["--concurrency", str(args.jobs)], {})
+            raws, stacks = [], []
+            for round_ in range(args.rounds if "a" not in skip else 1):
+                worker = ["--concurrency", str(args.jobs)]
+                stacks.append(stack_tokens_per_s(workdir, f"batched-{round_}", args, worker, {}))
+                if "a" not in skip:
+                    raws.append(raw_generate(prompts(args.jobs), args.new_tokens))
+            batched = statistics.median(stacks)
         if "a" not in skip:
-            raw = raw_generate(prompts(args.jobs), args.new_tokens)
+            raw = statistics.median(raws)
             print(f"(a) raw generate fp32 batch {args.jobs}: {raw:.1f} tok/s | stack --concurrency {args.jobs}: "
-                  f"{batched:.1f} tok/s | ratio {batched / raw:.2f}", flush=True)
+                  f"{batched:.1f} tok/s | ratio {batched / raw:.2f} (medians of {args.rounds}: raw "
+                  f"{', '.join(f'{value:.1f}' for value in raws)}; stack {', '.join(f'{v:.1f}' for v in stacks)})",
+                  flush=True)
         if "b" not in skip:
             off = stack_tokens_per_s(workdir, "off", args, ["--concurrency", "1"], {})
             off32 = stack_tokens_per_s(workdir, "off32", args, ["--concurrency", "1"],
