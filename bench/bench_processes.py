@@ -113,6 +113,12 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, interval: float 
         time.sleep(interval)
 
 
+def child_env(**values: str) -> dict[str, str]:
+    """Return this environment with product defaults (no GEMMA_JOBS_* inherited), plus these values."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GEMMA_JOBS_")}
+    return {**env, **values}
+
+
 def answers(url: str) -> bool:
     """Return whether a GET on a URL answers 200 right now."""
     try:

@@ -25,9 +25,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +35,7 @@ import redis
 import requests
 
 # A sibling script (bench/ is on sys.path when a script in it runs).
-from bench_processes import Child, fresh_postgres, wait_until
-
-from services.domain.keys import create_key
-from services.stack import free_port
-from shared.db import Database
+from bench_processes import fresh_postgres, new_key, serving
 
 SUBMIT_BODY = {"model": "gemma-3-270m", "prompt": "The history of the printing press begins", "max_new_tokens": 32}
 FLOORS = {"submit": 0.25, "poll": 0.5}
@@ -135,15 +130,6 @@ def run_wrk(url: str, script: Path, *, connections: int, threads: int, duration_
     return WrkResult(count, duration_us / 1e6, histogram)
 
 
-def new_key(database_url: str) -> tuple[str, str]:
-    """Create a user key with no limits; return its id and plaintext."""
-    db = Database(database_url)
-    with db.session_scope() as session:
-        row, plaintext = create_key(session, role="user", name="bench")
-    db.dispose()
-    return row.id, plaintext
-
-
 def serving_gateway(args, database_url: str, workdir: Path, name: str, **settings: str):
     """Run `gemma-jobs gateway` with args' workers and threads, product defaults (no GEMMA_JOBS_*
     inherited) and these settings; yield its base URL."""
@@ -154,26 +140,6 @@ def serving_gateway(args, database_url: str, workdir: Path, name: str, **setting
     command = [sys.executable, "-m", "services.cli", "gateway", "--workers", str(args.workers),
                "--threads", str(args.threads)]
     return serving(command, "/readyz", workdir / f"{name}.log", env)
-
-
-@contextmanager
-def serving(command: list[str], ready_path: str, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run a server (`command` gets `--port N` appended) until the block ends; yield its base URL."""
-    port = free_port()
-    server = Child([*command, "--port", str(port)], env or dict(os.environ), log_path)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(base_url + ready_path), 60, interval=0.2, child=server)
-        yield base_url
-    finally:
-        server.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def trivial_app():

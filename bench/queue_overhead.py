@@ -33,7 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import redis
-from bench_processes import Child, fresh_postgres, wait_until
+from bench_processes import Child, child_env, fresh_postgres, wait_until
 from celery import signals
 from sqlalchemy import func, select
 
@@ -184,12 +184,6 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
     finally:
         child.stop()
     return json.loads(result.read_text())
-
-
-def child_env(**values: str) -> dict[str, str]:
-    """Product defaults (no GEMMA_JOBS_* inherited) plus these."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GEMMA_JOBS_")}
-    return {**env, **values}
 
 
 def run_raw(args, workdir: Path) -> dict:

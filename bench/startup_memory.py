@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import redis
 import requests
-from bench_processes import Child, fresh_postgres, wait_until
+from bench_processes import CLI, Child, answers, child_env, fresh_postgres, wait_until
 from sqlalchemy import select
 
 from services.domain.keys import create_key
@@ -43,7 +43,6 @@ from shared.db import Database
 from shared.models import WorkerRecord
 from shared.registry import DEFAULT_MODEL_ID
 
-CLI = [sys.executable, "-m", "services.cli"]
 READY_FLOOR_S = 5.0
 RSS_FLOOR_MB = 150.0
 SHORT = {"model": DEFAULT_MODEL_ID, "prompt": "The capital of France is", "max_new_tokens": 8}
@@ -89,12 +88,6 @@ print(json.dumps(sorted(name for name in ("torch", "transformers") if name in sy
 
 def mb(process: psutil.Process) -> float:
     return process.memory_info().rss / 1e6
-
-
-def child_env(**values: str) -> dict[str, str]:
-    """Product defaults (no GEMMA_JOBS_* inherited but the model cache) plus these."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GEMMA_JOBS_")}
-    return {**env, **values}
 
 
 # --- the worker --------------------------------------------------------------------------------
@@ -160,7 +153,7 @@ def gateway_rss(args, command: list[str], env: dict[str, str], workdir: Path, na
                   env, workdir / f"gateway-{name}.log")
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(f"{base_url}/readyz"), 60, interval=0.1, child=child)
+        wait_until(lambda: answers(f"{base_url}/readyz"), 60, interval=0.1, child=child)
         headers = {"Authorization": f"Bearer {args.key}"}
         for body in [SHORT] * args.submits + ([LONG] if long_prompt else []):
             # A new connection each time, so every gunicorn worker takes some.
@@ -173,13 +166,6 @@ def gateway_rss(args, command: list[str], env: dict[str, str], workdir: Path, na
                 "torch_mapped": any(_maps_torch(process.pid) for process in [master, *workers])}
     finally:
         child.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def _maps_torch(pid: int) -> bool:

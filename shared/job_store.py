@@ -87,6 +87,14 @@ _HELD = and_(
     J.worker_id == bindparam("p_worker_id"),
     J.attempts == bindparam("p_attempt"),
 )
+_RENEW = update(JOBS).where(_HELD).values(
+    heartbeat_at=bindparam("p_now"), lease_expires_at=bindparam("p_lease_expires_at")
+)
+_RECORD_PROGRESS = update(JOBS).where(_HELD).values(progress=bindparam("p_progress"))
+_HAND_BACK = update(JOBS).where(_HELD).values(
+    status=JobStatus.QUEUED, worker_id=None, worker_device=None, heartbeat_at=None, lease_expires_at=None,
+    enqueued_at=bindparam("p_now"),
+)
 _END = dict(status=bindparam("p_status"), finished_at=bindparam("p_now"), lease_expires_at=None, reserved_tokens=0)
 _FINISH = update(JOBS).where(_HELD).values(**_END, result=bindparam("p_result"))
 _FAIL = update(JOBS).where(_HELD).values(**_END, error=bindparam("p_error"))
@@ -137,17 +145,16 @@ def claim(
     )
 
 
-def _held_by(held: Claim, worker_id: str):
-    return (J.id == held.job_id, J.status == JobStatus.RUNNING, J.worker_id == worker_id, J.attempts == held.attempt)
+def _held(held: Claim, worker_id: str) -> dict[str, Any]:
+    """Return the parameters of `_HELD`: this worker's attempt, still running."""
+    return {"p_job_id": held.job_id, "p_worker_id": worker_id, "p_attempt": held.attempt, "p_now": utcnow()}
 
 
 def renew_lease(session: Session, held: Claim, worker_id: str, lease_s: float) -> str | None:
     """Extend the lease; return None while it is held, else the job's status now."""
-    now = utcnow()
+    params = _held(held, worker_id)
     renewed = session.execute(
-        update(JOBS)
-        .where(*_held_by(held, worker_id))
-        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_s))
+        _RENEW, {**params, "p_lease_expires_at": params["p_now"] + timedelta(seconds=lease_s)}
     ).rowcount
     if renewed:
         return None
@@ -158,7 +165,7 @@ def record_progress(
     session: Session, held: Claim, worker_id: str, progress: dict[str, Any], event: dict[str, Any] | None = None
 ) -> bool:
     """Store a running job's progress (and an event for its history) while this worker holds it."""
-    updated = session.execute(update(JOBS).where(*_held_by(held, worker_id)).values(progress=progress)).rowcount
+    updated = session.execute(_RECORD_PROGRESS, {**_held(held, worker_id), "p_progress": progress}).rowcount
     if updated and event is not None:
         add_event(session, held.job_id, "progress", event)
     return bool(updated)
@@ -234,8 +241,7 @@ def _end(
     result: dict[str, Any] | None = None, error: dict[str, str] | None = None,
 ) -> bool:
     """End the attempt this worker holds with a result or an error, its event, and settle the reservation."""
-    params = {"p_job_id": held.job_id, "p_worker_id": worker_id, "p_attempt": held.attempt, "p_status": status,
-              "p_now": utcnow()}
+    params = {**_held(held, worker_id), "p_status": status}
     if error is None:
         ended = session.execute(_FINISH, {**params, "p_result": result}).rowcount
     else:
@@ -301,18 +307,7 @@ def charge_cancelled(session: Session, held: Claim, worker_id: str, usage: dict[
 
 def hand_back(session: Session, held: Claim, worker_id: str) -> bool:
     """Return a running job to the queue (worker shutting down); the caller republishes it."""
-    handed = session.execute(
-        update(JOBS)
-        .where(*_held_by(held, worker_id))
-        .values(
-            status=JobStatus.QUEUED,
-            worker_id=None,
-            worker_device=None,
-            heartbeat_at=None,
-            lease_expires_at=None,
-            enqueued_at=utcnow(),
-        )
-    ).rowcount
+    handed = session.execute(_HAND_BACK, _held(held, worker_id)).rowcount
     if handed:
         add_event(session, held.job_id, "status", {"status": JobStatus.QUEUED, "reason": "handed_back"})
     return bool(handed)
