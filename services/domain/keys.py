@@ -73,12 +73,6 @@ _AUTHENTICATE = select(
 ).where(ApiKey.key_hash == bindparam("key_hash"))
 
 
-def authenticate(session: Session | Connection, plaintext: str | None) -> Caller:
-    """Return the caller for a bearer key, or raise Unauthenticated."""
-    digest = _digest(plaintext)
-    return caller_for(find_key(session, digest), digest)
-
-
 def find_key(session: Session | Connection, digest: str) -> Row | None:
     """Return the authentication columns of the key with this hash, if any."""
     return session.execute(_AUTHENTICATE, {"key_hash": digest}).first()
