@@ -29,6 +29,7 @@ from workers.generation import GenerationError, GenerationOutput, finish_text, p
 from workers.model_loader import LoadedModel
 from workers.sampling import Sampler
 from workers.stopping import stop_string_seen
+from workers.token_publisher import StepWrites
 
 log = structlog.get_logger(__name__)
 
@@ -70,13 +71,23 @@ class Sequence:
 class BatchEngine:
     """Runs up to `max_batch` sequences of one model together, one token per row per step."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, adapters=None, static: bool = False, cpu_threads=None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int,
+        adapters=None,
+        static: bool = False,
+        cpu_threads=None,
+        step_writes: StepWrites | None = None,
+    ):
         self.loaded = loaded
         self.max_batch = max_batch
         # Static batching (a benchmark baseline): admit only into an empty batch.
         self.static = static
         self.adapters = adapters  # the worker's AdapterCache; None runs the bare model
         self.cpu_threads = cpu_threads  # a CPU worker's CpuThreads; applied in the thread that steps
+        # Token-stream writes that jobs' `on_tokens` queue during a step; sent before any job is handed back.
+        self.step_writes = step_writes
         config = loaded.model.config
         sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
         self.batch = BatchCache(config.sliding_window if sliding else None)
@@ -233,6 +244,7 @@ class BatchEngine:
 
     def _retire(self) -> None:
         """Finish every row that is done and drop it from the batch."""
+        self._flush_writes()
         keep = []
         for row, sequence in enumerate(self.active):
             if self._finished(sequence):
@@ -254,6 +266,7 @@ class BatchEngine:
 
     def _complete(self, sequence: Sequence, error: BaseException | None = None) -> None:
         """Hand a sequence's output (or error) back to the job thread waiting for it."""
+        self._flush_writes()  # its thread writes the stream's end next; earlier writes go first
         if error is None:
             text, reason = finish_text(self.loaded, sequence.tokens, sequence.params)
             sequence.output = GenerationOutput(
@@ -267,6 +280,11 @@ class BatchEngine:
             )
         sequence.error = error
         sequence.done.set()
+
+
+    def _flush_writes(self) -> None:
+        if self.step_writes is not None:
+            self.step_writes.flush()
 
 
 def _prefill_chunks(joining: list[Sequence]) -> list[list[Sequence]]:

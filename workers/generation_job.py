@@ -31,7 +31,12 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
             engine = rt.engine(held.params.get("base_model", held.model))
             adapter_path = _adapter_path(rt, held.adapter_id) if held.adapter_id else None
             publisher = TokenPublisher(
-                rt.redis, engine.loaded.tokenizer, job_id, held.attempt, held.params.get("stop") or []
+                rt.redis,
+                engine.loaded.tokenizer,
+                job_id,
+                held.attempt,
+                held.params.get("stop") or [],
+                step_writes=engine.step_writes,
             )
             output = engine.generate(
                 held.params,

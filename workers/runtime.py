@@ -21,6 +21,7 @@ from workers.batch_engine import BatchEngine
 from workers.cpu_threads import CpuThreads, usable_cores
 from workers.model_cache import ModelCache
 from workers.model_loader import generation_dtype
+from workers.token_publisher import StepWrites
 
 
 @dataclass
@@ -80,7 +81,12 @@ class WorkerRuntime:
             if model_id not in self._engines:
                 static = self.settings.batching == "static"
                 self._engines[model_id] = BatchEngine(
-                    loaded, self.concurrency, self.adapters, static, cpu_threads=self.cpu_threads
+                    loaded,
+                    self.concurrency,
+                    self.adapters,
+                    static,
+                    cpu_threads=self.cpu_threads,
+                    step_writes=StepWrites(self.redis),
                 )
             return self._engines[model_id]
 
