@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # (CPUs without bf16 matrix units run fp32 matrix products several times faster; see
     # docs/benchmarks.md).
     cpu_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # Greedy rows of float32 CPU batches: screen the output layer in bf16 and compute only the
+    # tokens that could win exactly (workers/greedy_screen.py); same tokens, faster steps.
+    # "auto": on where the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX).
+    greedy_screen: Literal["auto", "on", "off"] = "auto"
     # Torch threads of a CPU worker. "auto": the cores split evenly among the live CPU workers
     # on this host (re-checked at each heartbeat), or OMP_NUM_THREADS when that is set.
     cpu_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from workers.adapter_cache import AdapterUnavailable
 from workers.batch_cache import BatchCache
 from workers.generation import GenerationError, GenerationOutput, finish_text, prompt_ids_within_context
+from workers.greedy_screen import GreedyScreen
 from workers.model_loader import LoadedModel
 from workers.sampling import Sampler
 from workers.stopping import stop_string_seen
@@ -79,6 +80,7 @@ class BatchEngine:
         static: bool = False,
         cpu_threads=None,
         step_writes: StepWrites | None = None,
+        greedy_screen: GreedyScreen | None = None,
     ):
         self.loaded = loaded
         self.max_batch = max_batch
@@ -88,6 +90,8 @@ class BatchEngine:
         self.cpu_threads = cpu_threads  # a CPU worker's CpuThreads; applied in the thread that steps
         # Token-stream writes that jobs' `on_tokens` queue during a step; sent before any job is handed back.
         self.step_writes = step_writes
+        # Picks greedy rows' tokens without the float32 output layer (base-model batches only).
+        self.greedy_screen = greedy_screen
         config = loaded.model.config
         sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
         self.batch = BatchCache(config.sliding_window if sliding else None)
@@ -203,13 +207,14 @@ class BatchEngine:
         valid = torch.arange(width, device=device)[None, :] >= starts[:, None]
         try:
             rows_cache = DynamicCache()
-            output = loaded.model(
+            tokens = self._forward_and_pick(
+                loaded,
+                joining,
                 input_ids=input_ids,
                 attention_mask=valid.long(),
                 position_ids=(valid.long().cumsum(dim=1) - 1).clamp(min=0),
                 cache=rows_cache,
                 use_cache=True,
-                logits_to_keep=1,
             )
         except Exception as exc:  # noqa: BLE001 - these prompts failed; the batch goes on
             log.exception("prefill_failed", rows=len(joining))
@@ -218,24 +223,40 @@ class BatchEngine:
             return
         self.batch.add(rows_cache, valid)
         share = (time.monotonic() - started) / len(joining)
-        for row, sequence in enumerate(joining):
+        for sequence, token in zip(joining, tokens):
             sequence.gpu_seconds += share
             self.active.append(sequence)
-            self._append(sequence, sequence.sampler.pick(output.logits[row, -1], sequence.history()))
+            self._append(sequence, token)
 
     def _decode(self, loaded: LoadedModel) -> None:
         """Feed every row its newest token and pick the next one."""
         started = time.monotonic()
         last = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.loaded.device)
-        logits = loaded.model(input_ids=last, use_cache=True, **self.batch.step_inputs()).logits[:, -1]
-        greedy = logits.argmax(dim=-1).tolist()  # one batched argmax serves most rows
-        for row, sequence in enumerate(self.active):
-            sampler = sequence.sampler
-            token = greedy[row] if sampler.plain_greedy else sampler.pick(logits[row], sequence.history())
+        tokens = self._forward_and_pick(loaded, self.active, input_ids=last, use_cache=True, **self.batch.step_inputs())
+        for sequence, token in zip(self.active, tokens):
             self._append(sequence, token)
         share = (time.monotonic() - started) / len(self.active)
         for sequence in self.active:
             sequence.gpu_seconds += share
+
+    def _forward_and_pick(self, loaded: LoadedModel, rows: list[Sequence], **inputs) -> list[int]:
+        """Run one forward pass over `rows` and pick each row's next token with its own sampler."""
+        screen = self.greedy_screen if self.group is None else None
+        if screen is None:
+            logits = loaded.model(**inputs, logits_to_keep=1).logits[:, -1]
+            greedy = logits.argmax(dim=-1).tolist()  # one batched argmax serves most rows
+            return [
+                greedy[row] if s.sampler.plain_greedy else s.sampler.pick(logits[row], s.history())
+                for row, s in enumerate(rows)
+            ]
+        hidden = loaded.model.model(**inputs).last_hidden_state[:, -1]
+        plain = [row for row, s in enumerate(rows) if s.sampler.plain_greedy]
+        others = [row for row, s in enumerate(rows) if not s.sampler.plain_greedy]
+        tokens = dict(zip(plain, screen.pick(hidden[plain]))) if plain else {}
+        if others:  # sampling and penalties need every logit of their rows
+            for row, row_logits in zip(others, _output_logits(loaded.model, hidden[others])):
+                tokens[row] = rows[row].sampler.pick(row_logits, rows[row].history())
+        return [tokens[row] for row in range(len(rows))]
 
     def _append(self, sequence: Sequence, token: int) -> None:
         sequence.tokens.append(token)
@@ -299,6 +320,13 @@ def _prefill_chunks(joining: list[Sequence]) -> list[list[Sequence]]:
                 continue
         chunks.append([sequence])
     return chunks
+
+
+def _output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Return a causal LM's logits for final hidden states: what its forward does after the layers."""
+    logits = model.lm_head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def generate_alone(loaded: LoadedModel, params: dict[str, Any], **kwargs) -> GenerationOutput:

@@ -19,6 +19,7 @@ from shared.storage import Storage
 from workers.adapter_cache import AdapterCache
 from workers.batch_engine import BatchEngine
 from workers.cpu_threads import CpuThreads, usable_cores
+from workers.greedy_screen import greedy_screen_for
 from workers.model_cache import ModelCache
 from workers.model_loader import generation_dtype
 from workers.token_publisher import StepWrites
@@ -87,6 +88,7 @@ class WorkerRuntime:
                     static,
                     cpu_threads=self.cpu_threads,
                     step_writes=StepWrites(self.redis),
+                    greedy_screen=greedy_screen_for(loaded, self.settings.greedy_screen),
                 )
             return self._engines[model_id]
 

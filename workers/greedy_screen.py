@@ -1,0 +1,70 @@
+"""Exact greedy tokens from a bf16 screen of the output layer, for float32 CPU batches.
+
+Gemma's output layer is a [262144, 640] matrix: in float32 it is most of a batched decode
+step on the CPU (~90 of ~150 ms for 16 rows here), while on a CPU with bf16 dot-product
+instructions the same product in bf16 takes ~22 ms. Greedy rows only need the argmax, so the
+screen computes every logit in bf16, keeps the tokens that could still be the largest given a
+proven bound on the bf16 error, and computes just those exactly (float64). The pick is the
+argmax of the exact logits, whatever the batch, so a job's tokens stay the same in a batch
+and alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# A bf16 value is within a relative 2^-8 of the number it rounds (8 significant bits).
+BF16_UNIT = 2.0**-8
+FP32_UNIT = 2.0**-24
+# Slack over the proven bound, against the bound's own float rounding.
+SAFETY = 1.5
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Return whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where the screen pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def greedy_screen_for(loaded, setting: str) -> GreedyScreen | None:
+    """Return a screen for a loaded model's batches, or None: "on", or "auto" on a bf16-capable CPU.
+
+    Only a float32 CPU model with a plain output layer qualifies: in bf16 there is nothing to
+    screen, and a GPU's float32 product is already fast.
+    """
+    head = getattr(loaded.model, "lm_head", None)
+    usable = loaded.device.type == "cpu" and loaded.dtype == torch.float32 and type(head) is torch.nn.Linear
+    if not usable or setting == "off" or (setting == "auto" and not cpu_has_bf16_dot()):
+        return None
+    return GreedyScreen(head.weight)
+
+
+class GreedyScreen:
+    """Picks the argmax of `hidden @ weight.T` per row, screening in bf16 and checking exactly."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # the model's own float32 output layer, shared
+        self.screen = weight.detach().to(torch.bfloat16)
+        # Error of one screened logit, per unit of the row's norm (Cauchy-Schwarz on each term):
+        # rounding the row and the weights to bf16, float32 accumulation, rounding the output.
+        largest = float(weight.detach().double().norm(dim=1).max())
+        self.error_per_norm = SAFETY * largest * (3 * BF16_UNIT + weight.shape[1] * FP32_UNIT)
+
+    def pick(self, hidden: torch.Tensor) -> list[int]:
+        """Return each row's token: the exact argmax of its logits (first index on a tie)."""
+        estimates = hidden.to(torch.bfloat16) @ self.screen.T
+        tops = estimates.max(dim=1).values.double()
+        margins = 2 * self.error_per_norm * hidden.double().norm(dim=1)
+        tokens = []
+        for row in range(hidden.shape[0]):
+            # Every token whose exact logit could beat the best estimate's exact logit.
+            threshold = (tops[row] - margins[row]).to(torch.bfloat16)
+            candidates = (estimates[row] >= threshold).nonzero().squeeze(1)
+            exact = self.weight[candidates].double() @ hidden[row].double()
+            tokens.append(int(candidates[exact.argmax()]))
+        return tokens
