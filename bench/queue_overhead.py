@@ -107,6 +107,7 @@ class NoopEngine:
     """Stands in for a model's BatchEngine: every job generates one token, at once."""
 
     loaded = SimpleNamespace(tokenizer=_NoopTokenizer())
+    step_writes = None  # no steps: the one token is written with the final text
 
     def generate(self, params, **_kwargs):
         from workers.generation import GenerationOutput
