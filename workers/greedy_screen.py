@@ -20,6 +20,8 @@ BF16_UNIT = 2.0**-8
 FP32_UNIT = 2.0**-24
 # Slack over the proven bound, against the bound's own float rounding.
 SAFETY = 1.5
+# More candidates than this (a nearly flat row) are not worth an exact pass: the row falls back.
+MAX_CANDIDATES = 4096
 
 
 def cpu_has_bf16_dot() -> bool:
@@ -63,8 +65,12 @@ class GreedyScreen:
         tokens = []
         for row in range(hidden.shape[0]):
             # Every token whose exact logit could beat the best estimate's exact logit.
-            threshold = (tops[row] - margins[row]).to(torch.bfloat16)
-            candidates = (estimates[row] >= threshold).nonzero().squeeze(1)
+            threshold = tops[row] - margins[row]
+            candidates = (estimates[row] >= threshold.to(torch.bfloat16)).nonzero().squeeze(1)
+            if not torch.isfinite(threshold) or not 0 < len(candidates) <= MAX_CANDIDATES:
+                # A broken row (NaN or inf) or a flat one: the plain float32 argmax, as without the screen.
+                tokens.append(int((self.weight @ hidden[row]).argmax()))
+                continue
             exact = self.weight[candidates].double() @ hidden[row].double()
             tokens.append(int(candidates[exact.argmax()]))
         return tokens

@@ -37,3 +37,18 @@ def test_a_row_alone_gets_the_same_pick_as_in_a_batch():
     batched = screen.pick(hidden)
     assert batched == _exact_argmax(weight, hidden)
     assert [screen.pick(hidden[row : row + 1])[0] for row in range(16)] == batched
+
+
+def test_a_broken_row_falls_back_to_the_plain_argmax_and_leaves_the_others_alone():
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(8192, 32, generator=generator)
+    hidden = torch.randn(4, 32, generator=generator)
+    expected = _exact_argmax(weight, hidden)
+    hidden[1, 3] = float("nan")
+    hidden[2, 0] = float("inf")
+    hidden[3] = 0.0  # every logit ties: more candidates than MAX_CANDIDATES
+
+    picks = GreedyScreen(weight).pick(hidden)
+
+    assert picks[0] == expected[0]
+    assert picks[1:] == [int((weight @ hidden[row]).argmax()) for row in (1, 2, 3)]
