@@ -18,7 +18,8 @@ import torch
 from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
 from shared.settings import load_settings
 from workers.batch_engine import BatchEngine
-from workers.greedy_screen import GreedyScreen, cpu_has_bf16_dot
+from workers.cpu_threads import cpu_has_bf16_dot
+from workers.greedy_screen import GreedyScreen
 from workers.model_loader import load_model
 
 

@@ -8,6 +8,7 @@ Torch's thread count is per calling thread, so the thread that runs the model ap
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import structlog
 import torch
@@ -18,6 +19,15 @@ log = structlog.get_logger(__name__)
 def usable_cores() -> int:
     """Return the cores this process may run on (its CPU affinity, e.g. under taskset or a cgroup)."""
     return len(os.sched_getaffinity(0))
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Return whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 batches pay."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 class CpuThreads:

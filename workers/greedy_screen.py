@@ -11,9 +11,9 @@ and alone.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+
+from workers.cpu_threads import cpu_has_bf16_dot
 
 # A bf16 value is within a relative 2^-8 of the number it rounds (8 significant bits).
 BF16_UNIT = 2.0**-8
@@ -22,15 +22,6 @@ FP32_UNIT = 2.0**-24
 SAFETY = 1.5
 # More candidates than this (a nearly flat row) are not worth an exact pass: the row falls back.
 MAX_CANDIDATES = 4096
-
-
-def cpu_has_bf16_dot() -> bool:
-    """Return whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where the screen pays."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def greedy_screen_for(loaded, setting: str) -> GreedyScreen | None:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 from shared.registry import ModelEntry  # noqa: E402
+from workers.cpu_threads import cpu_has_bf16_dot  # noqa: E402
 from workers.tokenizer_cache import load_tokenizer  # noqa: E402
 
 log = structlog.get_logger(__name__)
@@ -53,15 +54,18 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def generation_dtype(device: torch.device, concurrency: int, cpu_dtype: str = "auto") -> torch.dtype:
-    """Pick the dtype a worker generates in; on the CPU it depends on whether jobs are batched."""
+def generation_dtype(
+    device: torch.device, concurrency: int, cpu_dtype: str = "auto", bf16_dot: bool | None = None
+) -> torch.dtype:
+    """Pick the dtype a worker generates in; on the CPU it depends on the CPU and on batching."""
     if device.type == "cuda":
         return dtype_for(device)
     if cpu_dtype != "auto":
         return getattr(torch, cpu_dtype)
-    # Measured here: bf16 is ~2x faster for one sequence (half the bytes to read), fp32 ~1.4x
-    # faster at batch 16 (no bf16 matrix units on AVX2, so bf16 products are slow).
-    return torch.float32 if concurrency > 1 else torch.bfloat16
+    bf16_dot = cpu_has_bf16_dot() if bf16_dot is None else bf16_dot
+    # Measured: bf16 is ~2x faster for one sequence (half the bytes to read). At batch 16 a
+    # CPU without bf16 dot products (AVX2) runs fp32 ~1.4x faster; one with them, bf16.
+    return torch.float32 if concurrency > 1 and not bf16_dot else torch.bfloat16
 
 
 def weights_dir(entry: ModelEntry, cache_root: Path) -> Path:

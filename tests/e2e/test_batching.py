@@ -1,7 +1,7 @@
-"""Batching across jobs through the real stack: one worker with --concurrency 8 (fp32 on the
-CPU) on PostgreSQL and Redis. Jobs that share decode steps give exactly what each gives
-alone, a short job leaves a batch before a long one, one job cancels without disturbing the
-rest, and tokens stream live over SSE."""
+"""Batching across jobs through the real stack: one worker with --concurrency 8 (bf16 on a
+CPU with bf16 dot products, else fp32) on PostgreSQL and Redis. Jobs that share decode steps
+give exactly what each gives alone, a short job leaves a batch before a long one, one job
+cancels without disturbing the rest, and tokens stream live over SSE."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ MIXED_JOBS = [
 
 @pytest.fixture(scope="module")
 def batching_stack(start_stack: StartStack, tmp_path_factory, postgres_admin_url):
-    """One fp32 worker batching 8 jobs, on a fresh PostgreSQL database."""
+    """One worker batching 8 jobs, on a fresh PostgreSQL database."""
     workdir = tmp_path_factory.mktemp("batching")
     with start_stack(
         workdir, postgres_admin_url, env_overrides=FAST_RECOVERY, stop_workers_with=signal.SIGKILL

@@ -12,7 +12,8 @@ import torch
 from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
 from tests.e2e.test_batching import MIXED_JOBS
 from workers.batch_engine import BatchEngine
-from workers.greedy_screen import GreedyScreen, cpu_has_bf16_dot, greedy_screen_for
+from workers.cpu_threads import cpu_has_bf16_dot
+from workers.greedy_screen import GreedyScreen, greedy_screen_for
 from workers.model_loader import load_model
 
 pytestmark = pytest.mark.e2e

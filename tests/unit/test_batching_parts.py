@@ -1,4 +1,4 @@
-"""The batching engine's parts without a model: the batch KV cache, samplers, prefill chunks,
+"""The batching engine's parts without a model: the slot KV cache and its attention, samplers,
 the dtype rule and the --concurrency option."""
 
 from __future__ import annotations
@@ -8,63 +8,87 @@ import torch
 from transformers import DynamicCache
 
 from services.cli import build_parser
-from workers.batch_cache import TRIM_AFTER_COLUMNS, BatchCache
-from workers.batch_engine import PREFILL_TOKENS, Sequence, _prefill_chunks
 from workers.model_loader import generation_dtype
 from workers.sampling import Sampler
+from workers.slot_cache import GROW_COLUMNS, SlotCache, SlotRows, slot_attention
 
 LAYERS, HEADS, DIM = 2, 1, 4
 
 
-def rows_cache(lengths: list[int], fill: float) -> tuple[DynamicCache, torch.Tensor]:
-    """A left-padded cache of rows with these real lengths (padding zero, real entries `fill`)."""
-    width = max(lengths)
-    valid = torch.tensor([[column >= width - length for column in range(width)] for length in lengths])
+def prompt_cache(length: int, fill: float) -> DynamicCache:
+    """A one-prompt prefill cache: `length` columns of `fill` in every layer."""
     cache = DynamicCache()
     for layer in range(LAYERS):
-        keys = valid[:, None, :, None].float().expand(len(lengths), HEADS, width, DIM) * fill
+        keys = torch.full((1, HEADS, length, DIM), fill)
         cache.update(keys.clone(), keys.clone(), layer)
-    return cache, valid
+    return cache
 
 
-def test_rows_of_different_lengths_are_left_padded_to_one_width():
-    batch = BatchCache(sliding_window=None)
-    batch.add(*rows_cache([3], fill=1.0))
-    batch.add(*rows_cache([5, 2], fill=2.0))
-    assert batch.rows == 3
-    assert batch.valid.tolist() == [
-        [False, False, True, True, True],
-        [True, True, True, True, True],
-        [False, False, False, True, True],
-    ]
-    assert batch.positions.tolist() == [3, 5, 2]
-    keys = batch.cache.layers[0].keys
-    assert keys.shape == (3, HEADS, 5, DIM)
-    assert keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]  # the first row moved right, not changed
+def test_each_row_takes_a_free_slot_from_column_0_and_leaving_frees_it_without_a_copy():
+    batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=False)
+    batch.add(prompt_cache(3, fill=1.0), 3)
+    batch.add(prompt_cache(5, fill=2.0), 5)
+    assert batch.rows == 2 and batch.row_slots == [0, 1] and batch.lengths == [3, 5, 0]
+    keys = batch.keys[0]
+    assert keys[0, 0, :, 0].tolist()[:5] == [1, 1, 1, 0, 0]  # from column 0, not moved
+    assert keys[1, 0, :5, 0].tolist() == [2] * 5
+    batch.keep([1])
+    assert batch.row_slots == [1] and batch.lengths == [0, 5, 0]
+    assert batch.keys[0] is keys  # nothing copied
+    batch.add(prompt_cache(2, fill=3.0), 2)
+    assert batch.row_slots == [1, 0]  # the freed slot is taken again
+    assert batch.keys[1][0, 0, :3, 0].tolist() == [3, 3, 1]  # columns past its length are never read
 
 
-def test_a_decode_step_masks_padding_and_the_sliding_window():
-    batch = BatchCache(sliding_window=2)
-    batch.add(*rows_cache([1, 3], fill=1.0))
+def test_a_decode_step_writes_each_rows_token_at_its_own_position():
+    batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=False)
+    batch.add(prompt_cache(1, fill=1.0), 1)
+    batch.add(prompt_cache(3, fill=1.0), 3)
     inputs = batch.step_inputs()
     assert inputs["position_ids"].tolist() == [[1], [3]]
-    assert batch.positions.tolist() == [2, 4]
-    full = inputs["attention_mask"]["full_attention"][:, 0, 0, :]
-    sliding = inputs["attention_mask"]["sliding_attention"][:, 0, 0, :]
-    assert full.tolist() == [[False, False, True, True], [True, True, True, True]]
-    assert sliding.tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert inputs["slot_rows"].slots == [0, 1] and inputs["slot_rows"].lengths == [2, 4]
+    keys, _ = batch.update(torch.full((2, HEADS, 1, DIM), 9.0), torch.zeros(2, HEADS, 1, DIM), 0)
+    assert keys[0, 0, :2, 0].tolist() == [1, 9] and keys[1, 0, :4, 0].tolist() == [1, 1, 1, 9]
+    assert batch.lengths == [2, 4, 0]
 
 
-def test_rows_leave_and_padding_columns_are_trimmed():
-    batch = BatchCache(sliding_window=None)
-    batch.add(*rows_cache([TRIM_AFTER_COLUMNS + 10, 4], fill=1.0))
-    batch.keep([1])
-    assert batch.rows == 1
-    assert batch.valid.shape[1] == 4  # the other row's padding columns are gone
-    assert batch.cache.layers[1].keys.shape[2] == 4
-    assert batch.positions.tolist() == [4]
-    batch.keep([])
-    assert batch.rows == 0 and batch.cache is None
+def test_with_fixed_rows_every_step_runs_every_slot_and_the_cache_grows():
+    batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=True)
+    batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), GROW_COLUMNS)
+    batch.add(prompt_cache(2, fill=1.0), 2)
+    batch.keep([1])  # slot 1 stays, slot 0 is free
+    assert batch.forward_slots() == [0, 1, 2] and batch.forward_row(0) == 1
+    inputs = batch.step_inputs()
+    assert inputs["position_ids"].tolist() == [[0], [2], [0]]  # free slots run a dummy token at 0
+    assert batch.lengths == [0, 3, 0]
+    batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), GROW_COLUMNS)
+    batch.step_inputs()
+    assert batch.keys[1].shape[2] == 2 * GROW_COLUMNS  # room for the new column
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_exact_attention_is_each_row_alone_and_batched_attention_agrees(window):
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    lengths, slots = [5, 2, 7], [2, 0, 1]
+    query = torch.randn(3, 4, 1, DIM)
+    key, value = torch.randn(3, 2, 8, DIM), torch.randn(3, 2, 8, DIM)
+
+    def attend(exact, rows_slots, rows_lengths, q):
+        rows = SlotRows(rows_slots, rows_lengths, exact, torch.tensor(rows_slots), rows_slots == [0, 1, 2])
+        return slot_attention(module, q, key, value, None, slot_rows=rows, sliding_window=window, scaling=0.5)[0]
+
+    exact = attend(True, slots, lengths, query)
+    for row in range(3):
+        alone = attend(True, [slots[row]], [lengths[row]], query[row : row + 1])
+        assert torch.equal(exact[row : row + 1], alone)
+    torch.testing.assert_close(attend(False, slots, lengths, query), exact)
+    # Row 0 by hand: its slot's columns in its window, each key head shared by two query heads.
+    columns = slice(5 - window if window else 0, 5)
+    row_keys, row_values = (t[2, :, columns].repeat_interleave(2, 0) for t in (key, value))
+    weights = torch.softmax(torch.einsum("hd,hcd->hc", query[0, :, 0], row_keys) * 0.5, dim=-1)
+    torch.testing.assert_close(exact[0, 0], torch.einsum("hc,hcd->hd", weights, row_values))
 
 
 def test_greedy_and_seeded_sampling():
@@ -90,23 +114,11 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert {top_p.pick(logits, history) for _ in range(50)} == {0}  # the first token alone reaches 0.5
 
 
-def sequence(prompt_length: int) -> Sequence:
-    return Sequence([0] * prompt_length, {}, Sampler({"temperature": 0}, torch.device("cpu")), None, None, None, None)
-
-
-def test_joining_prompts_are_prefilled_together_up_to_a_token_budget():
-    short = [sequence(10) for _ in range(3)]
-    chunks = _prefill_chunks(short)
-    assert [len(chunk) for chunk in chunks] == [3]
-    big = PREFILL_TOKENS // 2
-    chunks = _prefill_chunks([sequence(big), sequence(big), sequence(big), sequence(5)])
-    assert [len(chunk) for chunk in chunks] == [2, 2]  # 2 x big fits, a third does not
-
-
-def test_cpu_workers_batch_in_fp32_and_run_single_jobs_in_bf16():
+def test_cpu_workers_batch_in_bf16_only_where_the_cpu_has_bf16_dot_products():
     cpu = torch.device("cpu")
-    assert generation_dtype(cpu, 1) == torch.bfloat16
-    assert generation_dtype(cpu, 8) == torch.float32
+    assert generation_dtype(cpu, 1, bf16_dot=False) == torch.bfloat16
+    assert generation_dtype(cpu, 8, bf16_dot=False) == torch.float32
+    assert generation_dtype(cpu, 8, bf16_dot=True) == torch.bfloat16
     assert generation_dtype(cpu, 8, "bfloat16") == torch.bfloat16
     assert generation_dtype(cpu, 1, "float32") == torch.float32
 

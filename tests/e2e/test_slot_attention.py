@@ -1,0 +1,45 @@
+"""The slot cache's two attention paths on the real model, on any CPU: in bf16 with fixed rows a
+batch gives each job's tokens alone, and the batched attention a GPU runs gives the same greedy
+tokens as the exact per-row attention (float32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
+from tests.e2e.test_batching import MIXED_JOBS
+from workers.batch_engine import BatchEngine
+from workers.model_loader import load_model
+
+pytestmark = pytest.mark.e2e
+
+
+def _load(model_cache_dir: Path, dtype: torch.dtype):
+    return load_model(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), model_cache_dir, torch.device("cpu"), dtype)
+
+
+def _run(loaded, jobs: list[dict], max_batch: int, exact_attention: bool | None = None) -> list[list[int]]:
+    engine = BatchEngine(loaded, max_batch=max_batch, exact_attention=exact_attention)
+    sequences = [engine.submit(dict(params)) for params in jobs]
+    while not all(sequence.done.is_set() for sequence in sequences):
+        engine.step()
+    return [sequence.result().token_ids for sequence in sequences]
+
+
+def test_a_bf16_batch_with_fixed_rows_gives_each_job_its_tokens_alone(model_cache_dir):
+    loaded = _load(model_cache_dir, torch.bfloat16)
+    batched = _run(loaded, MIXED_JOBS, max_batch=8)
+    assert BatchEngine(loaded, max_batch=8).batch.fixed_rows
+    for params, tokens in zip(MIXED_JOBS, batched):
+        assert _run(loaded, [params], max_batch=8)[0] == tokens, params
+
+
+def test_batched_attention_gives_the_exact_attentions_greedy_tokens(model_cache_dir):
+    loaded = _load(model_cache_dir, torch.float32)
+    greedy = [params for params in MIXED_JOBS if "seed" not in params]
+    exact = _run(loaded, greedy, max_batch=len(greedy), exact_attention=True)
+    assert _run(loaded, greedy, max_batch=len(greedy), exact_attention=False) == exact
+    assert all(len(tokens) > 0 for tokens in exact)

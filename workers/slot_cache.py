@@ -1,0 +1,155 @@
+"""The KV cache of a running batch: one slot per sequence, each filled from column 0.
+
+A sequence's keys sit at the columns of their positions, whatever else is in the batch, so
+its attention can be computed over exactly its own columns (`exact`: one attention call per
+row, the same call as when it runs alone) or over all rows at once with a mask (faster where
+each kernel launch costs, as on a GPU). Rows join and leave by taking and freeing slots:
+nothing is copied when a row leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+# Columns added to every slot when one runs out (a copy of the cache, so not every step).
+GROW_COLUMNS = 256
+# The attention implementation name models of a slot-cache engine run with.
+SLOT_ATTENTION = "gemma_jobs_slots"
+
+
+@dataclass
+class SlotRows:
+    """What one decode step's attention needs: each forward row's slot and its length, new token included."""
+
+    slots: list[int]
+    lengths: list[int]
+    exact: bool
+    slot_index: torch.Tensor  # the slots, as a tensor (the batched path gathers with it)
+    identity: bool  # the forward rows are all the slots, in order: no gather
+
+
+class SlotCache:
+    """Keys and values of up to `slots` sequences; a sequence's token at position p is in column p."""
+
+    def __init__(self, slots: int, sliding_window: int | None, exact: bool, fixed_rows: bool):
+        self.slots = slots
+        self.sliding_window = sliding_window
+        self.exact = exact  # attention per row over its own columns: results independent of the batch
+        self.fixed_rows = fixed_rows  # every step runs all slots, so matrix shapes never change
+        self.keys: list[torch.Tensor] = []  # per layer [slots, kv_heads, capacity, head_dim]
+        self.values: list[torch.Tensor] = []
+        self.lengths = [0] * slots  # tokens cached per slot
+        self.row_slots: list[int] = []  # the slot of each of the engine's rows, in row order
+        self._writes: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (slots, columns)
+
+    @property
+    def rows(self) -> int:
+        """Return how many rows the batch holds."""
+        return len(self.row_slots)
+
+    def forward_slots(self) -> list[int]:
+        """Return the slot of each row of the next forward pass (all slots with fixed rows)."""
+        return list(range(self.slots)) if self.fixed_rows else list(self.row_slots)
+
+    def forward_row(self, row: int) -> int:
+        """Return which forward row holds the engine's `row`."""
+        return self.row_slots[row] if self.fixed_rows else row
+
+    def add(self, prompt_cache: DynamicCache, length: int) -> None:
+        """Add a row: one prompt's prefill cache (batch of one, `length` columns) into a free slot."""
+        slot = next(s for s in range(self.slots) if s not in self.row_slots)
+        if not self.keys:
+            self._allocate(prompt_cache, length)
+        self._reserve(length)
+        for layer, prompt_layer in enumerate(prompt_cache.layers):
+            self.keys[layer][slot, :, :length] = prompt_layer.keys[0, :, -length:]
+            self.values[layer][slot, :, :length] = prompt_layer.values[0, :, -length:]
+        self.lengths[slot] = length
+        self.row_slots.append(slot)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order) and free the others' slots."""
+        kept = [self.row_slots[row] for row in rows]
+        for slot in set(self.row_slots) - set(kept):
+            self.lengths[slot] = 0
+        self.row_slots = kept
+
+    def step_inputs(self) -> dict:
+        """Return the forward arguments for one new token per forward row, and count those tokens in."""
+        slots = self.forward_slots()
+        positions = [self.lengths[slot] for slot in slots]
+        self._reserve(max(positions) + 1)
+        device = self.keys[0].device
+        slot_index = torch.tensor(slots, device=device)
+        self._writes = (slot_index, torch.tensor(positions, device=device))
+        for slot in self.row_slots:
+            self.lengths[slot] += 1
+        rows = SlotRows(
+            slots=slots,
+            lengths=[position + 1 for position in positions],
+            exact=self.exact,
+            slot_index=slot_index,
+            identity=slots == list(range(self.slots)),
+        )
+        # A mask dictionary stops the model from building masks: the attention below masks itself.
+        masks = {"full_attention": None, "sliding_attention": None}
+        return {"attention_mask": masks, "position_ids": self._writes[1][:, None], "cache": self, "slot_rows": rows}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write the step's new keys and values at each row's position; return the layer's whole cache."""
+        slots, columns = self._writes
+        self.keys[layer_idx][slots, :, columns] = key_states[:, :, 0]
+        self.values[layer_idx][slots, :, columns] = value_states[:, :, 0]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def _allocate(self, prompt_cache: DynamicCache, length: int) -> None:
+        for prompt_layer in prompt_cache.layers:
+            _, heads, _, dim = prompt_layer.keys.shape
+            shape = (self.slots, heads, 0, dim)
+            self.keys.append(prompt_layer.keys.new_zeros(shape))
+            self.values.append(prompt_layer.values.new_zeros(shape))
+
+    def _reserve(self, columns: int) -> None:
+        """Make every slot hold at least `columns` columns."""
+        capacity = self.keys[0].shape[2]
+        if columns <= capacity:
+            return
+        extra = max(GROW_COLUMNS, columns - capacity)
+        grow = (0, 0, 0, extra)
+        self.keys = [torch.nn.functional.pad(keys, grow) for keys in self.keys]
+        self.values = [torch.nn.functional.pad(values, grow) for values in self.values]
+
+
+def slot_attention(module, query, key, value, attention_mask, *, slot_rows: SlotRows | None = None, **kwargs):
+    """Attention for a slot-cache decode step; any other call (prefill, training) is plain SDPA."""
+    if slot_rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    window = kwargs.pop("sliding_window", None)
+    if slot_rows.exact:
+        outputs = []
+        for row, (slot, length) in enumerate(zip(slot_rows.slots, slot_rows.lengths)):
+            start = max(0, length - window) if window else 0
+            columns = slice(start, length)
+            output, _ = sdpa_attention_forward(
+                module, query[row : row + 1], key[slot : slot + 1, :, columns], value[slot : slot + 1, :, columns],
+                None, **kwargs,
+            )
+            outputs.append(output)
+        return torch.cat(outputs), None
+    width = max(slot_rows.lengths)
+    if not slot_rows.identity:
+        key, value = key.index_select(0, slot_rows.slot_index), value.index_select(0, slot_rows.slot_index)
+    key, value = key[:, :, :width], value[:, :, :width]
+    lengths = torch.tensor(slot_rows.lengths, device=query.device)[:, None]
+    columns = torch.arange(width, device=query.device)[None, :]
+    mask = columns < lengths  # a sliding layer also drops what fell out of its window
+    if window:
+        mask &= columns >= lengths - window
+    return sdpa_attention_forward(module, query, key, value, mask[:, None, None, :], **kwargs)
+
+
+AttentionInterface.register(SLOT_ATTENTION, slot_attention)
