@@ -5,12 +5,14 @@
 
 All in one run, on this machine's CPU, gemma-3-270m from the cached safetensors:
 (a) raw: one transformers `generate` call over all prompts (left-padded, greedy, exactly
-    --new-tokens each, fp32: the dtype a batching CPU worker uses); stack: the same prompts
+    --new-tokens each, in the dtype a batching CPU worker picks here: bf16 on a CPU with bf16
+    dot products, else fp32); stack: the same prompts
     as concurrent HTTP jobs to one `gemma-jobs worker --concurrency <jobs>`, clock from the
     first submit to the last job finished, tokens counted from the results. --rounds
     alternates raw and stack runs and compares their medians (single runs swing ±20% here).
 (b) the same jobs with `--concurrency 1` (batching off: one job at a time, bf16, which is
-    what such a worker picks as fastest for one sequence) and, for the same-dtype view, fp32.
+    what such a worker picks as fastest for one sequence) and, where the batching worker runs
+    fp32, also in fp32 for the same-dtype view.
 (c) --mixed-jobs jobs with max_new_tokens spread log-uniformly from 8 to 256 (fixed seed), one submitted
     every --arrival-s seconds; continuous batching vs GEMMA_JOBS_BATCHING=static (a batch
     is admitted only when the previous one has finished). Short jobs are those of at most 32
@@ -41,13 +43,22 @@ def prompts(count: int) -> list[str]:
     return [f"A detailed history of {TOPICS[i % len(TOPICS)]}, part {i + 1}:" for i in range(count)]
 
 
-def raw_generate(texts: list[str], new_tokens: int) -> float:
-    """Return tokens/s of one padded `generate` call over all prompts, fp32."""
+def batching_dtype(jobs: int) -> str:
+    """Return the dtype a `--concurrency <jobs>` CPU worker generates in on this machine."""
+    import torch
+
+    from workers.model_loader import generation_dtype
+
+    return str(generation_dtype(torch.device("cpu"), jobs)).removeprefix("torch.")
+
+
+def raw_generate(texts: list[str], new_tokens: int, dtype: str) -> float:
+    """Return tokens/s of one padded `generate` call over all prompts, in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=getattr(torch, dtype)).eval()
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None,
                    top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
@@ -128,8 +139,9 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/11"))
     args = parser.parse_args()
     skip = set(args.skip.split(","))
+    dtype = batching_dtype(args.jobs)
     print(f"settings: cpu cores={os.cpu_count()} model=gemma-3-270m greedy jobs={args.jobs} "
-          f"new_tokens={args.new_tokens} database=sqlite gateway=1 process", flush=True)
+          f"new_tokens={args.new_tokens} batching dtype={dtype} database=sqlite gateway=1 process", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         batched = None
@@ -139,21 +151,23 @@ def main() -> None:
                 worker = ["--concurrency", str(args.jobs)]
                 stacks.append(stack_tokens_per_s(workdir, f"batched-{round_}", args, worker, {}))
                 if "a" not in skip:
-                    raws.append(raw_generate(prompts(args.jobs), args.new_tokens))
+                    raws.append(raw_generate(prompts(args.jobs), args.new_tokens, dtype))
             batched = statistics.median(stacks)
         if "a" not in skip:
             raw = statistics.median(raws)
-            print(f"(a) raw generate fp32 batch {args.jobs}: {raw:.1f} tok/s | stack --concurrency {args.jobs}: "
+            print(f"(a) raw generate {dtype} batch {args.jobs}: {raw:.1f} tok/s | stack --concurrency {args.jobs}: "
                   f"{batched:.1f} tok/s | ratio {batched / raw:.2f} (medians of {args.rounds}: raw "
                   f"{', '.join(f'{value:.1f}' for value in raws)}; stack {', '.join(f'{v:.1f}' for v in stacks)})",
                   flush=True)
         if "b" not in skip:
             off = stack_tokens_per_s(workdir, "off", args, ["--concurrency", "1"], {})
-            off32 = stack_tokens_per_s(workdir, "off32", args, ["--concurrency", "1"],
-                                       {"GEMMA_JOBS_CPU_DTYPE": "float32"})
-            print(f"(b) batching off (--concurrency 1, bf16): {off:.1f} tok/s | off fp32: {off32:.1f} tok/s | "
-                  f"on: {batched:.1f} tok/s | ratio {batched / off:.2f} (same dtype: {batched / off32:.2f})",
-                  flush=True)
+            same = ""
+            if dtype != "bfloat16":
+                off_same = stack_tokens_per_s(workdir, "off-same", args, ["--concurrency", "1"],
+                                              {"GEMMA_JOBS_CPU_DTYPE": dtype})
+                same = f" | off {dtype}: {off_same:.1f} tok/s, ratio {batched / off_same:.2f}"
+            print(f"(b) batching off (--concurrency 1, bf16): {off:.1f} tok/s | on ({dtype}): {batched:.1f} tok/s | "
+                  f"ratio {batched / off:.2f}{same}", flush=True)
         if "c" not in skip:
             static = mixed(workdir, "static", args, {"GEMMA_JOBS_BATCHING": "static"})
             continuous = mixed(workdir, "continuous", args, {})

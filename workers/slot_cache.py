@@ -10,6 +10,7 @@ nothing is copied when a row leaves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -30,6 +31,18 @@ class SlotRows:
     exact: bool
     slot_index: torch.Tensor  # the slots, as a tensor (the batched path gathers with it)
     identity: bool  # the forward rows are all the slots, in order: no gather
+
+    @cached_property
+    def same_length_groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Return (length, rows, their slots) for each length: such rows share one attention call."""
+        rows_by_length: dict[int, list[int]] = {}
+        for row, length in enumerate(self.lengths):
+            rows_by_length.setdefault(length, []).append(row)
+        device = self.slot_index.device
+        return [
+            (length, torch.tensor(rows, device=device), self.slot_index[torch.tensor(rows, device=device)])
+            for length, rows in rows_by_length.items()
+        ]
 
 
 class SlotCache:
@@ -130,16 +143,15 @@ def slot_attention(module, query, key, value, attention_mask, *, slot_rows: Slot
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     window = kwargs.pop("sliding_window", None)
     if slot_rows.exact:
-        outputs = []
-        for row, (slot, length) in enumerate(zip(slot_rows.slots, slot_rows.lengths)):
-            start = max(0, length - window) if window else 0
-            columns = slice(start, length)
-            output, _ = sdpa_attention_forward(
-                module, query[row : row + 1], key[slot : slot + 1, :, columns], value[slot : slot + 1, :, columns],
-                None, **kwargs,
-            )
-            outputs.append(output)
-        return torch.cat(outputs), None
+        # Rows of one length go together: each row's numbers are those of a call with it alone
+        # (SDPA treats batch rows independently), and a step makes a few calls, not one per row.
+        output = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        for length, rows, slots in slot_rows.same_length_groups:
+            columns = slice(max(0, length - window) if window else 0, length)
+            # Gathered (contiguous) keys and values, whatever the slot: the same layout alone or batched.
+            keys, values = (cache[:, :, columns].index_select(0, slots) for cache in (key, value))
+            output[rows], _ = sdpa_attention_forward(module, query.index_select(0, rows), keys, values, None, **kwargs)
+        return output, None
     width = max(slot_rows.lengths)
     if not slot_rows.identity:
         key, value = key.index_select(0, slot_rows.slot_index), value.index_select(0, slot_rows.slot_index)

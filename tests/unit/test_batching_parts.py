@@ -71,16 +71,16 @@ def test_exact_attention_is_each_row_alone_and_batched_attention_agrees(window):
     torch.manual_seed(0)
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 2
-    lengths, slots = [5, 2, 7], [2, 0, 1]
-    query = torch.randn(3, 4, 1, DIM)
-    key, value = torch.randn(3, 2, 8, DIM), torch.randn(3, 2, 8, DIM)
+    lengths, slots = [5, 2, 7, 5], [2, 0, 1, 3]  # two rows of one length share a call
+    query = torch.randn(4, 4, 1, DIM)
+    key, value = torch.randn(4, 2, 8, DIM), torch.randn(4, 2, 8, DIM)
 
     def attend(exact, rows_slots, rows_lengths, q):
-        rows = SlotRows(rows_slots, rows_lengths, exact, torch.tensor(rows_slots), rows_slots == [0, 1, 2])
+        rows = SlotRows(rows_slots, rows_lengths, exact, torch.tensor(rows_slots), rows_slots == [0, 1, 2, 3])
         return slot_attention(module, q, key, value, None, slot_rows=rows, sliding_window=window, scaling=0.5)[0]
 
     exact = attend(True, slots, lengths, query)
-    for row in range(3):
+    for row in range(4):
         alone = attend(True, [slots[row]], [lengths[row]], query[row : row + 1])
         assert torch.equal(exact[row : row + 1], alone)
     torch.testing.assert_close(attend(False, slots, lengths, query), exact)
