@@ -55,9 +55,8 @@ class Settings(BaseSettings):
     # "continuous": jobs join and leave the batch between decode steps. "static" admits only
     # into an empty batch; it exists as the baseline bench/batching.py measures against.
     batching: Literal["continuous", "static"] = "continuous"
-    # Model dtype on CPU workers. "auto": bf16 for one job at a time, fp32 when batching
-    # (CPUs without bf16 matrix units run fp32 matrix products several times faster; see
-    # docs/benchmarks.md).
+    # Model dtype on CPU workers. "auto": bf16, except fp32 for batching workers on CPUs without
+    # bf16 dot products (AVX2 only: there fp32 batches run faster; see docs/benchmarks.md).
     cpu_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # Greedy rows of float32 CPU batches: screen the output layer in bf16 and compute only the
     # tokens that could win exactly (workers/greedy_screen.py); same tokens, faster steps.

@@ -76,7 +76,7 @@ class SlotCache:
         """Add a row: one prompt's prefill cache (batch of one, `length` columns) into a free slot."""
         slot = next(s for s in range(self.slots) if s not in self.row_slots)
         if not self.keys:
-            self._allocate(prompt_cache, length)
+            self._allocate(prompt_cache)
         self._reserve(length)
         for layer, prompt_layer in enumerate(prompt_cache.layers):
             self.keys[layer][slot, :, :length] = prompt_layer.keys[0, :, -length:]
@@ -90,6 +90,8 @@ class SlotCache:
         for slot in set(self.row_slots) - set(kept):
             self.lengths[slot] = 0
         self.row_slots = kept
+        if not kept:  # an idle engine holds no cache, however long its last batch ran
+            self.keys, self.values = [], []
 
     def step_inputs(self) -> dict:
         """Return the forward arguments for one new token per forward row, and count those tokens in."""
@@ -119,7 +121,7 @@ class SlotCache:
         self.values[layer_idx][slots, :, columns] = value_states[:, :, 0]
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def _allocate(self, prompt_cache: DynamicCache, length: int) -> None:
+    def _allocate(self, prompt_cache: DynamicCache) -> None:
         for prompt_layer in prompt_cache.layers:
             _, heads, _, dim = prompt_layer.keys.shape
             shape = (self.slots, heads, 0, dim)

@@ -38,6 +38,8 @@ def test_each_row_takes_a_free_slot_from_column_0_and_leaving_frees_it_without_a
     batch.add(prompt_cache(2, fill=3.0), 2)
     assert batch.row_slots == [1, 0]  # the freed slot is taken again
     assert batch.keys[1][0, 0, :3, 0].tolist() == [3, 3, 1]  # columns past its length are never read
+    batch.keep([])
+    assert batch.rows == 0 and batch.keys == [] and batch.lengths == [0, 0, 0]  # memory given back
 
 
 def test_a_decode_step_writes_each_rows_token_at_its_own_position():
