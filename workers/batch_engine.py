@@ -27,12 +27,16 @@ from workers.adapter_cache import AdapterUnavailable
 from workers.generation import GenerationError, GenerationOutput, finish_text, prompt_ids_within_context
 from workers.greedy_screen import GreedyScreen
 from workers.model_loader import LoadedModel
+from workers.row_invariance import invariant_rows
 from workers.sampling import Sampler
-from workers.slot_cache import SLOT_ATTENTION, SlotCache
+from workers.slot_cache import NO_MASKS, SLOT_ATTENTION, PrefillSegments, SlotCache
 from workers.stopping import stop_string_seen
 from workers.token_publisher import StepWrites
 
 log = structlog.get_logger(__name__)
+
+# The most prompt tokens packed into one prefill pass on a GPU (a longer prompt goes alone).
+PREFILL_TOKENS = 8192
 
 @dataclass
 class Sequence:
@@ -100,7 +104,11 @@ class BatchEngine:
             exact=cpu if exact_attention is None else exact_attention,
             fixed_rows=cpu and loaded.dtype == torch.bfloat16,
         )
-        loaded.model.set_attn_implementation(SLOT_ATTENTION)  # plain SDPA except in decode steps
+        loaded.model.set_attn_implementation(SLOT_ATTENTION)  # plain SDPA except in the engine's passes
+        # Prompt tokens packed into one prefill pass: on the CPU only as many as its matrix
+        # products keep each row's bits at (workers/row_invariance.py); adapters' batches never pack.
+        head = loaded.model.get_output_embeddings()
+        self.prefill_rows = invariant_rows(loaded.model, skip=head) if self.batch.exact else PREFILL_TOKENS
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.group: str | None = None  # adapter of the rows now in the batch
@@ -203,22 +211,24 @@ class BatchEngine:
         return self.adapters.applied(self.loaded, self.group, path)
 
     def _prefill(self, loaded: LoadedModel, joining: list[Sequence]) -> None:
-        """Run each new sequence's prompt alone, add it as a row, and pick all their first tokens together."""
+        """Prefill new sequences' prompts (packed, unpadded), add them as rows, and pick their first tokens."""
         started = time.monotonic()
-        decoder = loaded.model.get_decoder()
         prefilled, hidden = [], []
-        for sequence in joining:
-            # Alone, unpadded: the prompt's numbers are the same whatever else is joining.
+        for pack in _packs(joining, self.prefill_rows if self.group is None else 1):
+            lengths = [len(sequence.prompt_ids) for sequence in pack]
+            starts = [sum(lengths[:index]) for index in range(len(pack))]
             try:
                 prompt_cache = DynamicCache()
-                ids = torch.tensor([sequence.prompt_ids], device=self.loaded.device)
-                hidden.append(decoder(input_ids=ids, cache=prompt_cache, use_cache=True).last_hidden_state[0, -1])
-            except Exception as exc:  # noqa: BLE001 - this prompt failed; the batch goes on
-                log.exception("prefill_failed", prompt_tokens=len(sequence.prompt_ids))
-                self._complete(sequence, error=_as_generation_error(exc))
+                states = self._prefill_pass(loaded, pack, starts, lengths, prompt_cache)
+            except Exception as exc:  # noqa: BLE001 - these prompts failed; the batch goes on
+                log.exception("prefill_failed", prompts=len(pack), prompt_tokens=sum(lengths))
+                for sequence in pack:
+                    self._complete(sequence, error=_as_generation_error(exc))
                 continue
-            self.batch.add(prompt_cache, len(sequence.prompt_ids))
-            prefilled.append(sequence)
+            for sequence, start, length in zip(pack, starts, lengths):
+                self.batch.add(prompt_cache, start, length)
+                prefilled.append(sequence)
+                hidden.append(states[start + length - 1])
         if not prefilled:
             return
         rows = torch.stack(hidden)
@@ -230,6 +240,23 @@ class BatchEngine:
             sequence.gpu_seconds += share
             self.active.append(sequence)
             self._append(sequence, token)
+
+    def _prefill_pass(
+        self, loaded: LoadedModel, pack: list[Sequence], starts: list[int], lengths: list[int], cache: DynamicCache
+    ) -> torch.Tensor:
+        """Run packed prompts through the decoder in one pass (each attends only to its own tokens) into
+        `cache`; return the final hidden state of every prompt token."""
+        device = self.loaded.device
+        ids = torch.tensor([[token for sequence in pack for token in sequence.prompt_ids]], device=device)
+        positions = torch.cat([torch.arange(length, device=device) for length in lengths])[None]
+        return loaded.model.get_decoder()(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=dict(NO_MASKS),
+            cache=cache,
+            use_cache=True,
+            prefill_segments=PrefillSegments(starts, lengths),
+        ).last_hidden_state[0]
 
     def _decode(self, loaded: LoadedModel) -> None:
         """Feed every row its newest token and pick the next one."""
@@ -319,6 +346,18 @@ class BatchEngine:
     def _flush_writes(self) -> None:
         if self.step_writes is not None:
             self.step_writes.flush()
+
+
+def _packs(joining: list[Sequence], tokens: int) -> list[list[Sequence]]:
+    """Group joining sequences, in order, into prefill passes of at most `tokens` prompt tokens
+    (a longer prompt goes alone)."""
+    packs: list[list[Sequence]] = []
+    for sequence in joining:
+        if packs and sum(len(s.prompt_ids) for s in packs[-1]) + len(sequence.prompt_ids) <= tokens:
+            packs[-1].append(sequence)
+        else:
+            packs.append([sequence])
+    return packs
 
 
 def _output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

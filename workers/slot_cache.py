@@ -20,6 +20,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 GROW_COLUMNS = 256
 # The attention implementation name models of a slot-cache engine run with.
 SLOT_ATTENTION = "gemma_jobs_slots"
+# Passed as a model's attention_mask: the model builds no masks, the attention below masks itself.
+NO_MASKS = {"full_attention": None, "sliding_attention": None}
+
+
+@dataclass
+class PrefillSegments:
+    """Prompts packed into one prefill pass: where each starts and how many tokens it has."""
+
+    starts: list[int]
+    lengths: list[int]
 
 
 @dataclass
@@ -72,15 +82,16 @@ class SlotCache:
         """Return which forward row holds the engine's `row`."""
         return self.row_slots[row] if self.fixed_rows else row
 
-    def add(self, prompt_cache: DynamicCache, length: int) -> None:
-        """Add a row: one prompt's prefill cache (batch of one, `length` columns) into a free slot."""
+    def add(self, prompt_cache: DynamicCache, start: int, length: int) -> None:
+        """Add a row: a prompt's `length` columns from `start` of a prefill cache (batch of one), into a free slot."""
         slot = next(s for s in range(self.slots) if s not in self.row_slots)
         if not self.keys:
             self._allocate(prompt_cache)
         self._reserve(length)
+        columns = slice(start, start + length)
         for layer, prompt_layer in enumerate(prompt_cache.layers):
-            self.keys[layer][slot, :, :length] = prompt_layer.keys[0, :, -length:]
-            self.values[layer][slot, :, :length] = prompt_layer.values[0, :, -length:]
+            self.keys[layer][slot, :, :length] = prompt_layer.keys[0, :, columns]
+            self.values[layer][slot, :, :length] = prompt_layer.values[0, :, columns]
         self.lengths[slot] = length
         self.row_slots.append(slot)
 
@@ -110,9 +121,8 @@ class SlotCache:
             slot_index=slot_index,
             identity=slots == list(range(self.slots)),
         )
-        # A mask dictionary stops the model from building masks: the attention below masks itself.
-        masks = {"full_attention": None, "sliding_attention": None}
-        return {"attention_mask": masks, "position_ids": self._writes[1][:, None], "cache": self, "slot_rows": rows}
+        return {"attention_mask": dict(NO_MASKS), "position_ids": self._writes[1][:, None], "cache": self,
+                "slot_rows": rows}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the step's new keys and values at each row's position; return the layer's whole cache."""
@@ -139,11 +149,16 @@ class SlotCache:
         self.values = [torch.nn.functional.pad(values, grow) for values in self.values]
 
 
-def slot_attention(module, query, key, value, attention_mask, *, slot_rows: SlotRows | None = None, **kwargs):
-    """Attention for a slot-cache decode step; any other call (prefill, training) is plain SDPA."""
-    if slot_rows is None:
+def slot_attention(
+    module, query, key, value, attention_mask, *, slot_rows: SlotRows | None = None,
+    prefill_segments: PrefillSegments | None = None, **kwargs,
+):
+    """Attention for a slot-cache decode step or packed prefill; any other call (training) is plain SDPA."""
+    if slot_rows is None and prefill_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     window = kwargs.pop("sliding_window", None)
+    if prefill_segments is not None:
+        return _segment_attention(module, query, key, value, prefill_segments, window, kwargs), None
     if slot_rows.exact:
         # Rows of one length go together: each row's numbers are those of a call with it alone
         # (SDPA treats batch rows independently), and a step makes a few calls, not one per row.
@@ -164,6 +179,24 @@ def slot_attention(module, query, key, value, attention_mask, *, slot_rows: Slot
     if window:
         mask &= columns >= lengths - window
     return sdpa_attention_forward(module, query, key, value, mask[:, None, None, :], **kwargs)
+
+
+def _segment_attention(
+    module, query, key, value, segments: PrefillSegments, window: int | None, kwargs
+) -> torch.Tensor:
+    """Causal attention of each packed prompt over its own tokens: the same call as when it is prefilled alone."""
+    outputs = []
+    for start, length in zip(segments.starts, segments.lengths):
+        # Copies, so a prompt's tensors have one layout whatever is packed around it.
+        segment = [tensor[:, :, start : start + length].contiguous() for tensor in (query, key, value)]
+        mask = None  # plain causal
+        if window and length > window:  # a sliding layer sees only the last `window` positions
+            position = torch.arange(length, device=query.device)
+            distance = position[:, None] - position[None, :]
+            mask = ((distance >= 0) & (distance < window))[None, None]
+        output, _ = sdpa_attention_forward(module, *segment, mask, **kwargs)
+        outputs.append(output)
+    return torch.cat(outputs, dim=1)
 
 
 AttentionInterface.register(SLOT_ATTENTION, slot_attention)

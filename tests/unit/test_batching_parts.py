@@ -8,9 +8,12 @@ import torch
 from transformers import DynamicCache
 
 from services.cli import build_parser
+from workers import row_invariance
+from workers.batch_engine import Sequence, _packs
 from workers.model_loader import generation_dtype
+from workers.row_invariance import invariant_rows
 from workers.sampling import Sampler
-from workers.slot_cache import GROW_COLUMNS, SlotCache, SlotRows, slot_attention
+from workers.slot_cache import GROW_COLUMNS, PrefillSegments, SlotCache, SlotRows, slot_attention
 
 LAYERS, HEADS, DIM = 2, 1, 4
 
@@ -26,8 +29,8 @@ def prompt_cache(length: int, fill: float) -> DynamicCache:
 
 def test_each_row_takes_a_free_slot_from_column_0_and_leaving_frees_it_without_a_copy():
     batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=False)
-    batch.add(prompt_cache(3, fill=1.0), 3)
-    batch.add(prompt_cache(5, fill=2.0), 5)
+    batch.add(prompt_cache(3, fill=1.0), 0, 3)
+    batch.add(prompt_cache(5, fill=2.0), 0, 5)
     assert batch.rows == 2 and batch.row_slots == [0, 1] and batch.lengths == [3, 5, 0]
     keys = batch.keys[0]
     assert keys[0, 0, :, 0].tolist()[:5] == [1, 1, 1, 0, 0]  # from column 0, not moved
@@ -35,17 +38,30 @@ def test_each_row_takes_a_free_slot_from_column_0_and_leaving_frees_it_without_a
     batch.keep([1])
     assert batch.row_slots == [1] and batch.lengths == [0, 5, 0]
     assert batch.keys[0] is keys  # nothing copied
-    batch.add(prompt_cache(2, fill=3.0), 2)
+    batch.add(prompt_cache(2, fill=3.0), 0, 2)
     assert batch.row_slots == [1, 0]  # the freed slot is taken again
     assert batch.keys[1][0, 0, :3, 0].tolist() == [3, 3, 1]  # columns past its length are never read
     batch.keep([])
     assert batch.rows == 0 and batch.keys == [] and batch.lengths == [0, 0, 0]  # memory given back
 
 
+def test_a_packed_prompt_is_copied_from_its_own_columns():
+    packed = DynamicCache()
+    for layer in range(LAYERS):
+        keys = torch.arange(5.0)[None, None, :, None].expand(1, HEADS, 5, DIM).clone()
+        packed.update(keys, keys.clone(), layer)
+    batch = SlotCache(slots=2, sliding_window=None, exact=True, fixed_rows=False)
+    batch.add(packed, 0, 2)
+    batch.add(packed, 2, 3)
+    assert batch.keys[1][0, 0, :2, 0].tolist() == [0, 1]
+    assert batch.keys[1][1, 0, :3, 0].tolist() == [2, 3, 4]
+    assert batch.lengths == [2, 3]
+
+
 def test_a_decode_step_writes_each_rows_token_at_its_own_position():
     batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=False)
-    batch.add(prompt_cache(1, fill=1.0), 1)
-    batch.add(prompt_cache(3, fill=1.0), 3)
+    batch.add(prompt_cache(1, fill=1.0), 0, 1)
+    batch.add(prompt_cache(3, fill=1.0), 0, 3)
     inputs = batch.step_inputs()
     assert inputs["position_ids"].tolist() == [[1], [3]]
     assert inputs["slot_rows"].slots == [0, 1] and inputs["slot_rows"].lengths == [2, 4]
@@ -56,14 +72,14 @@ def test_a_decode_step_writes_each_rows_token_at_its_own_position():
 
 def test_with_fixed_rows_every_step_runs_every_slot_and_the_cache_grows():
     batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=True)
-    batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), GROW_COLUMNS)
-    batch.add(prompt_cache(2, fill=1.0), 2)
+    batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), 0, GROW_COLUMNS)
+    batch.add(prompt_cache(2, fill=1.0), 0, 2)
     batch.keep([1])  # slot 1 stays, slot 0 is free
     assert batch.forward_slots() == [0, 1, 2] and batch.forward_row(0) == 1
     inputs = batch.step_inputs()
     assert inputs["position_ids"].tolist() == [[0], [2], [0]]  # free slots run a dummy token at 0
     assert batch.lengths == [0, 3, 0]
-    batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), GROW_COLUMNS)
+    batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), 0, GROW_COLUMNS)
     batch.step_inputs()
     assert batch.keys[1].shape[2] == 2 * GROW_COLUMNS  # room for the new column
 
@@ -91,6 +107,52 @@ def test_exact_attention_is_each_row_alone_and_batched_attention_agrees(window):
     row_keys, row_values = (t[2, :, columns].repeat_interleave(2, 0) for t in (key, value))
     weights = torch.softmax(torch.einsum("hd,hcd->hc", query[0, :, 0], row_keys) * 0.5, dim=-1)
     torch.testing.assert_close(exact[0, 0], torch.einsum("hc,hcd->hd", weights, row_values))
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_packed_prompts_attend_only_to_their_own_tokens_as_when_alone(window):
+    torch.manual_seed(1)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    lengths = [3, 1, 4]
+    query, key, value = torch.randn(1, 4, 8, DIM), torch.randn(1, 2, 8, DIM), torch.randn(1, 2, 8, DIM)
+
+    def attend(q, k, v, segments):
+        return slot_attention(module, q, k, v, None, prefill_segments=segments, sliding_window=window, scaling=0.5)[0]
+
+    packed = attend(query, key, value, PrefillSegments([0, 3, 4], lengths))
+    assert packed.shape == (1, 8, 4, DIM)
+    alone = attend(query[:, :, 4:], key[:, :, 4:], value[:, :, 4:], PrefillSegments([0], [4]))
+    assert torch.equal(packed[:, 4:], alone)
+    # The last prompt's last token by hand: its own keys only, within the window.
+    first = 4 + (4 - window if window else 0)
+    row_keys, row_values = (t[0, :, first:8].repeat_interleave(2, 0) for t in (key, value))
+    weights = torch.softmax(torch.einsum("hd,hcd->hc", query[0, :, 7], row_keys) * 0.5, dim=-1)
+    torch.testing.assert_close(packed[0, 7], torch.einsum("hc,hcd->hd", weights, row_values))
+
+
+def test_joining_prompts_pack_in_order_up_to_a_token_budget():
+    def sequence(length: int) -> Sequence:
+        return Sequence([0] * length, {}, Sampler({"temperature": 0}, torch.device("cpu")), None, None, None, None)
+
+    joining = [sequence(10), sequence(12), sequence(11), sequence(40), sequence(3)]
+    assert [[len(s.prompt_ids) for s in pack] for pack in _packs(joining, 32)] == [[10, 12], [11], [40], [3]]
+    assert [len(pack) for pack in _packs(joining, 1)] == [1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("changes_above, expected", [(None, 32), (16, 16), (3, 1)])
+def test_prompts_pack_only_up_to_the_rows_this_cpus_products_keep_bits_at(monkeypatch, changes_above, expected):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 64), torch.nn.Linear(64, 1000))
+    plain = torch.nn.functional.linear
+
+    def blas(x, weight, bias=None):
+        """A BLAS (outside the product) that rounds differently above `changes_above` rows. On
+        whole numbers every order of summation gives the same bits, so only that rule decides."""
+        out = plain(torch.round(x * 4), torch.round(weight * 16), bias)
+        return out + 0.5 if changes_above is not None and x.shape[0] > changes_above else out
+
+    monkeypatch.setattr(row_invariance.torch.nn.functional, "linear", blas)
+    assert invariant_rows(model, skip=model[2]) == expected
 
 
 def test_greedy_and_seeded_sampling():
