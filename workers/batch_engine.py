@@ -1,11 +1,12 @@
 """Continuous batching: many generation jobs share each forward pass of one model.
 
 A job's thread hands its sequence to the engine and waits. The engine thread loops: admit
-waiting sequences (each prefilled alone, then merged into the batch's KV cache), run one
-decode step for every row, pick each row's token with that job's own sampler, and retire
-rows that finished, at once, so a short job never waits for a long one and a waiting job
-joins at the next step. Rows in a batch share one adapter (or none); a job for another
-adapter waits until the rows ahead of it drain (first come, first served).
+waiting sequences (their prompts prefilled together, unpadded, into slots of the batch's
+KV cache: workers/slot_cache.py), run one decode step for every row, pick each row's token
+with that job's own sampler, and retire rows that finished, at once, so a short job never
+waits for a long one and a waiting job joins at the next step. Rows in a batch share one
+adapter (or none); a job for another adapter waits until the rows ahead of it drain (first
+come, first served).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A sequence's keys sit at the columns of their positions, whatever else is in the
 its attention can be computed over exactly its own columns (`exact`: one attention call per
 row, the same call as when it runs alone) or over all rows at once with a mask (faster where
 each kernel launch costs, as on a GPU). Rows join and leave by taking and freeing slots:
-nothing is copied when a row leaves.
+nothing is copied when a row leaves. Prompts packed into one prefill pass attend only to
+their own tokens (`PrefillSegments`), with the same calls as when each is prefilled alone.
 """
 
 from __future__ import annotations
