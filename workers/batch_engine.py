@@ -93,15 +93,12 @@ class BatchEngine:
         self.step_writes = step_writes
         # Picks greedy rows' tokens without the float32 output layer (base-model batches only).
         self.greedy_screen = greedy_screen
-        config = loaded.model.config
-        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or [])
         # On the CPU a row's numbers must not depend on its batch (a job's greedy tokens are the
         # same batched or alone): attention runs per row over its own columns and, in bf16, every
         # step runs all slots so that no matrix product changes shape. A GPU batches attention.
         cpu = loaded.device.type == "cpu"
         self.batch = SlotCache(
             max_batch,
-            config.sliding_window if sliding else None,
             exact=cpu if exact_attention is None else exact_attention,
             fixed_rows=cpu and loaded.dtype == torch.bfloat16,
         )

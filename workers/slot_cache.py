@@ -59,9 +59,8 @@ class SlotRows:
 class SlotCache:
     """Keys and values of up to `slots` sequences; a sequence's token at position p is in column p."""
 
-    def __init__(self, slots: int, sliding_window: int | None, exact: bool, fixed_rows: bool):
+    def __init__(self, slots: int, exact: bool, fixed_rows: bool):
         self.slots = slots
-        self.sliding_window = sliding_window
         self.exact = exact  # attention per row over its own columns: results independent of the batch
         self.fixed_rows = fixed_rows  # every step runs all slots, so matrix shapes never change
         self.keys: list[torch.Tensor] = []  # per layer [slots, kv_heads, capacity, head_dim]

@@ -28,7 +28,7 @@ def prompt_cache(length: int, fill: float) -> DynamicCache:
 
 
 def test_each_row_takes_a_free_slot_from_column_0_and_leaving_frees_it_without_a_copy():
-    batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=False)
+    batch = SlotCache(slots=3, exact=True, fixed_rows=False)
     batch.add(prompt_cache(3, fill=1.0), 0, 3)
     batch.add(prompt_cache(5, fill=2.0), 0, 5)
     assert batch.rows == 2 and batch.row_slots == [0, 1] and batch.lengths == [3, 5, 0]
@@ -50,7 +50,7 @@ def test_a_packed_prompt_is_copied_from_its_own_columns():
     for layer in range(LAYERS):
         keys = torch.arange(5.0)[None, None, :, None].expand(1, HEADS, 5, DIM).clone()
         packed.update(keys, keys.clone(), layer)
-    batch = SlotCache(slots=2, sliding_window=None, exact=True, fixed_rows=False)
+    batch = SlotCache(slots=2, exact=True, fixed_rows=False)
     batch.add(packed, 0, 2)
     batch.add(packed, 2, 3)
     assert batch.keys[1][0, 0, :2, 0].tolist() == [0, 1]
@@ -59,7 +59,7 @@ def test_a_packed_prompt_is_copied_from_its_own_columns():
 
 
 def test_a_decode_step_writes_each_rows_token_at_its_own_position():
-    batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=False)
+    batch = SlotCache(slots=3, exact=True, fixed_rows=False)
     batch.add(prompt_cache(1, fill=1.0), 0, 1)
     batch.add(prompt_cache(3, fill=1.0), 0, 3)
     inputs = batch.step_inputs()
@@ -71,7 +71,7 @@ def test_a_decode_step_writes_each_rows_token_at_its_own_position():
 
 
 def test_with_fixed_rows_every_step_runs_every_slot_and_the_cache_grows():
-    batch = SlotCache(slots=3, sliding_window=None, exact=True, fixed_rows=True)
+    batch = SlotCache(slots=3, exact=True, fixed_rows=True)
     batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), 0, GROW_COLUMNS)
     batch.add(prompt_cache(2, fill=1.0), 0, 2)
     batch.keep([1])  # slot 1 stays, slot 0 is free
