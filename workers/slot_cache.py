@@ -1,17 +1,16 @@
 """The KV cache of a running batch: one slot per sequence, each filled from column 0.
 
 A sequence's keys sit at the columns of their positions, whatever else is in the batch, so
-its attention can be computed over exactly its own columns (`exact`: one attention call per
-row, the same call as when it runs alone) or over all rows at once with a mask (faster where
-each kernel launch costs, as on a GPU). Rows join and leave by taking and freeing slots:
-nothing is copied when a row leaves. Prompts packed into one prefill pass attend only to
-their own tokens (`PrefillSegments`), with the same calls as when each is prefilled alone.
+its attention can be computed with a call that depends on nothing but the row (`exact`: the
+same call as when it runs alone) or over all rows at once with one mask (as on a GPU). Rows
+join and leave by taking and freeing slots: nothing is copied when a row leaves. Prompts
+packed into one prefill pass attend only to their own tokens (`PrefillSegments`), with the
+same calls as when each is prefilled alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -19,6 +18,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 # Columns added to every slot when one runs out (a copy of the cache, so not every step).
 GROW_COLUMNS = 256
+# Exact decode attention reads whole spans of this many columns, masked to the row's own: rows
+# whose spans coincide share one call, and a row's call is the same alone or batched.
+SPAN_COLUMNS = 64
+assert GROW_COLUMNS % SPAN_COLUMNS == 0  # a span never ends past the cache's capacity
 # The attention implementation name models of a slot-cache engine run with.
 SLOT_ATTENTION = "gemma_jobs_slots"
 # Passed as a model's attention_mask: the model builds no masks, the attention below masks itself.
@@ -43,17 +46,29 @@ class SlotRows:
     slot_index: torch.Tensor  # the slots, as a tensor (the batched path gathers with it)
     identity: bool  # the forward rows are all the slots, in order: no gather
 
-    @cached_property
-    def same_length_groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Return (length, rows, their slots) for each length: such rows share one attention call."""
-        rows_by_length: dict[int, list[int]] = {}
-        for row, length in enumerate(self.lengths):
-            rows_by_length.setdefault(length, []).append(row)
-        device = self.slot_index.device
-        return [
-            (length, torch.tensor(rows, device=device), self.slot_index[torch.tensor(rows, device=device)])
-            for length, rows in rows_by_length.items()
-        ]
+    spans: dict = field(default_factory=dict, repr=False)  # span_groups by window, built once per step
+
+    def span_groups(self, window: int | None) -> list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Return (columns, rows, their slots, their mask) for each span of whole SPAN_COLUMNS blocks
+        that covers some rows' visible columns (the last `window`, on a sliding layer)."""
+        if window not in self.spans:
+            by_span: dict[tuple[int, int], list[int]] = {}
+            for row, length in enumerate(self.lengths):
+                first = max(0, length - window) if window else 0
+                span = (first // SPAN_COLUMNS * SPAN_COLUMNS, -(-length // SPAN_COLUMNS) * SPAN_COLUMNS)
+                by_span.setdefault(span, []).append(row)
+            device = self.slot_index.device
+            groups = []
+            for (start, end), rows in by_span.items():
+                lengths = torch.tensor([self.lengths[row] for row in rows], device=device)[:, None]
+                columns = torch.arange(start, end, device=device)[None, :]
+                mask = columns < lengths
+                if window:
+                    mask &= columns >= lengths - window
+                index = torch.tensor(rows, device=device)
+                groups.append((slice(start, end), index, self.slot_index[index], mask[:, None, None, :]))
+            self.spans[window] = groups
+        return self.spans[window]
 
 
 class SlotCache:
@@ -143,8 +158,7 @@ class SlotCache:
         capacity = self.keys[0].shape[2]
         if columns <= capacity:
             return
-        extra = max(GROW_COLUMNS, columns - capacity)
-        grow = (0, 0, 0, extra)
+        grow = (0, 0, 0, -(-columns // GROW_COLUMNS) * GROW_COLUMNS - capacity)  # whole GROW_COLUMNS blocks
         self.keys = [torch.nn.functional.pad(keys, grow) for keys in self.keys]
         self.values = [torch.nn.functional.pad(values, grow) for values in self.values]
 
@@ -160,14 +174,12 @@ def slot_attention(
     if prefill_segments is not None:
         return _segment_attention(module, query, key, value, prefill_segments, window, kwargs), None
     if slot_rows.exact:
-        # Rows of one length go together: each row's numbers are those of a call with it alone
-        # (SDPA treats batch rows independently), and a step makes a few calls, not one per row.
+        # Each row's call sees its span's columns (gathered: contiguous, whatever the slot) and its
+        # own mask; SDPA computes batch rows independently, so the row gets what it gets alone.
         output = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
-        for length, rows, slots in slot_rows.same_length_groups:
-            columns = slice(max(0, length - window) if window else 0, length)
-            # Gathered (contiguous) keys and values, whatever the slot: the same layout alone or batched.
+        for columns, rows, slots, mask in slot_rows.span_groups(window):
             keys, values = (cache[:, :, columns].index_select(0, slots) for cache in (key, value))
-            output[rows], _ = sdpa_attention_forward(module, query.index_select(0, rows), keys, values, None, **kwargs)
+            output[rows], _ = sdpa_attention_forward(module, query.index_select(0, rows), keys, values, mask, **kwargs)
         return output, None
     width = max(slot_rows.lengths)
     if not slot_rows.identity:

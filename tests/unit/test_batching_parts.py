@@ -13,7 +13,7 @@ from workers.batch_engine import Sequence, _packs
 from workers.model_loader import generation_dtype
 from workers.row_invariance import invariant_rows
 from workers.sampling import Sampler
-from workers.slot_cache import GROW_COLUMNS, PrefillSegments, SlotCache, SlotRows, slot_attention
+from workers.slot_cache import GROW_COLUMNS, SPAN_COLUMNS, PrefillSegments, SlotCache, SlotRows, slot_attention
 
 LAYERS, HEADS, DIM = 2, 1, 4
 
@@ -89,9 +89,10 @@ def test_exact_attention_is_each_row_alone_and_batched_attention_agrees(window):
     torch.manual_seed(0)
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 2
-    lengths, slots = [5, 2, 7, 5], [2, 0, 1, 3]  # two rows of one length share a call
+    # Rows 0, 1 and 3 share the first span's call; row 2 reaches into the second span.
+    lengths, slots = [5, 2, SPAN_COLUMNS + 7, 5], [2, 0, 1, 3]
     query = torch.randn(4, 4, 1, DIM)
-    key, value = torch.randn(4, 2, 8, DIM), torch.randn(4, 2, 8, DIM)
+    key, value = torch.randn(4, 2, 2 * SPAN_COLUMNS, DIM), torch.randn(4, 2, 2 * SPAN_COLUMNS, DIM)
 
     def attend(exact, rows_slots, rows_lengths, q):
         rows = SlotRows(rows_slots, rows_lengths, exact, torch.tensor(rows_slots), rows_slots == [0, 1, 2, 3])
