@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -77,9 +77,28 @@ _CLAIM = (
         expires_at=None,
     )
     .returning(
-        J.attempts, J.kind, J.model, J.queue, J.owner_key_id, J.params, J.adapter_id, J.created_at,
-        J.reserved_tokens, J.rate_window_start,
+        J.id, J.attempts, J.kind, J.model, J.queue, J.owner_key_id, J.params, J.adapter_id, J.created_at,
+        J.reserved_tokens, J.rate_window_start, J.worker_id, J.started_at,
     )
+)
+_CLAIMED = _CLAIM.cte("claimed")
+# PostgreSQL: the claim and its status event as one statement (a data-modifying CTE), so a
+# claim is one round trip and one commit, not BEGIN, UPDATE, INSERT and COMMIT.
+_CLAIM_WITH_EVENT = select(_CLAIMED).add_cte(
+    insert(EVENTS)
+    .from_select(
+        ["job_id", "type", "data", "created_at"],
+        select(
+            _CLAIMED.c.id,
+            literal("status"),
+            func.json_build_object(
+                literal("status"), literal(JobStatus.RUNNING.value), literal("worker_id"), _CLAIMED.c.worker_id,
+                literal("attempt"), _CLAIMED.c.attempts,
+            ),
+            _CLAIMED.c.started_at,
+        ),
+    )
+    .cte("claim_event")
 )
 _HELD = and_(
     J.id == bindparam("p_job_id"),
@@ -126,10 +145,15 @@ def claim(
         "p_job_id": job_id, "p_now": now, "p_max_attempts": max_attempts, "p_worker_id": worker_id,
         "p_device": device, "p_lease_expires_at": now + timedelta(seconds=lease_s),
     }
-    row = session.execute(_CLAIM, params).one_or_none()
+    if session.get_bind().dialect.name == "postgresql":
+        row = session.execute(_CLAIM_WITH_EVENT, params).one_or_none()
+    else:
+        row = session.execute(_CLAIM, params).one_or_none()
+        if row is not None:
+            add_event(session, job_id, "status", {"status": JobStatus.RUNNING, "worker_id": worker_id,
+                                                  "attempt": row.attempts})
     if row is None:
         return None
-    add_event(session, job_id, "status", {"status": JobStatus.RUNNING, "worker_id": worker_id, "attempt": row.attempts})
     return Claim(
         job_id=job_id,
         attempt=row.attempts,

@@ -24,7 +24,8 @@ log = structlog.get_logger(__name__)
 
 def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
     """Claim a job for this worker; None (and a log line) when a redelivery finds it taken."""
-    with rt.db.session_scope() as session:
+    # On PostgreSQL a claim is one statement: it commits by itself (no BEGIN/COMMIT round trips).
+    with rt.db.session_scope(per_statement=True) as session:
         held = job_store.claim(
             session,
             job_id,

@@ -28,6 +28,10 @@ def test_only_one_claim_wins(database_url):
         row = session.get(Job, job_id)
         assert (row.status, row.worker_id, row.worker_device, row.attempts) == ("running", "worker-a", "cpu", 1)
         assert row.lease_expires_at > row.heartbeat_at
+        # One status event (on PostgreSQL written by the claim's own statement).
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "status")).all()
+        assert [event.data for event in events] == [{"status": "running", "worker_id": "worker-a", "attempt": 1}]
+        assert events[0].created_at >= row.started_at
 
 
 def test_a_lapsed_lease_can_be_claimed_and_fences_the_old_worker(database_url):
