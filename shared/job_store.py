@@ -287,10 +287,73 @@ def finish(
     session: Session, held: Claim, worker_id: str, *, result: dict[str, Any], usage: dict[str, Any]
 ) -> bool:
     """Store the result and its one usage charge, if this worker still holds the job."""
+    if session.get_bind().dialect.name == "postgresql":
+        return _finish_in_one_statement(session, held, worker_id, result, usage)
     if not _end(session, held, worker_id, JobStatus.SUCCEEDED, _used_tokens(usage), result=result):
         return False
     _charge(session, held, JobStatus.SUCCEEDED, usage)
     return True
+
+
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "train_tokens", "gpu_seconds")
+
+
+@functools.cache
+def _finish_statement() -> Any:
+    """Return `finish`'s writes on PostgreSQL as one statement: data-modifying CTEs, each reading
+    the rows of the held-job UPDATE, so all happen once or none does (one round trip, not five)."""
+    ended = _FINISH.returning(J.id, J.finished_at).cte("ended")
+    succeeded = literal(JobStatus.SUCCEEDED.value)
+    event = insert(EVENTS).from_select(
+        ["job_id", "type", "data", "created_at"],
+        select(ended.c.id, literal("status"), func.json_build_object(literal("status"), succeeded),
+               ended.c.finished_at),
+    )
+    count = postgresql.insert(OUTCOMES).from_select(
+        ["kind", "model", "status", "shard", "jobs"],
+        select(
+            bindparam("p_kind", type_=OUTCOMES.c.kind.type), bindparam("p_model", type_=OUTCOMES.c.model.type),
+            succeeded, bindparam("p_shard", type_=OUTCOMES.c.shard.type), literal(1, OUTCOMES.c.jobs.type),
+        ).select_from(ended),
+    )
+    count = count.on_conflict_do_update(
+        index_elements=[OUTCOMES.c.kind, OUTCOMES.c.model, OUTCOMES.c.status, OUTCOMES.c.shard],
+        set_={"jobs": OUTCOMES.c.jobs + count.excluded.jobs},
+    )
+    # A job without a reservation passes a NULL window: the UPDATE matches no row.
+    window = (
+        update(WINDOWS)
+        .where(W.key_id == bindparam("p_key_id"), W.window_start == bindparam("p_window_start"),
+               select(ended.c.id).exists())
+        .values(tokens=W.tokens + bindparam("p_tokens"))
+    )
+    charge = postgresql.insert(USAGE).from_select(
+        ["job_id", "key_id", "model", "status", *_USAGE_COUNTS, "created_at"],
+        select(
+            ended.c.id, bindparam("p_key_id", type_=USAGE.c.key_id.type),
+            bindparam("p_model", type_=USAGE.c.model.type), succeeded,
+            *(bindparam(f"u_{name}", type_=USAGE.c[name].type) for name in _USAGE_COUNTS),
+            ended.c.finished_at,
+        ),
+    ).on_conflict_do_nothing(index_elements=[USAGE.c.job_id])
+    return select(func.count()).select_from(ended).add_cte(
+        event.cte("end_event"), count.cte("end_count"), window.cte("end_window"), charge.cte("end_charge")
+    )
+
+
+def _finish_in_one_statement(
+    session: Session, held: Claim, worker_id: str, result: dict[str, Any], usage: dict[str, Any]
+) -> bool:
+    """`finish` on PostgreSQL: the same writes as `_end` and `_charge`, in one statement."""
+    reserved = bool(held.reserved_tokens and held.rate_window_start is not None)
+    params = {
+        **_held(held, worker_id), "p_status": JobStatus.SUCCEEDED, "p_result": result,
+        "p_kind": held.kind, "p_model": held.model, "p_shard": zlib.crc32(held.job_id.encode()) % OUTCOME_SHARDS,
+        "p_key_id": held.owner_key_id, "p_window_start": held.rate_window_start if reserved else None,
+        "p_tokens": _used_tokens(usage) - held.reserved_tokens,
+        **{f"u_{name}": usage.get(name, 0) for name in _USAGE_COUNTS},
+    }
+    return bool(session.scalar(_finish_statement(), params))
 
 
 def fail(

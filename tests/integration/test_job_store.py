@@ -75,6 +75,10 @@ def test_result_and_usage_are_written_once_by_the_holder(database_url):
         assert (row.status, row.result, row.error) == ("succeeded", RESULT, None)
         events = [event.data["status"] for event in session.scalars(select(JobEvent).order_by(JobEvent.id))]
         assert events == ["running", "succeeded"]
+        charge = session.scalars(select(UsageRecord)).one()  # on PostgreSQL written by finish's one statement
+        assert (charge.job_id, charge.key_id, charge.model, charge.status) == (
+            job_id, held.owner_key_id, held.model, "succeeded")
+        assert {name: getattr(charge, name) for name in USAGE} == USAGE
 
 
 def test_a_failure_charges_only_tokens_produced(database_url):
