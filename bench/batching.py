@@ -11,6 +11,8 @@ All in one run, on this machine's CPU, gemma-3-270m from the cached safetensors:
     holding its request open with `Prefer: wait` until its job ends; clock from the first submit
     to the last result received, tokens counted from the results. --rounds
     alternates raw and stack runs and compares their medians (single runs swing ±20% here).
+(a') the worker's batching engine alone in the driver's process, the same prompts submitted at
+    once (no HTTP, queue or database): splits (a)'s gap into the engine's and the stack's.
 (b) the same jobs with `--concurrency 1` (batching off: one job at a time, bf16, which is
     what such a worker picks as fastest for one sequence) and, where the batching worker runs
     fp32, also in fp32 for the same-dtype view.
@@ -70,6 +72,26 @@ def raw_generate(texts: list[str], new_tokens: int, dtype: str) -> float:
         started = time.perf_counter()
         model.generate(**batch, **options)
         return len(texts) * new_tokens / (time.perf_counter() - started)
+
+
+def engine_alone(texts: list[str], new_tokens: int, dtype: str) -> float:
+    """Return tokens/s of the worker's batching engine alone in this process (no stack), in `dtype`:
+    the prompts submitted at once, `step()` until all are done (prefill included)."""
+    import torch
+
+    from shared.registry import ModelRegistry
+    from workers.batch_engine import BatchEngine
+    from workers.model_loader import load_model
+
+    loaded = load_model(ModelRegistry.load(None).get("gemma-3-270m"), MODEL_DIR.parent, torch.device("cpu"),
+                        getattr(torch, dtype))
+    engine = BatchEngine(loaded, len(texts))
+    params = {"max_new_tokens": new_tokens, "temperature": 0}
+    sequences = [engine.submit({**params, "prompt": text}) for text in texts]
+    started = time.perf_counter()
+    while not all(sequence.done.is_set() for sequence in sequences):
+        engine.step()
+    return sum(len(s.result().token_ids) for s in sequences) / (time.perf_counter() - started)
 
 
 def stack_tokens_per_s(workdir: Path, name: str, args, worker: list[str], env: dict[str, str]) -> float:
@@ -161,19 +183,23 @@ def main() -> None:
         workdir = Path(folder)
         batched = None
         if "a" not in skip or "b" not in skip:
-            raws, stacks = [], []
+            raws, engines, stacks = [], [], []
             for round_ in range(args.rounds if "a" not in skip else 1):
                 worker = ["--concurrency", str(args.jobs)]
                 stacks.append(stack_tokens_per_s(workdir, f"batched-{round_}", args, worker, {}))
                 if "a" not in skip:
                     raws.append(raw_generate(prompts(args.jobs), args.new_tokens, dtype))
+                    engines.append(engine_alone(prompts(args.jobs), args.new_tokens, dtype))
             batched = statistics.median(stacks)
         if "a" not in skip:
-            raw = statistics.median(raws)
+            raw, engine = statistics.median(raws), statistics.median(engines)
             print(f"(a) raw generate {dtype} batch {args.jobs}: {raw:.1f} tok/s | stack --concurrency {args.jobs}: "
                   f"{batched:.1f} tok/s | ratio {batched / raw:.2f} (medians of {args.rounds}: raw "
                   f"{', '.join(f'{value:.1f}' for value in raws)}; stack {', '.join(f'{v:.1f}' for v in stacks)})",
                   flush=True)
+            print(f"(a') the worker's engine alone in this process: {engine:.1f} tok/s "
+                  f"({', '.join(f'{v:.1f}' for v in engines)}) | engine / raw {engine / raw:.2f} | "
+                  f"stack / engine {batched / engine:.2f}", flush=True)
         if "b" not in skip:
             off = stack_tokens_per_s(workdir, "off", args, ["--concurrency", "1"], {})
             same = ""
