@@ -103,10 +103,7 @@ class BatchEngine:
             fixed_rows=cpu and loaded.dtype == torch.bfloat16,
         )
         loaded.model.set_attn_implementation(SLOT_ATTENTION)  # plain SDPA except in the engine's passes
-        # Prompt tokens packed into one prefill pass: on the CPU only as many as its matrix
-        # products keep each row's bits at (workers/row_invariance.py); adapters' batches never pack.
-        head = loaded.model.get_output_embeddings()
-        self.prefill_rows = invariant_rows(loaded.model, skip=head) if self.batch.exact else PREFILL_TOKENS
+        self._prefill_tokens: int | None = None  # see prefill_tokens()
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self.group: str | None = None  # adapter of the rows now in the batch
@@ -212,7 +209,7 @@ class BatchEngine:
         """Prefill new sequences' prompts (packed, unpadded), add them as rows, and pick their first tokens."""
         started = time.monotonic()
         prefilled, hidden = [], []
-        for pack in _packs(joining, self.prefill_rows if self.group is None else 1):
+        for pack in _packs(joining, self.prefill_tokens() if self.group is None else 1):
             lengths = [len(sequence.prompt_ids) for sequence in pack]
             starts = [sum(lengths[:index]) for index in range(len(pack))]
             try:
@@ -238,6 +235,20 @@ class BatchEngine:
             sequence.gpu_seconds += share
             self.active.append(sequence)
             self._append(sequence, token)
+
+    def prefill_tokens(self) -> int:
+        """Return how many prompt tokens one prefill pass packs: on the CPU only as many as its matrix
+        products keep each row's bits at (workers/row_invariance.py); adapters' batches never pack.
+
+        Measured on first use, in the thread that steps, not where the engine is created: on the
+        CPU, a second thread that runs multi-threaded torch work keeps an OpenMP team of its own,
+        and with more OpenMP threads than cores every team's threads stop spinning between
+        parallel regions (the engine ran 23% slower here; docs/benchmarks.md, sixth session).
+        """
+        if self._prefill_tokens is None:
+            head = self.loaded.model.get_output_embeddings()
+            self._prefill_tokens = invariant_rows(self.loaded.model, skip=head) if self.batch.exact else PREFILL_TOKENS
+        return self._prefill_tokens
 
     def _prefill_pass(
         self, loaded: LoadedModel, pack: list[Sequence], starts: list[int], lengths: list[int], cache: DynamicCache

@@ -42,14 +42,24 @@ class GreedyScreen:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight  # the model's own float32 output layer, shared
-        self.screen = weight.detach().to(torch.bfloat16)
-        # Error of one screened logit, per unit of the row's norm (Cauchy-Schwarz on each term):
-        # rounding the row and the weights to bf16, float32 accumulation, rounding the output.
-        largest = float(weight.detach().norm(dim=1).max())  # float32 is close enough: SAFETY covers it
-        self.error_per_norm = SAFETY * largest * (3 * BF16_UNIT + weight.shape[1] * FP32_UNIT)
+        # Both set at the first pick, in the engine's thread: multi-threaded torch work in the
+        # thread that creates the engine would slow the engine's own (BatchEngine.prefill_tokens).
+        self.screen: torch.Tensor | None = None
+        self.error_per_norm: float | None = None
+
+    def _prepare(self) -> None:
+        weight = self.weight.detach()
+        self.screen = weight.to(torch.bfloat16)
+        if self.error_per_norm is None:
+            # Error of one screened logit, per unit of the row's norm (Cauchy-Schwarz on each term):
+            # rounding the row and the weights to bf16, float32 accumulation, rounding the output.
+            largest = float(weight.norm(dim=1).max())  # float32 is close enough: SAFETY covers it
+            self.error_per_norm = SAFETY * largest * (3 * BF16_UNIT + weight.shape[1] * FP32_UNIT)
 
     def pick(self, hidden: torch.Tensor) -> list[int]:
         """Return each row's token: the exact argmax of its logits (first index on a tie)."""
+        if self.screen is None:
+            self._prepare()
         estimates = hidden.to(torch.bfloat16) @ self.screen.T
         tops = estimates.max(dim=1).values.double()
         margins = 2 * self.error_per_norm * hidden.double().norm(dim=1)

@@ -4,6 +4,7 @@ tokens as the exact per-row attention (float32)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,23 @@ def test_batched_attention_gives_the_exact_attentions_greedy_tokens(model_cache_
     exact = _run(loaded, greedy, max_batch=len(greedy), exact_attention=True)
     assert _run(loaded, greedy, max_batch=len(greedy), exact_attention=False) == exact
     assert all(len(tokens) > 0 for tokens in exact)
+
+
+def test_the_packing_probe_runs_in_the_thread_that_steps_not_where_the_engine_is_made(model_cache_dir, monkeypatch):
+    # Multi-threaded torch work in another thread (e.g. a task thread creating the engine) left
+    # an OpenMP team there that slowed every engine step by ~23% on 2 cores.
+    from workers import batch_engine, row_invariance
+
+    threads = []
+
+    def recording_probe(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return row_invariance.invariant_rows(*args, **kwargs)
+
+    monkeypatch.setattr(batch_engine, "invariant_rows", recording_probe)
+    loaded = _load(model_cache_dir, torch.bfloat16)
+    engine = BatchEngine(loaded, max_batch=2)
+    assert threads == []
+    output = engine.generate({"prompt": "Hello", "max_new_tokens": 2, "temperature": 0})
+    assert len(output.token_ids) == 2
+    assert [thread.name for thread in threads] == ["batch-engine"]
