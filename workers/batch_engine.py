@@ -241,9 +241,10 @@ class BatchEngine:
         products keep each row's bits at (workers/row_invariance.py); adapters' batches never pack.
 
         Measured on first use, in the thread that steps, not where the engine is created: on the
-        CPU, a second thread that runs multi-threaded torch work keeps an OpenMP team of its own,
-        and with more OpenMP threads than cores every team's threads stop spinning between
-        parallel regions (the engine ran 23% slower here; docs/benchmarks.md, sixth session).
+        CPU, another thread that runs multi-threaded torch work keeps an OpenMP team of its own
+        while it lives, and the engine's steps then ran ~20% slower on 2 cores (likely because
+        OpenMP stops spinning between parallel regions when it has more threads than cores;
+        bench/openmp_teams.py).
         """
         if self._prefill_tokens is None:
             head = self.loaded.model.get_output_embeddings()

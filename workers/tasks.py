@@ -39,7 +39,7 @@ def _in_own_thread(rt: WorkerRuntime, run: Callable[[WorkerRuntime, str], None],
     """Run a job in a thread that ends with it, with this thread's log context.
 
     A thread that has run multi-threaded torch work keeps an OpenMP team while it lives, and
-    on a CPU host a second team slows every step of the batching engine (~23% on 2 cores;
+    on a CPU host a second team slows every step of the batching engine (~20% on 2 cores;
     BatchEngine.prefill_tokens). Training's team goes away with its thread.
     """
     context = contextvars.copy_context()

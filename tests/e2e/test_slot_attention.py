@@ -48,7 +48,7 @@ def test_batched_attention_gives_the_exact_attentions_greedy_tokens(model_cache_
 
 def test_the_packing_probe_runs_in_the_thread_that_steps_not_where_the_engine_is_made(model_cache_dir, monkeypatch):
     # Multi-threaded torch work in another thread (e.g. a task thread creating the engine) left
-    # an OpenMP team there that slowed every engine step by ~23% on 2 cores.
+    # an OpenMP team there that slowed every engine step by ~20% on 2 cores.
     from workers import batch_engine, row_invariance
 
     threads = []
