@@ -29,11 +29,12 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, *, ping_idle_after_s: float | None = None) -> Engine:
+def make_engine(url: str, *, ping_idle_after_s: float | None = None, durable: bool = True) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and foreign keys.
 
     A server database's connections are pinged at every checkout, or with `ping_idle_after_s`
-    only after sitting idle that long (see `_ping_when_idle`).
+    only after sitting idle that long (see `_ping_when_idle`). `durable=False` (PostgreSQL):
+    commits do not wait for their WAL to reach the disk (`synchronous_commit=off`).
     """
     url = normalize_url(url)
     if url.startswith("sqlite"):
@@ -44,7 +45,10 @@ def make_engine(url: str, *, ping_idle_after_s: float | None = None) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_sqlite)
         return engine
-    engine = create_engine(url, pool_pre_ping=ping_idle_after_s is None, pool_size=10, max_overflow=20)
+    connect_args = {} if durable else {"options": "-c synchronous_commit=off"}
+    engine = create_engine(
+        url, pool_pre_ping=ping_idle_after_s is None, pool_size=10, max_overflow=20, connect_args=connect_args
+    )
     if ping_idle_after_s is not None:
         _ping_when_idle(engine, ping_idle_after_s)
     return engine
@@ -156,6 +160,11 @@ class Database:
     def __init__(self, url: str, *, ping_idle_after_s: float | None = None):
         self.url = url
         self.engine = make_engine(url, ping_idle_after_s=ping_idle_after_s)
+        # Connects only when used: for `first(..., durable=False)` on PostgreSQL.
+        self._lazy_commit_engine = (
+            make_engine(url, ping_idle_after_s=ping_idle_after_s, durable=False)
+            if self.engine.dialect.name == "postgresql" else self.engine
+        )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         read_engine = self.engine.execution_options(**{READ_ONLY_OPTION: True})
         self._read_sessions = sessionmaker(read_engine, expire_on_commit=False)
@@ -196,13 +205,19 @@ class Database:
         with self._reads.connect() as connection:
             yield connection
 
-    def first(self, statement: Select, params: dict[str, Any]) -> tuple | None:
+    def first(self, statement: Select, params: dict[str, Any], *, durable: bool = True) -> tuple | None:
         """Return the first row of a prebuilt SELECT (a module constant: it is compiled once and
-        kept), read on a pooled connection outside any transaction."""
+        kept), run on a pooled connection outside any transaction.
+
+        On PostgreSQL the statement may write (data-modifying CTEs): it commits by itself.
+        `durable=False` lets that commit return before its WAL is on disk: for a write that a
+        database crash may lose without harm (it is visible to everyone at once all the same,
+        and any later durable commit flushes it too).
+        """
         compiled = self._compiled.get(statement)
         if compiled is None:
             compiled = self._compiled[statement] = CompiledSelect(self.engine, statement)
-        with self._dbapi_connection() as connection:
+        with self._dbapi_connection(self.engine if durable else self._lazy_commit_engine) as connection:
             cursor = connection.cursor()
             try:
                 return compiled.first(cursor, params)
@@ -210,16 +225,16 @@ class Database:
                 cursor.close()
 
     @contextmanager
-    def _dbapi_connection(self):
+    def _dbapi_connection(self, engine: Engine):
         """Yield a pooled DBAPI connection; on PostgreSQL in autocommit (no BEGIN, no COMMIT)."""
-        connection = self.engine.raw_connection()
-        autocommit = self.engine.dialect.name == "postgresql"
+        connection = engine.raw_connection()
+        autocommit = engine.dialect.name == "postgresql"
         try:
             if autocommit:
                 connection.driver_connection.autocommit = True
             yield connection
-        except self.engine.dialect.loaded_dbapi.Error as exc:
-            if self.engine.dialect.is_disconnect(exc, connection.dbapi_connection, None):
+        except engine.dialect.loaded_dbapi.Error as exc:
+            if engine.dialect.is_disconnect(exc, connection.dbapi_connection, None):
                 connection.invalidate(exc)  # the pool replaces it
             raise
         finally:
@@ -241,3 +256,4 @@ class Database:
     def dispose(self) -> None:
         """Close all pooled connections."""
         self.engine.dispose()
+        self._lazy_commit_engine.dispose()

@@ -21,6 +21,7 @@ from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, upda
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from shared.db import Database
 from shared.jobs import JobStatus
 from shared.models import Job, JobEvent, JobOutcomeCount, RateLimitWindow, UsageRecord, utcnow
 
@@ -130,7 +131,7 @@ def add_event(session: Session, job_id: str, event_type: str, data: dict[str, An
 
 
 def claim(
-    session: Session,
+    db: Database,
     job_id: str,
     worker_id: str,
     *,
@@ -139,19 +140,26 @@ def claim(
     max_attempts: int,
 ) -> Claim | None:
     """Move a job to running for this worker: if queued (and not past its TTL), or if its
-    lease lapsed with attempts left. None when someone else has it or it is over."""
+    lease lapsed with attempts left. None when someone else has it or it is over.
+
+    On PostgreSQL the claim is one statement that commits without waiting for the disk: a
+    database crash can lose only a claim, which leaves the job queued with its message
+    already taken, and then the attempt's writes (fenced on this claim) change nothing and
+    the reaper publishes the job again. Its outcome is written durably.
+    """
     now = utcnow()
     params = {
         "p_job_id": job_id, "p_now": now, "p_max_attempts": max_attempts, "p_worker_id": worker_id,
         "p_device": device, "p_lease_expires_at": now + timedelta(seconds=lease_s),
     }
-    if session.get_bind().dialect.name == "postgresql":
-        row = session.execute(_CLAIM_WITH_EVENT, params).one_or_none()
+    if db.engine.dialect.name == "postgresql":
+        row = db.first(_CLAIM_WITH_EVENT, params, durable=False)
     else:
-        row = session.execute(_CLAIM, params).one_or_none()
-        if row is not None:
-            add_event(session, job_id, "status", {"status": JobStatus.RUNNING, "worker_id": worker_id,
-                                                  "attempt": row.attempts})
+        with db.session_scope() as session:
+            row = session.execute(_CLAIM, params).one_or_none()
+            if row is not None:
+                add_event(session, job_id, "status", {"status": JobStatus.RUNNING, "worker_id": worker_id,
+                                                      "attempt": row.attempts})
     if row is None:
         return None
     return Claim(
@@ -336,24 +344,39 @@ def _finish_statement() -> Any:
             ended.c.finished_at,
         ),
     ).on_conflict_do_nothing(index_elements=[USAGE.c.job_id])
-    return select(func.count()).select_from(ended).add_cte(
+    return select(func.count().label("ended")).select_from(ended).add_cte(
         event.cte("end_event"), count.cte("end_count"), window.cte("end_window"), charge.cte("end_charge")
     )
+
+
+def finish_alone(
+    db: Database, held: Claim, worker_id: str, *, result: dict[str, Any], usage: dict[str, Any]
+) -> bool:
+    """`finish` in a transaction of its own; on PostgreSQL one statement on a pooled
+    connection, without a session (it runs once per job on the worker's hot path)."""
+    if db.engine.dialect.name != "postgresql":
+        with db.session_scope() as session:
+            return finish(session, held, worker_id, result=result, usage=usage)
+    return bool(db.first(_finish_statement(), _finish_params(held, worker_id, result, usage))[0])
 
 
 def _finish_in_one_statement(
     session: Session, held: Claim, worker_id: str, result: dict[str, Any], usage: dict[str, Any]
 ) -> bool:
     """`finish` on PostgreSQL: the same writes as `_end` and `_charge`, in one statement."""
+    return bool(session.scalar(_finish_statement(), _finish_params(held, worker_id, result, usage)))
+
+
+def _finish_params(held: Claim, worker_id: str, result: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    """Return the parameters of `_finish_statement`."""
     reserved = bool(held.reserved_tokens and held.rate_window_start is not None)
-    params = {
+    return {
         **_held(held, worker_id), "p_status": JobStatus.SUCCEEDED, "p_result": result,
         "p_kind": held.kind, "p_model": held.model, "p_shard": zlib.crc32(held.job_id.encode()) % OUTCOME_SHARDS,
         "p_key_id": held.owner_key_id, "p_window_start": held.rate_window_start if reserved else None,
         "p_tokens": _used_tokens(usage) - held.reserved_tokens,
         **{f"u_{name}": usage.get(name, 0) for name in _USAGE_COUNTS},
     }
-    return bool(session.scalar(_finish_statement(), params))
 
 
 def fail(

@@ -95,14 +95,14 @@ def _store_outcome(
         reason,
         usage,
         timeout_message=f"training ran past the fine-tune time limit of {timeout_s:g} s and was stopped",
-        finish=lambda session: _register_adapter(session, rt, held, report, relative, usage),
+        finish=lambda: _register_adapter(rt, held, report, relative, usage),
     )
     if outcome != "finished":
         rt.storage.remove(relative)
     log.info(f"job_{outcome or 'result_discarded'}", reason=reason, steps=report.step, **usage)
 
 
-def _register_adapter(session, rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, usage) -> bool:
+def _register_adapter(rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, usage) -> bool:
     """Finish the job and insert its adapter in one transaction, if this worker still holds it."""
     folder = rt.storage.resolve(relative)
     size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
@@ -114,18 +114,19 @@ def _register_adapter(session, rt: WorkerRuntime, held: Claim, report: TrainingR
         "train_tokens": report.train_tokens,
     }
     result = {"adapter_id": held.adapter_id, "base_model": held.model, "size_bytes": size, **metrics}
-    if not job_store.finish(session, held, rt.worker_id, result=result, usage=usage):
-        return False
-    session.add(
-        Adapter(
-            id=held.adapter_id,
-            owner_key_id=held.owner_key_id,
-            base_model=held.model,
-            job_id=held.job_id,
-            path=relative,
-            hyperparameters=held.params["hyperparameters"],
-            metrics=metrics,
-            size_bytes=size,
+    with rt.db.session_scope() as session:
+        if not job_store.finish(session, held, rt.worker_id, result=result, usage=usage):
+            return False
+        session.add(
+            Adapter(
+                id=held.adapter_id,
+                owner_key_id=held.owner_key_id,
+                base_model=held.model,
+                job_id=held.job_id,
+                path=relative,
+                hyperparameters=held.params["hyperparameters"],
+                metrics=metrics,
+                size_bytes=size,
+            )
         )
-    )
     return True

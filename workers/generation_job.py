@@ -87,7 +87,7 @@ def _store_outcome(
         reason,
         usage,
         timeout_message=f"the job ran past its timeout_s of {timeout_s:g} s and was stopped",
-        finish=lambda session: job_store.finish(session, held, rt.worker_id, result=result, usage=usage),
+        finish=lambda: job_store.finish_alone(rt.db, held, rt.worker_id, result=result, usage=usage),
     )
     tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
     TOKENS_GENERATED.labels(held.model).inc(output.completion_tokens)

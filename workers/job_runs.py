@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import structlog
 from redis import RedisError
-from sqlalchemy.orm import Session
 
 from shared import job_store
 from shared.job_store import Claim
@@ -24,16 +23,10 @@ log = structlog.get_logger(__name__)
 
 def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
     """Claim a job for this worker; None (and a log line) when a redelivery finds it taken."""
-    # On PostgreSQL a claim is one statement: it commits by itself (no BEGIN/COMMIT round trips).
-    with rt.db.session_scope(per_statement=True) as session:
-        held = job_store.claim(
-            session,
-            job_id,
-            rt.worker_id,
-            device=str(rt.device),
-            lease_s=rt.settings.lease_s,
-            max_attempts=rt.settings.max_attempts,
-        )
+    held = job_store.claim(
+        rt.db, job_id, rt.worker_id, device=str(rt.device), lease_s=rt.settings.lease_s,
+        max_attempts=rt.settings.max_attempts,
+    )
     if held is None:
         # Already taken, finished, cancelled or expired: a redelivery does nothing.
         log.info("job_not_claimed")
@@ -75,26 +68,27 @@ def store_attempt(
     usage: dict[str, Any],
     *,
     timeout_message: str,
-    finish: Callable[[Session], bool],
+    finish: Callable[[], bool],
 ) -> str | None:
     """Write what one attempt earned, by why it stopped, and tell whoever must know.
 
+    `finish` stores the result in a transaction of its own, if this worker still holds the job.
     Returns the outcome: "finished" (`finish` stored the result), "timed_out", "handed_back"
     (shutdown: republished for another worker), "cancelled" (cancelled meanwhile: charged what
     it used), or None (the lease was taken over: the new holder writes, this attempt writes nothing).
     """
-    with rt.db.session_scope() as session:
-        if reason == StopReason.SHUTDOWN:
-            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
-        elif reason == StopReason.TIMEOUT:
-            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=timeout_message, usage=usage)
-            outcome = "timed_out" if stored else None
-        elif reason is None:
-            outcome = "finished" if finish(session) else None
-        else:
-            outcome = None
-        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
-            outcome = "cancelled"
+    # The common case, a result, is one transaction (one statement on PostgreSQL) by itself.
+    outcome = "finished" if reason is None and finish() else None
+    if outcome is None:
+        with rt.db.session_scope() as session:
+            if reason == StopReason.SHUTDOWN:
+                outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
+            elif reason == StopReason.TIMEOUT:
+                stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=timeout_message,
+                                        usage=usage)
+                outcome = "timed_out" if stored else None
+            if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
+                outcome = "cancelled"
     if outcome == "handed_back":
         publish_job(rt.celery, held.job_id, held.queue)
     elif outcome in ("finished", "timed_out", "cancelled"):

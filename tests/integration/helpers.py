@@ -52,8 +52,7 @@ def queued_job(db: Database, **values) -> str:
 
 
 def claim(db, job_id, worker, lease_s=30, max_attempts=3):
-    with db.session_scope() as session:
-        return job_store.claim(session, job_id, worker, device="cpu", lease_s=lease_s, max_attempts=max_attempts)
+    return job_store.claim(db, job_id, worker, device="cpu", lease_s=lease_s, max_attempts=max_attempts)
 
 
 def lapse_lease(db, job_id):

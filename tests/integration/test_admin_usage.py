@@ -86,8 +86,7 @@ def charge(app, key_id: str, model: str, prompt: int, completion: int, seconds: 
         job = Job(id=new_id("job"), owner_key_id=key_id, kind="generation", model=model,
                   queue=f"generation.{model}", status="queued", params={})
         session.add(job)
-    with db.session_scope() as session:
-        held = job_store.claim(session, job.id, "w", device="cpu", lease_s=30, max_attempts=3)
+    held = job_store.claim(db, job.id, "w", device="cpu", lease_s=30, max_attempts=3)
     with db.session_scope() as session:
         job_store.finish(session, held, "w", result={"text": ""},
                          usage={"prompt_tokens": prompt, "completion_tokens": completion, "gpu_seconds": seconds})

@@ -27,8 +27,7 @@ def test_cancel_a_queued_job_and_again(client, auth, app):
 
 def test_cancel_a_finished_job_is_409(client, auth, app):
     job_id = submit(client, auth).get_json()["id"]
-    with db_of(app).session_scope() as session:
-        held = job_store.claim(session, job_id, "w", device="cpu", lease_s=30, max_attempts=3)
+    held = job_store.claim(db_of(app), job_id, "w", device="cpu", lease_s=30, max_attempts=3)
     with db_of(app).session_scope() as session:
         job_store.finish(session, held, "w", result={"text": "x", "finish_reason": "stop", "token_ids": [1]},
                          usage={"prompt_tokens": 1, "completion_tokens": 1, "gpu_seconds": 0.1})

@@ -73,6 +73,26 @@ def test_result_and_usage_are_written_once_by_the_holder(database_url):
     with db.session_scope() as session:
         row = session.get(Job, job_id)
         assert (row.status, row.result, row.error) == ("succeeded", RESULT, None)
+
+
+def test_finish_alone_writes_what_finish_writes_once(database_url):
+    """The worker's own-transaction finish (on PostgreSQL a bare statement): same rows, same fence."""
+    db = Database(database_url)
+    job_id = queued_job(db)
+    held = claim(db, job_id, "worker-a")
+    assert not job_store.finish_alone(db, held, "worker-b", result=RESULT, usage=USAGE)  # not the holder
+    assert job_store.finish_alone(db, held, "worker-a", result=RESULT, usage=USAGE)
+    assert not job_store.finish_alone(db, held, "worker-a", result=RESULT, usage=USAGE)  # a redelivery
+    assert usage_rows(db) == 1
+    with db.session_scope() as session:
+        row = session.get(Job, job_id)
+        assert (row.status, row.result, row.reserved_tokens) == ("succeeded", RESULT, 0)
+        assert row.finished_at >= row.started_at
+        events = session.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        assert [event["status"] for event in events] == ["running", "succeeded"]
+        charge = session.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id)).one()
+        assert (charge.key_id, charge.completion_tokens) == (row.owner_key_id, USAGE["completion_tokens"])
+        assert job_store.ended_counts(session) == [("generation", "gemma-3-270m", "succeeded", 1)]
         events = [event.data["status"] for event in session.scalars(select(JobEvent).order_by(JobEvent.id))]
         assert events == ["running", "succeeded"]
         charge = session.scalars(select(UsageRecord)).one()  # on PostgreSQL written by finish's one statement

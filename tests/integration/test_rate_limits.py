@@ -67,8 +67,7 @@ def test_tokens_are_reserved_then_settled_to_what_was_used(client, app):
     assert_error(submit(client, headers, max_new_tokens=101), 422, "invalid_field")
     # The first job ends having used 3 + 7 tokens: the budget gets the difference back.
     db = app.extensions["gemma_jobs"].db
-    with db.session_scope() as session:
-        held = job_store.claim(session, first.get_json()["id"], "w", device="cpu", lease_s=30, max_attempts=3)
+    held = job_store.claim(db, first.get_json()["id"], "w", device="cpu", lease_s=30, max_attempts=3)
     with db.session_scope() as session:
         job_store.finish(session, held, "w", result={"text": ""},
                          usage={"prompt_tokens": 3, "completion_tokens": 7, "gpu_seconds": 0.1})
@@ -97,8 +96,7 @@ def test_concurrent_jobs_count_queued_and_running(client, app):
     assert refused.headers["RateLimit-Policy"] == '"concurrent";q=2'
     assert refused.headers["Retry-After"] == "1"
     db = app.extensions["gemma_jobs"].db
-    with db.session_scope() as session:
-        held = job_store.claim(session, ids[0], "w", device="cpu", lease_s=30, max_attempts=3)
+    held = job_store.claim(db, ids[0], "w", device="cpu", lease_s=30, max_attempts=3)
     assert submit(client, headers).status_code == 429  # running still counts
     with db.session_scope() as session:
         job_store.fail(session, held, "w", code="x", message="y")
