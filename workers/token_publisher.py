@@ -67,7 +67,10 @@ class TokenPublisher:
         if self.failed:
             return
         try:
-            write(self.client, self.job_id, *args)
+            # One round trip, however many commands the write is (an attempt's start is two).
+            with self.client.pipeline(transaction=False) as pipe:
+                write(pipe, self.job_id, *args)
+                pipe.execute()
         except redis.RedisError as exc:
             self.stop_streaming(exc)
 
