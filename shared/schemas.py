@@ -201,7 +201,10 @@ class Job(BaseModel):
     attempts: int = 0
     queue_position: int | None = Field(
         default=None,
-        description=f"jobs ahead of this one in its queue while queued, counted up to {QUEUE_POSITION_CAP}",
+        description=(
+            f"jobs ahead of this one in its queue while queued, counted up to {QUEUE_POSITION_CAP}; "
+            "exact when submitted, up to a second old in a poll"
+        ),
     )
     result: GenerationResult | FineTuneResult | None = None
     error: JobError | None = None

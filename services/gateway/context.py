@@ -9,6 +9,7 @@ from flask import current_app
 
 from services.domain.keys import KeyCache, find_key
 from services.domain.operations import LiveQueues
+from services.domain.queue_positions import QueuePositions
 from services.domain.token_counter import TokenCounter
 from shared.db import PING_IDLE_AFTER_S, Database
 from shared.publish import JobPublisher
@@ -33,6 +34,7 @@ class GatewayContext:
     token_counter: TokenCounter
     storage: Storage
     live_queues: LiveQueues
+    queue_positions: QueuePositions
 
     @classmethod
     def create(cls, settings: Settings) -> "GatewayContext":
@@ -50,6 +52,7 @@ class GatewayContext:
             token_counter=TokenCounter(registry, settings.model_cache_path),
             storage=Storage(settings.storage_path),
             live_queues=LiveQueues(settings.worker_dead_after_s),
+            queue_positions=QueuePositions(),
         )
 
 

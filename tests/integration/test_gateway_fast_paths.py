@@ -66,6 +66,25 @@ def test_poll_answers_as_describe_job(app, client, auth):
     assert finished["usage"]["completion_tokens"] == 1 and finished["result"]["text"] == "hi"
 
 
+def test_a_poll_takes_the_position_from_the_queue_head_read_at_most_max_age_ago(app, client, auth):
+    positions = app.extensions["gemma_jobs"].queue_positions
+    positions.max_age_s = 60  # no re-read within this test, however slow the machine
+
+    def position(job_id: str) -> int | None:
+        return client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["queue_position"]
+
+    ids = [submit(client, auth).get_json()["id"] for _ in range(3)]
+    assert [position(job_id) for job_id in ids] == [0, 1, 2]
+    client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth)
+    assert position(ids[0]) is None  # the status is read fresh
+    assert position(ids[2]) == 2  # the head as read a moment ago
+    later = submit(client, auth).get_json()
+    assert later["queue_position"] == 2  # a submit counts exactly
+    assert position(later["id"]) == 3  # not in the head read before it: after all of it
+    positions.max_age_s = 0
+    assert [position(job_id) for job_id in ids[1:]] + [position(later["id"])] == [0, 1, 2]
+
+
 def test_poll_of_someone_elses_job_is_not_found(app, client, auth):
     job_id = submit(client, auth).get_json()["id"]
     other = Caller(key_id="key_other", role="user")

@@ -167,7 +167,7 @@ def cancel_job(job_id: str):
 def get_job(job_id: str):
     """Return one of the caller's jobs."""
     context = gateway()
-    body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues)
+    body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues, context.queue_positions)
     return body.model_dump(mode="json")
 
 
