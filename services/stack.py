@@ -149,6 +149,9 @@ class Stack:
     def wait(self) -> None:
         """Block until Ctrl-C / SIGTERM or a child dies."""
         signal.signal(signal.SIGTERM, _interrupt)
+        # Python leaves SIGINT ignored when started so (e.g. in the background of a script): Ctrl-C
+        # must still stop the stack.
+        signal.signal(signal.SIGINT, _interrupt)
         try:
             while True:
                 self.check_alive()

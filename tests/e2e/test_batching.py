@@ -11,9 +11,11 @@ import time
 from datetime import datetime
 
 import pytest
+import redis
 import requests
 from sqlalchemy import func, select
 
+from shared import token_stream
 from shared.models import UsageRecord
 from shared.registry import DEFAULT_MODEL_ID
 from tests.e2e.conftest import StartStack
@@ -94,11 +96,13 @@ def test_a_short_job_leaves_the_batch_before_a_long_one(batching_stack):
 
 
 def test_cancelling_one_job_leaves_the_rest_of_the_batch_running(batching_stack):
-    base_url, headers, *_ = batching_stack
+    base_url, headers, _db, _workdir, env, _worker = batching_stack
     bodies = [{**BASE, "prompt": f"Story number {n}:", "max_new_tokens": 40} for n in range(3)]
     ids = [submit(base_url, headers, body) for body in bodies]
     for job_id in ids:
         wait_until_running(base_url, headers, job_id)
+    # Running means claimed; a claimed job may not have joined the batch yet on a busy machine.
+    wait_until_streamed(redis.Redis.from_url(env["REDIS_URL"]), ids[1])
     cancelled = requests.post(f"{base_url}/v1/jobs/{ids[1]}/cancel", headers=headers, timeout=10)
     assert cancelled.status_code == 200
     jobs = [wait_for_job(base_url, headers, job_id, timeout_s=240) for job_id in ids]
@@ -162,6 +166,16 @@ def test_a_killed_batching_worker_loses_no_job_and_charges_each_once(batching_st
 def _token_lines(text: str) -> list[str]:
     lines = text.splitlines()
     return [lines[i + 1] for i, line in enumerate(lines) if line == "event: token"]
+
+
+def wait_until_streamed(client: redis.Redis, job_id: str, timeout_s: float = 120) -> None:
+    """Wait until a running job has streamed its first token."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(entry["type"] == "token" for entry in token_stream.read_entries(client, job_id)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} streamed no token within {timeout_s}s")
 
 
 def wait_until_running(base_url: str, headers: dict, job_id: str, timeout_s: float = 120) -> None:
