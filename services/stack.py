@@ -50,6 +50,11 @@ class Stack:
         self._children: list[tuple[str, subprocess.Popen]] = []
 
     def __enter__(self) -> "Stack":
+        # From here on Ctrl-C and SIGTERM stop the children in order, even during start-up.
+        # Python leaves SIGINT ignored when started so (in the background of a script), and
+        # Ctrl-C must still stop the stack.
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
         try:
             self.start()
         except BaseException:
@@ -148,10 +153,6 @@ class Stack:
 
     def wait(self) -> None:
         """Block until Ctrl-C / SIGTERM or a child dies."""
-        signal.signal(signal.SIGTERM, _interrupt)
-        # Python leaves SIGINT ignored when started so (e.g. in the background of a script): Ctrl-C
-        # must still stop the stack.
-        signal.signal(signal.SIGINT, _interrupt)
         try:
             while True:
                 self.check_alive()
