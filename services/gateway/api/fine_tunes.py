@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 from flask import Blueprint
 
+from services.domain import jobs as job_domain
 from services.domain.fine_tunes import create_fine_tune
 from services.gateway.api.jobs import job_response
 from services.gateway.auth import current_caller, require_key
@@ -31,7 +32,9 @@ def submit_fine_tune():
     structlog.contextvars.bind_contextvars(job_id=job.id)
     log.info("job_submitted", model=job.model, kind=job.kind, adapter_id=job.adapter_id)
     JOBS_SUBMITTED.labels(job.kind, job.model).inc()
+    # Read back before publishing: once published, a worker may claim it before the answer.
+    described = job_domain.poll_job(context.db, current_caller(), job.id, context.live_queues)
     context.publisher.publish(job.id, job.queue)
-    payload, status, headers = job_response(context, job.id, 0)
+    payload, status, headers = job_response(context, job.id, 0, described)
     headers.update(submission.admission.headers())
     return payload, status, headers
