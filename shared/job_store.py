@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -107,8 +107,16 @@ _HELD = and_(
     J.worker_id == bindparam("p_worker_id"),
     J.attempts == bindparam("p_attempt"),
 )
-_RENEW = update(JOBS).where(_HELD).values(
-    heartbeat_at=bindparam("p_now"), lease_expires_at=bindparam("p_lease_expires_at")
+# Every attempt a worker runs, in one statement (`p_attempts`: (job id, attempt) pairs).
+_RENEW_ALL = (
+    update(JOBS)
+    .where(
+        J.status == JobStatus.RUNNING,
+        J.worker_id == bindparam("p_worker_id"),
+        tuple_(J.id, J.attempts).in_(bindparam("p_attempts", expanding=True)),
+    )
+    .values(heartbeat_at=bindparam("p_now"), lease_expires_at=bindparam("p_lease_expires_at"))
+    .returning(J.id)
 )
 _RECORD_PROGRESS = update(JOBS).where(_HELD).values(progress=bindparam("p_progress"))
 _HAND_BACK = update(JOBS).where(_HELD).values(
@@ -182,15 +190,30 @@ def _held(held: Claim, worker_id: str) -> dict[str, Any]:
     return {"p_job_id": held.job_id, "p_worker_id": worker_id, "p_attempt": held.attempt, "p_now": utcnow()}
 
 
-def renew_lease(session: Session, held: Claim, worker_id: str, lease_s: float) -> str | None:
-    """Extend the lease; return None while it is held, else the job's status now."""
-    params = _held(held, worker_id)
-    renewed = session.execute(
-        _RENEW, {**params, "p_lease_expires_at": params["p_now"] + timedelta(seconds=lease_s)}
-    ).rowcount
-    if renewed:
-        return None
-    return session.scalar(select(J.status).where(J.id == held.job_id))
+def renew_leases(session: Session, held: list[Claim], worker_id: str, lease_s: float) -> dict[str, str]:
+    """Extend the leases of attempts this worker runs, all in one statement.
+
+    Returns the status now of each job whose lease it no longer holds (cancelled, finished by
+    a takeover, or running another attempt); the others were renewed.
+    """
+    if not held:
+        return {}
+    now = utcnow()
+    renewed = set(
+        session.scalars(
+            _RENEW_ALL,
+            {
+                "p_worker_id": worker_id,
+                "p_attempts": [(claim.job_id, claim.attempt) for claim in held],
+                "p_now": now,
+                "p_lease_expires_at": now + timedelta(seconds=lease_s),
+            },
+        )
+    )
+    lost = [claim.job_id for claim in held if claim.job_id not in renewed]
+    if not lost:
+        return {}
+    return dict(session.execute(select(J.id, J.status).where(J.id.in_(lost))).all())
 
 
 def record_progress(

@@ -1,4 +1,4 @@
-"""Watching one running job from a side thread: lease renewal, cancel, deadline, shutdown."""
+"""Watching running jobs: lease renewal, cancel, deadline, shutdown."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class StopReason:
 
 
 class JobGuard:
-    """Renews a job's lease and decides, between tokens, whether generation must stop."""
+    """Decides, between tokens, whether a job's generation must stop; its lease is renewed
+    by the worker's LeaseKeeper while the guard is entered."""
 
     def __init__(self, rt, held: Claim, timeout_s: float):
         self.rt = rt
@@ -33,45 +34,84 @@ class JobGuard:
         self.deadline = time.monotonic() + timeout_s
         self.reason: str | None = None
         self._reason_lock = threading.Lock()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name=f"guard-{held.job_id}", daemon=True)
 
     def __enter__(self) -> "JobGuard":
-        self._thread.start()
+        self.rt.leases.watch(self)
         return self
 
     def __exit__(self, *_exc) -> None:
-        self._done.set()
-        self._thread.join()
+        self.rt.leases.forget(self)
 
     def should_stop(self) -> bool:
         """Return whether generation must stop now (called between tokens)."""
         if self.reason is None:
             now = time.monotonic()
             if now >= self.deadline:
-                self._stop(StopReason.TIMEOUT)
+                self.stop(StopReason.TIMEOUT)
             elif self.rt.shutdown_deadline is not None and now >= self.rt.shutdown_deadline:
-                self._stop(StopReason.SHUTDOWN)
+                self.stop(StopReason.SHUTDOWN)
         return self.reason is not None
 
-    def _stop(self, reason: str) -> None:
+    def stop(self, reason: str) -> None:
         """Record why generation stops; the first reason wins (two threads may race)."""
         with self._reason_lock:
             if self.reason is None:
                 self.reason = reason
 
-    def _watch(self) -> None:
-        settings = self.rt.settings
-        poll_s = min(settings.control_poll_s, settings.lease_s / 3)
-        while not self._done.wait(poll_s):
-            try:
-                with self.rt.db.session_scope() as session:
-                    status = job_store.renew_lease(session, self.held, self.rt.worker_id, settings.lease_s)
-            except SQLAlchemyError as exc:
-                # Keep generating: the lease has slack for a brief database outage.
-                log.warning("lease_renewal_failed", error=str(exc))
-                continue
-            if status is not None:
-                self._stop(StopReason.CANCELLED if status == JobStatus.CANCELLED else StopReason.LEASE_LOST)
-                log.info("job_taken_away", status=status, reason=self.reason)
-                return
+
+class LeaseKeeper:
+    """One thread per worker renews the leases of all its running jobs, in one statement a round.
+
+    A thread per job cost a thread start and join per job (~0.2 ms of a no-op job's ~3 ms) and
+    one UPDATE per job per round; a worker batching 16 jobs now sends one.
+    """
+
+    def __init__(self, db, worker_id: str, lease_s: float, poll_s: float):
+        self.db = db
+        self.worker_id = worker_id
+        self.lease_s = lease_s
+        # A lease outlives three missed rounds.
+        self.poll_s = min(poll_s, lease_s / 3)
+        self._guards: dict[str, JobGuard] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, guard: JobGuard) -> None:
+        """Renew a job's lease from now until `forget`."""
+        with self._lock:
+            self._guards[guard.held.job_id] = guard
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+
+    def forget(self, guard: JobGuard) -> None:
+        """Stop renewing a job's lease (its attempt is over); no reason is set on it after this."""
+        with self._lock:
+            if self._guards.get(guard.held.job_id) is guard:
+                del self._guards[guard.held.job_id]
+
+    def renew_once(self) -> None:
+        """Renew every watched lease; stop the jobs whose lease this worker lost."""
+        with self._lock:
+            guards = list(self._guards.values())
+        if not guards:
+            return
+        try:
+            with self.db.session_scope() as session:
+                lost = job_store.renew_leases(session, [guard.held for guard in guards], self.worker_id, self.lease_s)
+        except SQLAlchemyError as exc:
+            # Keep generating: the lease has slack for a brief database outage.
+            log.warning("lease_renewal_failed", error=str(exc))
+            return
+        with self._lock:
+            for guard in guards:
+                status = lost.get(guard.held.job_id)
+                if status is not None and self._guards.get(guard.held.job_id) is guard:
+                    del self._guards[guard.held.job_id]  # not ours any more: renew it no longer
+                    guard.stop(StopReason.CANCELLED if status == JobStatus.CANCELLED else StopReason.LEASE_LOST)
+                    log.info("job_taken_away", job_id=guard.held.job_id, status=status, reason=guard.reason)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            self.renew_once()

@@ -20,6 +20,7 @@ from workers.adapter_cache import AdapterCache
 from workers.batch_engine import BatchEngine
 from workers.cpu_threads import CpuThreads, usable_cores
 from workers.greedy_screen import greedy_screen_for
+from workers.job_guard import LeaseKeeper
 from workers.model_cache import ModelCache
 from workers.model_loader import generation_dtype
 from workers.token_publisher import StepWrites
@@ -38,6 +39,8 @@ class WorkerRuntime:
     storage: Storage
     worker_id: str
     device: torch.device
+    # Renews the leases of every job this worker runs.
+    leases: LeaseKeeper
     # Generation jobs batched together; each task thread hands its job to the model's engine.
     concurrency: int = 1
     # CPU workers only: the torch thread count their model threads use.
@@ -59,18 +62,21 @@ class WorkerRuntime:
         """Connect to the database and Redis and set up an empty model cache."""
         registry = ModelRegistry.load(settings.model_registry)
         dtype = generation_dtype(device, concurrency, settings.cpu_dtype)
+        # A job's claim and end are a few statements each: a ping per checkout was a third more.
+        db = Database(settings.database_url_or_default, ping_idle_after_s=PING_IDLE_AFTER_S)
+        worker_id = f"{socket.gethostname()}:{os.getpid()}:{device}"
         return cls(
             settings=settings,
-            # A job's claim and end are a few statements each: a ping per checkout was a third more.
-            db=Database(settings.database_url_or_default, ping_idle_after_s=PING_IDLE_AFTER_S),
+            db=db,
             # A timeout, so a half-open connection cannot wedge the worker or its reaper.
             redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10),
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             models=ModelCache(registry, settings.model_cache_path, device, dtype),
             adapters=AdapterCache(settings.adapter_cache_size),
             storage=Storage(settings.storage_path),
-            worker_id=f"{socket.gethostname()}:{os.getpid()}:{device}",
+            worker_id=worker_id,
             device=device,
+            leases=LeaseKeeper(db, worker_id, settings.lease_s, settings.control_poll_s),
             concurrency=concurrency,
             cpu_threads=CpuThreads(settings.cpu_threads, usable_cores()) if device.type == "cpu" else None,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
@@ -11,6 +12,7 @@ from shared import job_store
 from shared.db import Database
 from shared.models import Job, JobEvent, RateLimitWindow, UsageRecord, utcnow
 from tests.integration.helpers import RESULT, USAGE, claim, lapse_lease, queued_job
+from workers.job_guard import JobGuard, LeaseKeeper
 
 
 def usage_rows(db) -> int:
@@ -42,12 +44,32 @@ def test_a_lapsed_lease_can_be_claimed_and_fences_the_old_worker(database_url):
     new = claim(db, job_id, "worker-b")
     assert new.attempt == 2
     with db.session_scope() as session:
-        assert job_store.renew_lease(session, old, "worker-a", 30) == "running"  # not held any more
+        assert job_store.renew_leases(session, [old], "worker-a", 30) == {job_id: "running"}  # not held any more
         assert not job_store.finish(session, old, "worker-a", result=RESULT, usage=USAGE)
     with db.session_scope() as session:
-        assert job_store.renew_lease(session, new, "worker-b", 30) is None
+        assert job_store.renew_leases(session, [new], "worker-b", 30) == {}
         assert job_store.finish(session, new, "worker-b", result=RESULT, usage=USAGE)
     assert usage_rows(db) == 1
+
+
+def test_one_statement_renews_every_lease_a_worker_holds_and_names_the_lost(database_url):
+    db = Database(database_url)
+    kept, cancelled, taken = (queued_job(db) for _ in range(3))
+    held = [claim(db, job_id, "worker-a") for job_id in (kept, cancelled, taken)]
+    with db.session_scope() as session:
+        assert job_store.cancel(session, cancelled)
+    lapse_lease(db, taken)
+    claim(db, taken, "worker-b")
+    with db.session_scope() as session:
+        before = session.get(Job, kept).lease_expires_at
+    with db.session_scope() as session:
+        lost = job_store.renew_leases(session, held, "worker-a", 300)
+    assert lost == {cancelled: "cancelled", taken: "running"}
+    with db.session_scope() as session:
+        assert session.get(Job, kept).lease_expires_at > before
+        # worker-b's lease is its own: worker-a's renewal did not touch it.
+        assert session.get(Job, taken).worker_id == "worker-b"
+        assert job_store.renew_leases(session, [], "worker-a", 300) == {}
 
 
 def test_out_of_attempts_a_lapsed_lease_is_not_claimable(database_url):
@@ -123,7 +145,7 @@ def test_cancel_then_the_running_worker_charges_once(database_url):
         assert job_store.cancel(session, job_id)
     with db.session_scope() as session:
         assert not job_store.cancel(session, job_id)
-        assert job_store.renew_lease(session, held, "worker-a", 30) == "cancelled"
+        assert job_store.renew_leases(session, [held], "worker-a", 30) == {job_id: "cancelled"}
         assert not job_store.finish(session, held, "worker-a", result=RESULT, usage=USAGE)
         assert not job_store.charge_cancelled(session, held, "worker-b", USAGE)
     with db.session_scope() as session:
@@ -260,3 +282,27 @@ def test_every_job_end_is_counted_once_by_kind_model_and_status(database_url):
             ("generation", "gemma-3-270m", "failed", 3),  # timeout, expired, worker_lost
             ("generation", "gemma-3-270m", "succeeded", 1),
         ]
+
+
+def test_the_lease_keeper_renews_watched_jobs_and_stops_only_those_it_lost(database_url):
+    db = Database(database_url)
+    kept_id, cancelled_id, done_id = (queued_job(db) for _ in range(3))
+    keeper = LeaseKeeper(db, "worker-a", lease_s=300, poll_s=3600)  # rounds run by hand here
+    rt = SimpleNamespace(leases=keeper, shutdown_deadline=None)
+    guards = {job_id: JobGuard(rt, claim(db, job_id, "worker-a"), timeout_s=60)
+              for job_id in (kept_id, cancelled_id, done_id)}
+    for guard in guards.values():
+        guard.__enter__()
+    guards[done_id].__exit__(None, None, None)  # its attempt ended: the keeper lets it be
+    with db.session_scope() as session:
+        assert job_store.cancel(session, cancelled_id)
+        assert job_store.cancel(session, done_id)
+        before = session.get(Job, kept_id).lease_expires_at
+    keeper.renew_once()
+    assert guards[cancelled_id].should_stop() and guards[cancelled_id].reason == "cancelled"
+    assert not guards[kept_id].should_stop()
+    assert guards[done_id].reason is None
+    with db.session_scope() as session:
+        assert session.get(Job, kept_id).lease_expires_at > before
+    keeper.renew_once()  # the lost job is no longer renewed, the kept one still is
+    assert not guards[kept_id].should_stop()
