@@ -26,6 +26,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
         return
     timeout_s = held.params.get("timeout_s", rt.settings.default_timeout_s)
     output: GenerationOutput | None = None
+    publisher: TokenPublisher | None = None
     with JobGuard(rt, held, timeout_s) as guard:
         try:
             engine = rt.engine(held.params.get("base_model", held.model))
@@ -54,6 +55,8 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
             log.exception("job_crashed")
             code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
     if output is None:
+        if publisher is not None:
+            publisher.ensure_started()  # readers drop what an earlier attempt streamed
         fail_attempt(rt, held, code, message)
         return
     _store_outcome(rt, held, output, guard.reason, timeout_s)

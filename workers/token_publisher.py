@@ -34,7 +34,8 @@ class TokenPublisher:
         self.sent_chars = 0
         self.sent_tokens = 0
         self.failed = False
-        self._call(token_stream.start_attempt, attempt)
+        # The attempt's start marker goes out with its first text: one round trip less a job.
+        self.started = False
 
     def update(self, token_ids: list[int]) -> None:
         """Publish what became certain since the last call (called after each step)."""
@@ -51,13 +52,21 @@ class TokenPublisher:
         """Publish the rest of the final text (already cut at a stop string), at once."""
         self.text = final_text
         self._send(len(final_text), token_ids, None)
+        self.ensure_started()
+
+    def ensure_started(self) -> None:
+        """Publish the attempt's start if no text did: readers drop an earlier attempt's text."""
+        if not self.started:
+            self.started = True
+            self._call(token_stream.start_attempt, self.attempt)
 
     def _send(self, upto: int, token_ids: list[int], step_writes: StepWrites | None) -> None:
         if upto <= self.sent_chars or self.failed:
             return
-        args = (self.attempt, self.text[self.sent_chars : upto], token_ids[self.sent_tokens :])
+        start, self.started = not self.started, True
+        args = (self.attempt, self.text[self.sent_chars : upto], token_ids[self.sent_tokens :], start)
         if step_writes is None:
-            self._call(token_stream.append_tokens, *args)
+            self._call(write_tokens, *args)
         else:
             step_writes.append(self, *args)
         self.sent_chars, self.sent_tokens = upto, len(token_ids)
@@ -67,7 +76,7 @@ class TokenPublisher:
         if self.failed:
             return
         try:
-            # One round trip, however many commands the write is (an attempt's start is two).
+            # One round trip, however many commands the write is (a start and text are three).
             with self.client.pipeline(transaction=False) as pipe:
                 write(pipe, self.job_id, *args)
                 pipe.execute()
@@ -78,6 +87,14 @@ class TokenPublisher:
         """Write nothing more: a stream with a lost delta in the middle would tell a wrong text."""
         self.failed = True
         log.warning("token_stream_unavailable", job_id=self.job_id, error=str(error))
+
+
+def write_tokens(client, job_id: str, attempt: int, text: str, token_ids: list[int], start: bool) -> int:
+    """Add new text to a stream, after the attempt's start if `start`; return the commands sent."""
+    if start:
+        token_stream.start_attempt(client, job_id, attempt)
+    token_stream.append_tokens(client, job_id, attempt, text, token_ids)
+    return 3 if start else 1
 
 
 class StepWrites:
@@ -93,9 +110,9 @@ class StepWrites:
         self.client = client
         self._pending: list[tuple[TokenPublisher, tuple]] = []
 
-    def append(self, publisher: TokenPublisher, attempt: int, text: str, token_ids: list[int]) -> None:
-        """Queue new text of `publisher`'s stream until the next flush."""
-        self._pending.append((publisher, (attempt, text, token_ids)))
+    def append(self, publisher: TokenPublisher, attempt: int, text: str, token_ids: list[int], start: bool) -> None:
+        """Queue new text of `publisher`'s stream (after its start, if `start`) until the next flush."""
+        self._pending.append((publisher, (attempt, text, token_ids, start)))
 
     def flush(self) -> None:
         """Send the queued writes; a failed write stops only its own job's stream."""
@@ -103,12 +120,14 @@ class StepWrites:
             return
         pending, self._pending = self._pending, []
         pipe = self.client.pipeline(transaction=False)
-        for publisher, args in pending:
-            token_stream.append_tokens(pipe, publisher.job_id, *args)  # one command each
+        commands = [write_tokens(pipe, publisher.job_id, *args) for publisher, args in pending]
         try:
             results = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
-            results = [exc] * len(pending)
-        for (publisher, _), result in zip(pending, results):
-            if isinstance(result, Exception) and not publisher.failed:
-                publisher.stop_streaming(result)
+            results = [exc] * sum(commands)
+        done = 0
+        for (publisher, _), count in zip(pending, commands):
+            error = next((result for result in results[done : done + count] if isinstance(result, Exception)), None)
+            done += count
+            if error is not None and not publisher.failed:
+                publisher.stop_streaming(error)

@@ -67,7 +67,21 @@ def test_each_step_reaches_every_stream_and_a_job_is_handed_back_after_its_write
         output = sequence.result()
         publisher.finish(output.text, output.token_ids)
         assert _streamed_text(redis_client, job_id) == output.text
+        # The attempt's start went out once, with the first text, before it.
+        types = [entry["type"] for entry in token_stream.read_entries(redis_client, job_id)]
+        assert types[0] == "attempt" and types.count("attempt") == 1 and set(types[1:]) == {"token"}
         assert output.text == generate_alone(loaded, sequence.params).text  # streaming changes no token
+
+
+def test_an_attempt_that_streamed_nothing_still_marks_its_start(redis_client):
+    job_id = new_id("job")
+    token_stream.append_tokens(redis_client, job_id, 1, "text of attempt 1", [1, 2])
+    publisher = TokenPublisher(redis_client, None, job_id, 2, [])
+    assert token_stream.read_entries(redis_client, job_id)[-1]["attempt"] == 1  # nothing written yet
+    publisher.finish("", [])
+    publisher.finish("", [])  # once only
+    entries = token_stream.read_entries(redis_client, job_id)
+    assert [(entry["type"], entry["attempt"]) for entry in entries] == [("token", 1), ("attempt", 2)]
 
 
 def test_a_redis_failure_stops_the_streams_of_that_step_but_not_the_generations(loaded, redis_client):
@@ -82,4 +96,4 @@ def test_a_redis_failure_stops_the_streams_of_that_step_but_not_the_generations(
         assert output.text == generate_alone(loaded, sequence.params).text
         publisher.finish(output.text, output.token_ids)  # a stopped stream takes no more text
         entries = token_stream.read_entries(redis_client, job_id)
-        assert [e["type"] for e in entries] == ["attempt"]
+        assert entries == []  # its start was to go with its first text, which never reached Redis
