@@ -133,12 +133,12 @@ def serve_noop_worker(args) -> None:
 
 STAGES = {
     "claim": "claim: UPDATE running + status event, commit",
-    "guard_start": "lease guard thread start",
-    "stream_start": "token stream: start attempt (Redis)",
-    "stream_finish": "token stream: final text (Redis)",
+    "guard_start": "lease guard: watch (the worker's one lease keeper)",
+    "stream_start": "token stream: set up (the start goes with the first text)",
+    "stream_finish": "token stream: start + final text (Redis pipeline)",
     "store": "store: finish UPDATE, usage row, settle tokens, event, commit",
     "announce": "announce: done pub/sub + stream end (Redis pipeline)",
-    "guard_stop": "lease guard thread stop + join",
+    "guard_stop": "lease guard: forget",
 }
 
 
