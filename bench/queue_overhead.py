@@ -208,7 +208,7 @@ def submit_jobs(database_url: str, redis_url: str, count: int) -> None:
     request = GenerationRequest(model=DEFAULT_MODEL_ID, prompt=PROMPT, max_new_tokens=1, temperature=0)
     for _ in range(count):
         with db.session_scope() as session:
-            job = create_generation(session, caller, request, registry=registry, settings=settings).job
+            job = create_generation(session, caller, request, db=db, registry=registry, settings=settings).job
         publish_job(celery, job.id, job.queue)
     db.dispose()
 

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, create_engine, event
+from sqlalchemy import Connection, Engine, Executable, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -109,14 +109,16 @@ READ_ONLY_OPTION = "gemma_jobs_read_only"
 
 
 class CompiledSelect:
-    """A SELECT compiled once for one engine, run on a DBAPI cursor; rows are named tuples.
+    """A SELECT (or a statement with RETURNING) compiled once for one engine, run on a DBAPI
+    cursor; rows are named tuples.
 
-    For the hottest one-row reads: SQLAlchemy's per-execution work (cache key, execution
-    context, result metadata) costs more than the read itself. What is kept is the types'
+    For the hottest statements: SQLAlchemy's per-execution work (cache key, execution context,
+    result metadata) costs more than the statement itself, and a multi-row INSERT has no cache
+    key at all (SQLAlchemy would compile it anew each time). What is kept is the types'
     processing of parameters and of values (e.g. UTC datetimes, JSON on SQLite).
     """
 
-    def __init__(self, engine: Engine, statement: Select):
+    def __init__(self, engine: Engine, statement: Executable):
         self.dialect = engine.dialect
         compiled = statement.compile(dialect=self.dialect)
         if any(bind.expanding for bind in compiled.binds.values()):
@@ -128,8 +130,9 @@ class CompiledSelect:
             name: process for name, bind in compiled.binds.items()
             if (process := bind.type.dialect_impl(self.dialect).bind_processor(self.dialect)) is not None
         }
-        self._types = [column.type for column in statement.selected_columns]
-        self._row = namedtuple("Row", [column.key for column in statement.selected_columns])
+        columns = list(statement.exported_columns)
+        self._types = [column.type for column in columns]
+        self._row = namedtuple("Row", [column.key or f"column_{index}" for index, column in enumerate(columns)])
         # Some processors depend on the column type the driver reports: set on the first run.
         self._result_processors: Sequence | None = None
 
@@ -173,7 +176,7 @@ class Database:
         # (local, and the write lock must be taken up front).
         self._reads = self._autocommit(read_engine)
         self._statement_sessions = sessionmaker(self._autocommit(self.engine), expire_on_commit=False)
-        self._compiled: dict[Select, CompiledSelect] = {}
+        self._compiled: dict[Executable, CompiledSelect] = {}
 
     def _autocommit(self, engine: Engine) -> Engine:
         if self.engine.dialect.name == "sqlite":
@@ -205,24 +208,38 @@ class Database:
         with self._reads.connect() as connection:
             yield connection
 
-    def first(self, statement: Select, params: dict[str, Any], *, durable: bool = True) -> tuple | None:
-        """Return the first row of a prebuilt SELECT (a module constant: it is compiled once and
-        kept), run on a pooled connection outside any transaction.
+    def first(
+        self, statement: Executable, params: dict[str, Any], *, durable: bool = True, within: Connection | None = None
+    ) -> tuple | None:
+        """Return the first row of a prebuilt SELECT, or INSERT … RETURNING (a module constant or
+        otherwise kept: it is compiled once), run on a pooled connection outside any transaction.
 
-        On PostgreSQL the statement may write (data-modifying CTEs): it commits by itself.
-        `durable=False` lets that commit return before its WAL is on disk: for a write that a
-        database crash may lose without harm (it is visible to everyone at once all the same,
-        and any later durable commit flushes it too).
+        On PostgreSQL the statement may write (data-modifying CTEs): it commits by itself (on
+        SQLite a single statement outside a transaction commits by itself too). `durable=False`
+        lets that commit return before its WAL is on disk: for a write that a database crash may
+        lose without harm (it is visible to everyone at once all the same, and any later durable
+        commit flushes it too). `within`: run in that connection's transaction instead.
         """
         compiled = self._compiled.get(statement)
         if compiled is None:
             compiled = self._compiled[statement] = CompiledSelect(self.engine, statement)
-        with self._dbapi_connection(self.engine if durable else self._lazy_commit_engine) as connection:
-            cursor = connection.cursor()
-            try:
-                return compiled.first(cursor, params)
-            finally:
-                cursor.close()
+        try:
+            if within is not None:
+                return self._first_on(within.connection.dbapi_connection, compiled, params)
+            with self._dbapi_connection(self.engine if durable else self._lazy_commit_engine) as connection:
+                return self._first_on(connection, compiled, params)
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            # As SQLAlchemy raises it (IntegrityError, OperationalError, …), so callers catch one kind.
+            raise DBAPIError.instance(compiled.sql, params, exc, self.engine.dialect.loaded_dbapi.Error,
+                                      dialect=self.engine.dialect) from exc
+
+    @staticmethod
+    def _first_on(connection, compiled: CompiledSelect, params: dict[str, Any]) -> tuple | None:
+        cursor = connection.cursor()
+        try:
+            return compiled.first(cursor, params)
+        finally:
+            cursor.close()
 
     @contextmanager
     def _dbapi_connection(self, engine: Engine):

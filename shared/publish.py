@@ -49,6 +49,22 @@ class JobPublisher:
         """Send the job's message (its task id is the job id); False if Redis is unreachable."""
         return _sent(lambda: self.client.lpush(queue, json.dumps(self.message(job_id, queue))), job_id, queue)
 
+    def publish_many(self, jobs: list[tuple[str, str]]) -> bool:
+        """Send the messages of (job id, queue) pairs in one round trip, oldest first; False if Redis is unreachable."""
+        if not jobs:
+            return True
+        by_queue: dict[str, list[str]] = {}
+        for job_id, queue in jobs:
+            by_queue.setdefault(queue, []).append(json.dumps(self.message(job_id, queue)))
+
+        def send() -> None:
+            pipeline = self.client.pipeline(transaction=False)
+            for queue, messages in by_queue.items():
+                pipeline.lpush(queue, *messages)  # pushed in order: the first is consumed first
+            pipeline.execute()
+
+        return _sent(send, ", ".join(job_id for job_id, _ in jobs), ", ".join(by_queue))
+
     def message(self, job_id: str, queue: str) -> dict:
         """Return the kombu envelope of the job's task message."""
         embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

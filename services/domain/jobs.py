@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, insert, inspect, select
+from sqlalchemy import Connection, bindparam, case, func, insert, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 
 from services.domain import limits
@@ -23,7 +26,8 @@ from shared.db import Database
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import QUEUE_POSITION_CAP, JobKind, JobStatus
-from shared.models import Job, JobEvent, UsageRecord, utcnow
+from shared.models import Adapter, Job, JobEvent, UsageRecord, utcnow
+from shared.publish import JobPublisher
 from shared.registry import ModelRegistry
 from shared.schemas import GenerationRequest
 from shared.schemas import Job as JobOut
@@ -31,12 +35,39 @@ from shared.settings import Settings
 
 
 @dataclass(frozen=True)
+class NewGeneration:
+    """A generation job as its submit records it: the values of its row, by column name."""
+
+    row: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.row["id"]
+
+    @property
+    def queue(self) -> str:
+        return self.row["queue"]
+
+    @property
+    def model(self) -> str:
+        return self.row["model"]
+
+    @property
+    def kind(self) -> str:
+        return self.row["kind"]
+
+    @property
+    def status(self) -> str:
+        return self.row["status"]
+
+
+@dataclass(frozen=True)
 class Submission:
     """A recorded job and the key's limits after admitting it."""
 
-    job: Job
+    job: Job | NewGeneration
     admission: limits.Admission
-    # Jobs ahead of it in its queue when it was recorded (generations; see `_INSERT_JOB`).
+    # Jobs ahead of it in its queue when it was recorded (generations; see `insert_generations`).
     queue_position: int | None = None
 
 
@@ -45,16 +76,42 @@ def create_generation(
     caller: Caller,
     request: GenerationRequest,
     *,
+    db: Database,
     registry: ModelRegistry,
     settings: Settings,
     idempotency_key: str | None = None,
     prompt_tokens: int | None = None,
 ) -> Submission:
-    """Validate a request, admit it against the key's limits and record it as queued.
+    """Validate a request, admit it against the key's limits and record it as queued, in the session's transaction.
 
-    `prompt_tokens` is the exact count when the gateway could tokenize; else it is estimated.
+    `db` is the session's database. `prompt_tokens` is the exact count when the gateway could
+    tokenize; else it is estimated.
     """
     adapter = get_adapter(session, caller, request.model) if is_adapter_id(request.model) else None
+    job = plan_generation(caller, request, adapter=adapter, registry=registry, settings=settings,
+                          idempotency_key=idempotency_key, prompt_tokens=prompt_tokens)
+    admission = limits.admit(session, caller, settings, job.row["reserved_tokens"], job.row["created_at"])
+    job.row["rate_window_start"] = admission.window_start
+    (position,) = insert_generations(db, [job], within=session.connection())
+    return Submission(job, admission, position)
+
+
+def plan_generation(
+    caller: Caller,
+    request: GenerationRequest,
+    *,
+    adapter: Adapter | None,
+    registry: ModelRegistry,
+    settings: Settings,
+    idempotency_key: str | None = None,
+    prompt_tokens: int | None = None,
+) -> NewGeneration:
+    """Validate a request (422 names the field) and return the row that records it as queued.
+
+    `adapter` is the caller's adapter when `request.model` names one (`get_adapter`). The row
+    reserves the prompt's tokens plus `max_new_tokens`; admission, if the key has limits, sets
+    its `rate_window_start`.
+    """
     entry = registry.get(adapter.base_model if adapter else request.model)
     if entry is None:
         known = ", ".join(model.id for model in registry.all())
@@ -78,8 +135,8 @@ def create_generation(
         )
     now = utcnow()
     reserved = (prompt_tokens if prompt_tokens is not None else estimate_prompt_tokens(request)) + max_new_tokens
-    admission = limits.admit(session, caller, settings, reserved, now)
-    job = Job(
+    row = dict.fromkeys(_JOB_COLUMN_NAMES)
+    row.update(
         id=new_id("job"),
         owner_key_id=caller.key_id,
         kind=JobKind.GENERATION,
@@ -89,7 +146,7 @@ def create_generation(
         adapter_id=adapter.id if adapter else None,
         status=JobStatus.QUEUED,
         params=params,
-        metadata_=request.metadata,
+        metadata=request.metadata,
         created_at=now,
         attempts=0,
         # Published right after the commit; the reaper republishes it if that never happens.
@@ -98,15 +155,55 @@ def create_generation(
         idempotency_key=idempotency_key,
         request_hash=request_hash(request) if idempotency_key else None,
         reserved_tokens=reserved,
-        rate_window_start=admission.window_start,
     )
-    # A prebuilt Core INSERT rather than the unit of work, and the queue position in the same
-    # round trip: together they are most of a submit's cost. `job` stays a transient object.
-    values = {column.name: getattr(job, attribute) for attribute, column in _JOB_TABLE_COLUMNS}
-    position = session.connection().execute(
-        _INSERT_JOB, {**values, "position_queue": job.queue, "position_before": job.id}
-    ).scalar_one()
-    return Submission(job, admission, position)
+    return NewGeneration(row)
+
+
+def insert_generations(db: Database, jobs: list[NewGeneration], within: Connection | None = None) -> list[int]:
+    """Insert planned jobs of one or more queues, each statement committing by itself (or in
+    `within`'s transaction); return each one's queue position, in `jobs`' order.
+
+    One INSERT per queue holds all of its rows and counts the queued jobs ahead of them once
+    (an uncorrelated subquery is evaluated once per statement): a group of submits costs the
+    database about what one did. A job's position is that count plus the group's jobs before it.
+    """
+    by_queue: dict[str, list[NewGeneration]] = defaultdict(list)
+    for job in sorted(jobs, key=lambda job: job.id):  # ids are time-ordered: queue order
+        by_queue[job.queue].append(job)
+    positions = {}
+    for queue, queued in by_queue.items():
+        params = {"position_queue": queue, "position_before": queued[0].id}
+        for index, job in enumerate(queued):
+            params.update((f"r{index}_{name}", value) for name, value in job.row.items())
+        (ahead,) = db.first(_insert_rows(len(queued)), params, within=within)
+        positions.update((job.id, min(ahead + index, QUEUE_POSITION_CAP)) for index, job in enumerate(queued))
+    return [positions[job.id] for job in jobs]
+
+
+def record_generations(db: Database, publisher: JobPublisher, jobs: list[NewGeneration]) -> list[int | Exception]:
+    """Commit planned jobs (keys without limits) in one statement per queue, then publish them in one
+    Redis round trip; return each one's queue position, or the error that kept it from being recorded.
+
+    If the group's insert fails, each job is inserted alone, so that one bad row fails only its own
+    submit. A job whose message cannot be published stays queued: the reaper publishes it later.
+    """
+    try:
+        outcomes: list[int | Exception] = insert_generations(db, jobs)
+    except DBAPIError as exc:
+        if len(jobs) == 1:
+            return [exc]
+        outcomes = [_insert_alone(db, job) for job in jobs]
+    publisher.publish_many([(job.id, job.queue) for job, outcome in zip(jobs, outcomes)
+                            if not isinstance(outcome, Exception)])
+    return outcomes
+
+
+def _insert_alone(db: Database, job: NewGeneration) -> int | Exception:
+    try:
+        (position,) = insert_generations(db, [job])
+    except DBAPIError as exc:
+        return exc
+    return position
 
 
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
@@ -268,12 +365,22 @@ _FIRST_QUEUED = (
     .order_by(Job.id)
     .limit(QUEUE_POSITION_CAP)
 )
-# Every column, by attribute name and by column name (`metadata_` is stored as `metadata`).
-_JOB_TABLE_COLUMNS = [(attribute.key, attribute.columns[0]) for attribute in inspect(Job).column_attrs]
-# The row, answering with the new job's queue position (the jobs before it, as `_queue_position`).
-_INSERT_JOB = insert(Job.__table__).returning(
-    select(func.count()).select_from(_FIRST_QUEUED.subquery()).scalar_subquery()
-)
+# Every column of a job row, by column name (`metadata_` is stored as `metadata`).
+_JOB_COLUMN_NAMES = [column.name for column in Job.__table__.columns]
+# The queued jobs before `position_before` in `position_queue` (as `_queue_position`).
+_COUNT_AHEAD = select(func.count()).select_from(_FIRST_QUEUED.subquery()).scalar_subquery()
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_rows(count: int):
+    """Return an INSERT of `count` job rows (parameters `r<i>_<column>`) answering `_COUNT_AHEAD`.
+
+    Built once per row count and run by `Database.first`, which compiles it once (SQLAlchemy
+    finds no cache key for a multi-row INSERT and would compile it at every execution).
+    """
+    rows = [{column.name: bindparam(f"r{index}_{column.name}", type_=column.type) for column in Job.__table__.columns}
+            for index in range(count)]
+    return insert(Job.__table__).values(rows).returning(_COUNT_AHEAD)
 
 
 def describe_jobs(session: Session, jobs: list[Job], live: LiveQueues | None = None) -> list[JobOut]:
@@ -349,10 +456,14 @@ def _described(row, consumers: dict[str, int] | None, position: int | None = Non
     return _to_response(row, usage, getattr(row, "queue_position", position), consumers)
 
 
-def describe_new_job(session: Session, submission: Submission, live: LiveQueues | None = None) -> JobOut:
-    """Return the public view of a generation this session just recorded: queued, no usage."""
-    job = submission.job
-    return _to_response(job, None, submission.queue_position, _consumers(session, [job], live))
+def describe_new_job(job: NewGeneration, position: int | None, consumers: dict[str, int] | None) -> JobOut:
+    """Return the public view of a generation just recorded: queued, no usage."""
+    row = job.row
+    return JobOut(
+        id=row["id"], kind=row["kind"], status=row["status"], model=row["model"], created_at=row["created_at"],
+        attempts=row["attempts"], queue_position=position, adapter_id=row["adapter_id"],
+        waiting_for=waiting_for(job, consumers) if consumers is not None else None, metadata=row["metadata"],
+    )
 
 
 def _consumers(session: Session | Connection, jobs: list, live: LiveQueues | None) -> dict[str, int] | None:

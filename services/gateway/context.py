@@ -1,4 +1,4 @@
-"""Per-process resources of the gateway: database, Redis, job publisher, registry, key cache."""
+"""Per-process resources of the gateway: database, Redis, job publisher, submit groups, registry, key cache."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import redis
 from flask import current_app
 
+from services.domain.group_commit import GroupCommit
+from services.domain.jobs import record_generations
 from services.domain.keys import KeyCache, find_key
 from services.domain.operations import LiveQueues
 from services.domain.queue_positions import QueuePositions
@@ -35,6 +37,8 @@ class GatewayContext:
     storage: Storage
     live_queues: LiveQueues
     queue_positions: QueuePositions
+    # Submits of keys without limits: their inserts, commits and publishes shared by concurrent requests.
+    submits: GroupCommit
 
     @classmethod
     def create(cls, settings: Settings) -> "GatewayContext":
@@ -42,17 +46,19 @@ class GatewayContext:
         registry = ModelRegistry.load(settings.model_registry)
         db = Database(settings.database_url_or_default, ping_idle_after_s=PING_IDLE_AFTER_S)
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
+        publisher = JobPublisher(client)
         return cls(
             settings=settings,
             db=db,
             redis=client,
-            publisher=JobPublisher(client),
+            publisher=publisher,
             keys=KeyCache(lambda digest: _find_key(db, digest), KEY_CACHE_TTL_S),
             registry=registry,
             token_counter=TokenCounter(registry, settings.model_cache_path),
             storage=Storage(settings.storage_path),
             live_queues=LiveQueues(settings.worker_dead_after_s),
             queue_positions=QueuePositions(),
+            submits=GroupCommit(lambda jobs: record_generations(db, publisher, jobs)),
         )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.domain import jobs as job_domain
 from services.domain import limits
+from services.domain.adapters import get_adapter, is_adapter_id
 from services.gateway import streaming
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import GatewayContext, gateway
@@ -20,7 +21,7 @@ from services.gateway.requests import parse_body, parse_query, prefer_wait_secon
 from services.gateway.waiting import wait_until_done
 from shared.errors import InvalidField
 from shared.jobs import JobStatus
-from shared.models import Job
+from shared.models import Adapter, Job
 from shared.notify import publish_job_done
 from shared.schemas import GenerationRequest, JobEventInfo, JobEventList, JobList
 from shared.schemas import Job as JobOut
@@ -64,26 +65,29 @@ def create_generation():
     job = _existing_job(context, body, idempotency_key) if idempotency_key else None
     replayed = job is not None
     limit_headers: dict[str, str] = {}
-    described = None
-    if job is None:
-        # Without limits to count, the job row is the submit's one write: it commits by itself.
-        per_statement = not limits.applies(current_caller(), context.settings)
+    position = None
+    if job is None and idempotency_key is None and not limits.applies(current_caller(), context.settings):
+        # Nothing to count and nothing to look up: the row is the submit's one write, and
+        # concurrent submits share their INSERT, commit and publish (`GroupCommit`).
+        job = job_domain.plan_generation(
+            current_caller(), body, adapter=_adapter(context, body.model), registry=context.registry,
+            settings=context.settings, prompt_tokens=context.token_counter.at_submit(body, context.settings))
+        position = context.submits.submit(job)
+        _announce(job)
+    elif job is None:
         try:
-            with context.db.session_scope(per_statement=per_statement) as session:
+            with context.db.session_scope() as session:
                 submission = job_domain.create_generation(
                     session,
                     current_caller(),
                     body,
+                    db=context.db,
                     registry=context.registry,
                     settings=context.settings,
                     idempotency_key=idempotency_key,
                     prompt_tokens=context.token_counter.at_submit(body, context.settings),
                 )
-                if wait_s == 0 and not body.stream:
-                    # Nothing can change the job before the answer (it is published after this
-                    # block), so describe it here rather than read it back in a second session.
-                    described = job_domain.describe_new_job(session, submission, context.live_queues)
-            job, limit_headers = submission.job, submission.admission.headers()
+            job, position, limit_headers = submission.job, submission.queue_position, submission.admission.headers()
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -91,12 +95,11 @@ def create_generation():
             job, replayed = _existing_job(context, body, idempotency_key), True
             if job is None:
                 raise
+        if not replayed:
+            _announce(job)
+            # Only now is the row committed: a worker that gets the message will find it.
+            context.publisher.publish(job.id, job.queue)
     structlog.contextvars.bind_contextvars(job_id=job.id)
-    if not replayed:
-        log.info("job_submitted", model=job.model, kind=job.kind)
-        JOBS_SUBMITTED.labels(job.kind, job.model).inc()
-        # Only now is the row committed: a worker that gets the message will find it.
-        context.publisher.publish(job.id, job.queue)
     headers = dict(limit_headers)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -104,11 +107,31 @@ def create_generation():
         # The stream lasts until the job ends, so `Prefer: wait` has nothing to add to it.
         headers["Location"] = url_for("jobs.get_job", job_id=job.id)
         return streaming.event_stream(context, current_caller(), job.id, headers=headers)
+    described = None
     if wait_s > 0:
         wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
+    elif not replayed:
+        # Nothing can have changed the job but a worker claiming it: answer with it as recorded,
+        # rather than read it back.
+        queued = context.live_queues.current(context.db)
+        described = job_domain.describe_new_job(job, position, queued)
     response = job_response(context, job.id, wait_s, described)
     response[2].update(headers)
     return response
+
+
+def _adapter(context: GatewayContext, model: str) -> Adapter | None:
+    """Return the caller's adapter that `model` names, if it names one (404 if it is not theirs)."""
+    if not is_adapter_id(model):
+        return None
+    with context.db.session_scope(read_only=True) as session:
+        return get_adapter(session, current_caller(), model)
+
+
+def _announce(job) -> None:
+    """Log and count a job just recorded."""
+    log.info("job_submitted", job_id=job.id, model=job.model, kind=job.kind)
+    JOBS_SUBMITTED.labels(job.kind, job.model).inc()
 
 
 def _idempotency_key() -> str | None:
