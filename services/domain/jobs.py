@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, insert, select
+from sqlalchemy import Connection, bindparam, case, func, insert, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 
@@ -135,8 +136,7 @@ def plan_generation(
         )
     now = utcnow()
     reserved = (prompt_tokens if prompt_tokens is not None else estimate_prompt_tokens(request)) + max_new_tokens
-    row = dict.fromkeys(_JOB_COLUMN_NAMES)
-    row.update(
+    row = dict(
         id=new_id("job"),
         owner_key_id=caller.key_id,
         kind=JobKind.GENERATION,
@@ -155,6 +155,7 @@ def plan_generation(
         idempotency_key=idempotency_key,
         request_hash=request_hash(request) if idempotency_key else None,
         reserved_tokens=reserved,
+        rate_window_start=None,
     )
     return NewGeneration(row)
 
@@ -172,10 +173,14 @@ def insert_generations(db: Database, jobs: list[NewGeneration], within: Connecti
         by_queue[job.queue].append(job)
     positions = {}
     for queue, queued in by_queue.items():
-        params = {"position_queue": queue, "position_before": queued[0].id}
-        for index, job in enumerate(queued):
-            params.update((f"r{index}_{name}", value) for name, value in job.row.items())
-        (ahead,) = db.first(_insert_rows(len(queued)), params, within=within)
+        if db.engine.dialect.name == "postgresql":
+            statement = _INSERT_ARRAYS
+            params = {name: [job.row[name] for job in queued] for name in _SUBMIT_COLUMNS}
+        else:
+            statement = _insert_rows(len(queued))
+            params = {f"r{index}_{name}": job.row[name] for index, job in enumerate(queued) for name in _SUBMIT_COLUMNS}
+        params.update(position_queue=queue, position_before=queued[0].id)
+        (ahead,) = db.first(statement, params, within=within)
         positions.update((job.id, min(ahead + index, QUEUE_POSITION_CAP)) for index, job in enumerate(queued))
     return [positions[job.id] for job in jobs]
 
@@ -365,20 +370,44 @@ _FIRST_QUEUED = (
     .order_by(Job.id)
     .limit(QUEUE_POSITION_CAP)
 )
-# Every column of a job row, by column name (`metadata_` is stored as `metadata`).
-_JOB_COLUMN_NAMES = [column.name for column in Job.__table__.columns]
 # The queued jobs before `position_before` in `position_queue` (as `_queue_position`).
 _COUNT_AHEAD = select(func.count()).select_from(_FIRST_QUEUED.subquery()).scalar_subquery()
 
 
+# The columns a submit sets; the others start NULL (or at their server default).
+_SUBMIT_COLUMNS = (
+    "id", "owner_key_id", "kind", "model", "queue", "adapter_id", "status", "params", "metadata", "created_at",
+    "attempts", "enqueued_at", "expires_at", "idempotency_key", "request_hash", "reserved_tokens",
+    "rate_window_start",
+)
+
+
+def _insert_arrays():
+    """Return an INSERT of any number of job rows (PostgreSQL), one array parameter per column,
+    answering `_COUNT_AHEAD`.
+
+    Its text is the same whatever the row count, so psycopg keeps it parsed and PostgreSQL keeps
+    it prepared; a multi-row VALUES list would be new text, parsed and planned anew, per size.
+    """
+    columns = [Job.__table__.c[name] for name in _SUBMIT_COLUMNS]
+    rows = text(f"SELECT * FROM unnest({', '.join(f':{name}' for name in _SUBMIT_COLUMNS)})").bindparams(
+        *(bindparam(column.name, type_=ARRAY(column.type)) for column in columns)
+    ).columns(*columns)
+    return insert(Job.__table__).from_select(_SUBMIT_COLUMNS, rows).returning(_COUNT_AHEAD)
+
+
+_INSERT_ARRAYS = _insert_arrays()
+
+
 @functools.lru_cache(maxsize=64)
 def _insert_rows(count: int):
-    """Return an INSERT of `count` job rows (parameters `r<i>_<column>`) answering `_COUNT_AHEAD`.
+    """Return an INSERT of `count` job rows (parameters `r<i>_<column>`) answering `_COUNT_AHEAD`:
+    for SQLite, which has no arrays.
 
     Built once per row count and run by `Database.first`, which compiles it once (SQLAlchemy
     finds no cache key for a multi-row INSERT and would compile it at every execution).
     """
-    rows = [{column.name: bindparam(f"r{index}_{column.name}", type_=column.type) for column in Job.__table__.columns}
+    rows = [{name: bindparam(f"r{index}_{name}", type_=Job.__table__.c[name].type) for name in _SUBMIT_COLUMNS}
             for index in range(count)]
     return insert(Job.__table__).values(rows).returning(_COUNT_AHEAD)
 

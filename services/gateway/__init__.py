@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 
 import structlog
 from flask import Flask, g, request
@@ -39,10 +40,14 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
 def _register_request_context(app: Flask) -> None:
     """Bind a request id to every log line of a request and echo it back."""
 
+    # A random prefix per process and a counter: unique like a UUID, without a system call per request.
+    prefix = secrets.token_hex(8)
+    counter = itertools.count()
+
     @app.before_request
     def bind_request_id() -> None:
         incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if 0 < len(incoming) <= 100 else uuid.uuid4().hex
+        g.request_id = incoming if 0 < len(incoming) <= 100 else f"{prefix}{next(counter):016x}"
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
             request_id=g.request_id, method=request.method, path=request.path

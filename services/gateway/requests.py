@@ -1,4 +1,4 @@
-"""Parsing of request bodies and headers into validated values."""
+"""Parsing of request bodies and headers into validated values, and JSON answers from schemas."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import re
 from typing import TypeVar
 
-from flask import request
+from flask import Response, request
 from pydantic import BaseModel
 
 from shared.errors import MalformedRequest
@@ -43,3 +43,8 @@ def prefer_wait_seconds(max_wait_s: float) -> float:
     if not match:
         return 0.0
     return min(float(match.group(1)), max_wait_s)
+
+
+def json_response(body: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Answer with a schema serialized by pydantic in one step (no dict, no second JSON encoder)."""
+    return Response(body.model_dump_json(), status, headers, mimetype="application/json")

@@ -35,6 +35,6 @@ def submit_fine_tune():
     # Read back before publishing: once published, a worker may claim it before the answer.
     described = job_domain.poll_job(context.db, current_caller(), job.id, context.live_queues)
     context.publisher.publish(job.id, job.queue)
-    payload, status, headers = job_response(context, job.id, 0, described)
-    headers.update(submission.admission.headers())
-    return payload, status, headers
+    response = job_response(context, job.id, 0, described)
+    response.headers.update(submission.admission.headers())
+    return response

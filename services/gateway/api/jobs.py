@@ -17,7 +17,7 @@ from services.gateway import streaming
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import GatewayContext, gateway
 from services.gateway.metrics import JOBS_SUBMITTED
-from services.gateway.requests import parse_body, parse_query, prefer_wait_seconds
+from services.gateway.requests import json_response, parse_body, parse_query, prefer_wait_seconds
 from services.gateway.waiting import wait_until_done
 from shared.errors import InvalidField
 from shared.jobs import JobStatus
@@ -116,7 +116,7 @@ def create_generation():
         queued = context.live_queues.current(context.db)
         described = job_domain.describe_new_job(job, position, queued)
     response = job_response(context, job.id, wait_s, described)
-    response[2].update(headers)
+    response.headers.update(headers)
     return response
 
 
@@ -158,14 +158,14 @@ def _is_finished(context: GatewayContext, job_id: str) -> bool:
 
 
 def job_response(context: GatewayContext, job_id: str, wait_s: float, body: JobOut | None = None):
-    """Return (body, status, headers) for a job just submitted, read unless given: 200 if it finished, else 202."""
+    """Answer with a job just submitted, read unless given: 200 if it finished, else 202."""
     if body is None:
         body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues)
     finished = JobStatus(body.status).is_terminal
     headers = {"Location": url_for("jobs.get_job", job_id=job_id)}
     if wait_s > 0:
         headers["Preference-Applied"] = f"wait={wait_s:g}"
-    return body.model_dump(mode="json"), (200 if finished else 202), headers
+    return json_response(body, 200 if finished else 202, headers)
 
 
 @blueprint.post("/v1/jobs/<job_id>/cancel")
@@ -191,7 +191,7 @@ def get_job(job_id: str):
     """Return one of the caller's jobs."""
     context = gateway()
     body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues, context.queue_positions)
-    return body.model_dump(mode="json")
+    return json_response(body)
 
 
 @blueprint.get("/v1/jobs")
@@ -211,7 +211,7 @@ def list_jobs():
         )
         data = job_domain.describe_jobs(session, rows, context.live_queues)
     page = JobList(data=data, has_more=has_more, next_after=rows[-1].id if has_more else None)
-    return page.model_dump(mode="json")
+    return json_response(page)
 
 
 @blueprint.get("/v1/jobs/<job_id>/events")
