@@ -14,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.direct_connections import DirectConnections
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -29,12 +31,11 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def make_engine(url: str, *, ping_idle_after_s: float | None = None, durable: bool = True) -> Engine:
+def make_engine(url: str, *, ping_idle_after_s: float | None = None) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and foreign keys.
 
     A server database's connections are pinged at every checkout, or with `ping_idle_after_s`
-    only after sitting idle that long (see `_ping_when_idle`). `durable=False` (PostgreSQL):
-    commits do not wait for their WAL to reach the disk (`synchronous_commit=off`).
+    only after sitting idle that long (see `_ping_when_idle`).
     """
     url = normalize_url(url)
     if url.startswith("sqlite"):
@@ -45,10 +46,7 @@ def make_engine(url: str, *, ping_idle_after_s: float | None = None, durable: bo
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_sqlite)
         return engine
-    connect_args = {} if durable else {"options": "-c synchronous_commit=off"}
-    engine = create_engine(
-        url, pool_pre_ping=ping_idle_after_s is None, pool_size=10, max_overflow=20, connect_args=connect_args
-    )
+    engine = create_engine(url, pool_pre_ping=ping_idle_after_s is None, pool_size=10, max_overflow=20)
     if ping_idle_after_s is not None:
         _ping_when_idle(engine, ping_idle_after_s)
     return engine
@@ -163,11 +161,16 @@ class Database:
     def __init__(self, url: str, *, ping_idle_after_s: float | None = None):
         self.url = url
         self.engine = make_engine(url, ping_idle_after_s=ping_idle_after_s)
-        # Connects only when used: for `first(..., durable=False)` on PostgreSQL.
-        self._lazy_commit_engine = (
-            make_engine(url, ping_idle_after_s=ping_idle_after_s, durable=False)
-            if self.engine.dialect.name == "postgresql" else self.engine
-        )
+        # `first`'s connections on PostgreSQL: each connects only when first used, and the second
+        # for `first(..., durable=False)` only.
+        if self.engine.dialect.name == "postgresql":
+            # As the engine's own pool: without `ping_idle_after_s`, ping at every use.
+            ping_s = 0.0 if ping_idle_after_s is None else ping_idle_after_s
+            self._direct = DirectConnections(self.engine, ping_idle_after_s=ping_s)
+            self._direct_lazy_commit = DirectConnections(
+                self.engine, options="-c synchronous_commit=off", ping_idle_after_s=ping_s)
+        else:
+            self._direct = self._direct_lazy_commit = None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         read_engine = self.engine.execution_options(**{READ_ONLY_OPTION: True})
         self._read_sessions = sessionmaker(read_engine, expire_on_commit=False)
@@ -226,7 +229,7 @@ class Database:
         try:
             if within is not None:
                 return self._first_on(within.connection.dbapi_connection, compiled, params)
-            with self._dbapi_connection(self.engine if durable else self._lazy_commit_engine) as connection:
+            with self._first_connection(durable) as connection:
                 return self._first_on(connection, compiled, params)
         except self.engine.dialect.loaded_dbapi.Error as exc:
             # As SQLAlchemy raises it (IntegrityError, OperationalError, …), so callers catch one kind.
@@ -241,22 +244,19 @@ class Database:
         finally:
             cursor.close()
 
+    def _first_connection(self, durable: bool):
+        """Return a context lending a DBAPI connection outside any transaction (PostgreSQL: in autocommit)."""
+        if self._direct is not None:
+            return (self._direct if durable else self._direct_lazy_commit).connection()
+        return self._pooled_connection()
+
     @contextmanager
-    def _dbapi_connection(self, engine: Engine):
-        """Yield a pooled DBAPI connection; on PostgreSQL in autocommit (no BEGIN, no COMMIT)."""
-        connection = engine.raw_connection()
-        autocommit = engine.dialect.name == "postgresql"
+    def _pooled_connection(self):
+        """Yield a DBAPI connection of the engine's pool (SQLite: each statement commits by itself)."""
+        connection = self.engine.raw_connection()
         try:
-            if autocommit:
-                connection.driver_connection.autocommit = True
             yield connection
-        except engine.dialect.loaded_dbapi.Error as exc:
-            if engine.dialect.is_disconnect(exc, connection.dbapi_connection, None):
-                connection.invalidate(exc)  # the pool replaces it
-            raise
         finally:
-            if autocommit and connection.dbapi_connection is not None and not connection.driver_connection.closed:
-                connection.driver_connection.autocommit = False
             connection.close()
 
     def check_schema(self) -> None:
@@ -273,4 +273,6 @@ class Database:
     def dispose(self) -> None:
         """Close all pooled connections."""
         self.engine.dispose()
-        self._lazy_commit_engine.dispose()
+        if self._direct is not None:
+            self._direct.dispose()
+            self._direct_lazy_commit.dispose()

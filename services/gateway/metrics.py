@@ -76,13 +76,20 @@ def install_metrics(app: Flask, context) -> None:
     def start_timer() -> None:
         g.metrics_started = time.perf_counter()
 
+    # Each (method, route, status)'s two series, looked up once: `labels` takes a lock and
+    # builds a key at every call, and this runs on every request.
+    series: dict[tuple[str, str, int], tuple] = {}
+
     @app.after_request
     def observe(response):
         # The route template, not the path: one series per endpoint, not per job id.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         if route != "/metrics":
-            REQUESTS.labels(request.method, route, str(response.status_code)).inc()
-            LATENCY.labels(request.method, route).observe(time.perf_counter() - g.get("metrics_started", 0.0))
+            key = (request.method, route, response.status_code)
+            counter, latency = series.get(key) or series.setdefault(
+                key, (REQUESTS.labels(key[0], route, str(key[2])), LATENCY.labels(key[0], route)))
+            counter.inc()
+            latency.observe(time.perf_counter() - g.get("metrics_started", 0.0))
         return response
 
     @app.get("/metrics")
