@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import socket
@@ -44,6 +45,9 @@ class JobPublisher:
         # What Celery puts there for a producer that is not a worker.
         self.origin = f"gen{os.getpid()}@{socket.gethostname()}"
         self.reply_to = str(uuid.uuid4())
+        # Delivery tags name a message in the consumers' unacked hash, so they must be unique:
+        # this publisher's random prefix and a counter are, without a system call per message.
+        self._tag_numbers = itertools.count()  # next() on it is atomic: safe across threads
 
     def publish(self, job_id: str, queue: str) -> bool:
         """Send the job's message (its task id is the job id); False if Redis is unreachable."""
@@ -79,7 +83,7 @@ class JobPublisher:
         properties = {
             "correlation_id": job_id, "reply_to": self.reply_to, "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
-            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+            "body_encoding": "base64", "delivery_tag": f"{self.reply_to}-{next(self._tag_numbers):x}",
         }
         return {"body": base64.b64encode(body).decode("ascii"), "content-encoding": "utf-8",
                 "content-type": "application/json", "headers": headers, "properties": properties}
