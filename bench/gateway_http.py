@@ -13,7 +13,8 @@ submitted so far (queued, so each poll works out its queue position); each gets 
 seconds in all. Prompt tokens are estimated (GEMMA_JOBS_GATEWAY_COUNT_TOKENS=false; the
 default, auto, does the same for a prompt this short); `--tokenizer-cache DIR` adds a submit
 run through a third gateway that counts every prompt (=true) with DIR/gemma-3-270m/tokenizer.json.
-Prints requests/s and p99 of each and the ratios to the trivial route.
+Prints requests/s and p99 of each and the ratios to the trivial route; `--cpu` adds the CPU time
+per request of the server answering it (all its processes), of PostgreSQL and of Redis.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import psycopg
 import redis
 import requests
@@ -39,6 +42,7 @@ from bench_processes import fresh_postgres, new_key, serving
 
 SUBMIT_BODY = {"model": "gemma-3-270m", "prompt": "The history of the printing press begins", "max_new_tokens": 32}
 FLOORS = {"submit": 0.25, "poll": 0.5}
+CPU_GROUPS = ("server", "PostgreSQL", "Redis")
 
 # wrk prints its own report; these two lines are what the script reads: totals, then the
 # latency histogram (microseconds:count), so that rounds can be merged into one p99.
@@ -59,15 +63,17 @@ end
 
 @dataclass(frozen=True)
 class WrkResult:
-    """One or more wrk runs of one thing: requests, seconds, and the latency histogram."""
+    """One or more wrk runs of one thing: requests, seconds, the latency histogram, and CPU
+    seconds spent meanwhile by the processes watched (by group name)."""
 
     requests: int
     seconds: float
     latency_us: Counter
+    cpu_s: Counter = field(default_factory=Counter)
 
     def __add__(self, other: WrkResult) -> WrkResult:
         return WrkResult(self.requests + other.requests, self.seconds + other.seconds,
-                         self.latency_us + other.latency_us)
+                         self.latency_us + other.latency_us, self.cpu_s + other.cpu_s)
 
     @property
     def rps(self) -> float:
@@ -87,6 +93,10 @@ class WrkResult:
             if seen >= rank:
                 return value / 1000
         return 0.0
+
+    def cpu_line(self) -> str:
+        """Return the CPU milliseconds per request of each group watched."""
+        return "  ".join(f"{name} {self.cpu_s.get(name, 0.0) / self.requests * 1e3:.3f}" for name in CPU_GROUPS)
 
     def line(self) -> str:
         """Return the result as one aligned line."""
@@ -128,6 +138,51 @@ def run_wrk(url: str, script: Path, *, connections: int, threads: int, duration_
         value, times = pair.split(":")
         histogram[int(value)] += int(times)
     return WrkResult(count, duration_us / 1e6, histogram)
+
+
+def server_processes(url: str) -> list[psutil.Process]:
+    """Return every process of the server listening at a URL (its whole session: master and workers)."""
+    port = int(url.rsplit(":", 1)[1])
+    listening = {connection.pid for connection in psutil.net_connections("tcp")
+                 if connection.laddr.port == port and connection.status == psutil.CONN_LISTEN and connection.pid}
+    sessions = {os.getsid(pid) for pid in listening}
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) in sessions:
+                found.append(process)
+        except OSError:
+            continue
+    return found
+
+
+def named_processes(prefix: str) -> list[psutil.Process]:
+    """Return the processes whose name starts with `prefix` (postgres, redis-server)."""
+    return [process for process in psutil.process_iter(["name"]) if (process.info["name"] or "").startswith(prefix)]
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
+    """Return user + system CPU seconds of each process still alive, by pid."""
+    seconds = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def with_cpu(run, groups: dict[str, Callable[[], list[psutil.Process]]]) -> WrkResult:
+    """Run a wrk measurement and add the CPU seconds each group of processes spent meanwhile
+    (a process that started meanwhile, such as a new database backend, counts from zero)."""
+    before = {name: cpu_seconds(processes()) for name, processes in groups.items()}
+    result = run()
+    spent = Counter()
+    for name, processes in groups.items():
+        after = cpu_seconds(processes())
+        spent[name] = sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after.items())
+    return WrkResult(result.requests, result.seconds, result.latency_us, spent)
 
 
 def serving_gateway(args, database_url: str, workdir: Path, name: str, **settings: str):
@@ -195,6 +250,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16, help="threads per process (gateway default)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--tokenizer-cache", type=Path, help="a model cache holding gemma-3-270m/tokenizer.json")
+    parser.add_argument("--cpu", action="store_true", help="also print CPU ms per request of server, PostgreSQL, Redis")
     parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,6 +282,12 @@ def main() -> None:
             # GIL): let every process do that before the clock runs.
             submit_concurrently(counting_url, token, 4 * args.workers)
             runs["submit, counting tokens"] = lambda: run_wrk(counting_url + "/v1/generations", submit, **wrk)
+        if args.cpu:
+            shared = {"PostgreSQL": lambda: named_processes("postgres"), "Redis": lambda: named_processes("redis-server")}
+            for name, run in list(runs.items()):
+                url = trivial_url if name == "trivial" else counting_url if "counting" in name else gateway_url
+                server = {"server": lambda url=url: server_processes(url)}
+                runs[name] = lambda run=run, groups={**server, **shared}: with_cpu(run, groups)
         for _ in range(args.rounds):
             for name, run in runs.items():
                 results[name] = results[name] + run() if name in results else run()
@@ -235,6 +297,9 @@ def main() -> None:
           f"PostgreSQL; prompt tokens estimated (GEMMA_JOBS_GATEWAY_COUNT_TOKENS=false, as auto for short "
           f"prompts){', counted in the counting run' if args.tokenizer_cache else ''}; no worker (submitted "
           f"jobs stay queued); cores={os.cpu_count()}")
+    if args.cpu:
+        for name, result in results.items():
+            print(f"cpu       {name:24} ms per request: {result.cpu_line()}")
     baseline = results.pop("trivial")
     print(f"baseline  trivial Flask route  GET /ping          : {baseline.line()}")
     for name, result in results.items():
