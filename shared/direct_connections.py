@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine
+
+IDLE = TransactionStatus.IDLE  # no transaction open: what a connection in autocommit is between statements
 
 
 class DirectConnections:
@@ -68,7 +71,7 @@ class DirectConnections:
         return connection
 
     def _give_back(self, connection) -> None:
-        healthy = not (connection.closed or connection.broken) and connection.info.transaction_status == 0
+        healthy = not (connection.closed or connection.broken) and connection.info.transaction_status == IDLE
         if healthy and len(self._idle) < self._max_idle:
             self._idle.append((connection, time.monotonic()))
         else:

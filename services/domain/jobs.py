@@ -83,7 +83,7 @@ def create_generation(
     idempotency_key: str | None = None,
     prompt_tokens: int | None = None,
 ) -> Submission:
-    """Validate a request, admit it against the key's limits and record it as queued, in the session's transaction.
+    """Validate a request, admit it against the key's limits and record it as queued, all in the session.
 
     `db` is the session's database. `prompt_tokens` is the exact count when the gateway could
     tokenize; else it is estimated.

@@ -67,38 +67,9 @@ def create_generation():
     limit_headers: dict[str, str] = {}
     position = None
     if job is None and idempotency_key is None and not limits.applies(current_caller(), context.settings):
-        # Nothing to count and nothing to look up: the row is the submit's one write, and
-        # concurrent submits share their INSERT, commit and publish (`GroupCommit`).
-        job = job_domain.plan_generation(
-            current_caller(), body, adapter=_adapter(context, body.model), registry=context.registry,
-            settings=context.settings, prompt_tokens=context.token_counter.at_submit(body, context.settings))
-        position = context.submits.submit(job)
-        _announce(job)
+        job, position = _record_grouped(context, body)
     elif job is None:
-        try:
-            with context.db.session_scope() as session:
-                submission = job_domain.create_generation(
-                    session,
-                    current_caller(),
-                    body,
-                    db=context.db,
-                    registry=context.registry,
-                    settings=context.settings,
-                    idempotency_key=idempotency_key,
-                    prompt_tokens=context.token_counter.at_submit(body, context.settings),
-                )
-            job, position, limit_headers = submission.job, submission.queue_position, submission.admission.headers()
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            # A concurrent submit with the same Idempotency-Key won the insert: answer with its job.
-            job, replayed = _existing_job(context, body, idempotency_key), True
-            if job is None:
-                raise
-        if not replayed:
-            _announce(job)
-            # Only now is the row committed: a worker that gets the message will find it.
-            context.publisher.publish(job.id, job.queue)
+        job, position, limit_headers, replayed = _record_admitted(context, body, idempotency_key)
     structlog.contextvars.bind_contextvars(job_id=job.id)
     headers = dict(limit_headers)
     if replayed:
@@ -118,6 +89,51 @@ def create_generation():
     response = job_response(context, job.id, wait_s, described)
     response.headers.update(headers)
     return response
+
+
+def _record_grouped(context: GatewayContext, body: GenerationRequest):
+    """Record and publish a job of a key without limits; return it and its queue position.
+
+    No limits to count and no earlier submit to look up: the row is the submit's one write, so
+    concurrent submits share their INSERT, commit and publish (`GroupCommit`).
+    """
+    job = job_domain.plan_generation(
+        current_caller(), body, adapter=_adapter(context, body.model), registry=context.registry,
+        settings=context.settings, prompt_tokens=context.token_counter.at_submit(body, context.settings))
+    position = context.submits.submit(job)
+    _announce(job)
+    return job, position
+
+
+def _record_admitted(context: GatewayContext, body: GenerationRequest, idempotency_key: str | None):
+    """Admit a job against its key's limits and record it in one transaction, then publish it.
+
+    Returns the job, its queue position, the limit headers and whether it was an earlier
+    submit's job (a concurrent submit with the same Idempotency-Key won the insert).
+    """
+    try:
+        with context.db.session_scope() as session:
+            submission = job_domain.create_generation(
+                session,
+                current_caller(),
+                body,
+                db=context.db,
+                registry=context.registry,
+                settings=context.settings,
+                idempotency_key=idempotency_key,
+                prompt_tokens=context.token_counter.at_submit(body, context.settings),
+            )
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        job = _existing_job(context, body, idempotency_key)
+        if job is None:
+            raise
+        return job, None, {}, True
+    _announce(submission.job)
+    # Only now is the row committed: a worker that gets the message will find it.
+    context.publisher.publish(submission.job.id, submission.job.queue)
+    return submission.job, submission.queue_position, submission.admission.headers(), False
 
 
 def _adapter(context: GatewayContext, model: str) -> Adapter | None:
