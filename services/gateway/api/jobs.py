@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import structlog
-from flask import Blueprint, request, url_for
+from flask import Blueprint, request
 from pydantic import BaseModel, ConfigDict, Field
 from redis import RedisError
 from sqlalchemy.exc import IntegrityError
@@ -76,7 +76,7 @@ def create_generation():
         headers["Idempotent-Replayed"] = "true"
     if body.stream:
         # The stream lasts until the job ends, so `Prefer: wait` has nothing to add to it.
-        headers["Location"] = url_for("jobs.get_job", job_id=job.id)
+        headers["Location"] = job_path(job.id)
         return streaming.event_stream(context, current_caller(), job.id, headers=headers)
     described = None
     if wait_s > 0:
@@ -178,7 +178,7 @@ def job_response(context: GatewayContext, job_id: str, wait_s: float, body: JobO
     if body is None:
         body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues)
     finished = JobStatus(body.status).is_terminal
-    headers = {"Location": url_for("jobs.get_job", job_id=job_id)}
+    headers = {"Location": job_path(job_id)}
     if wait_s > 0:
         headers["Preference-Applied"] = f"wait={wait_s:g}"
     return json_response(body, 200 if finished else 202, headers)
@@ -201,7 +201,18 @@ def cancel_job(job_id: str):
     return body.model_dump(mode="json")
 
 
-@blueprint.get("/v1/jobs/<job_id>")
+JOB_PATH = "/v1/jobs/{}"
+
+
+def job_path(job_id: str) -> str:
+    """Return the path of `get_job` for a job (ids need no escaping: letters, digits and `_`).
+
+    `url_for` would build the same through the URL map, at a few per cent of a submit's CPU.
+    """
+    return JOB_PATH.format(job_id)
+
+
+@blueprint.get(JOB_PATH.format("<job_id>"))
 @require_key()
 def get_job(job_id: str):
     """Return one of the caller's jobs."""
