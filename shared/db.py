@@ -136,13 +136,22 @@ class CompiledSelect:
 
     def first(self, cursor, params: dict[str, Any]) -> tuple | None:
         """Run with these parameters (the rest keep their built-in values); return the first row."""
+        self._execute(cursor, params)
+        row = cursor.fetchone()
+        return None if row is None else self._converted(row, cursor)
+
+    def all(self, cursor, params: dict[str, Any]) -> list[tuple]:
+        """Run with these parameters; return every row."""
+        self._execute(cursor, params)
+        return [self._converted(row, cursor) for row in cursor.fetchall()]
+
+    def _execute(self, cursor, params: dict[str, Any]) -> None:
         values = {**self._defaults, **params}
         for name, process in self._bind_processors.items():
             values[name] = process(values[name])
         cursor.execute(self.sql, values if self._order is None else [values[name] for name in self._order])
-        row = cursor.fetchone()
-        if row is None:
-            return None
+
+    def _converted(self, row, cursor) -> tuple:
         processors = self._result_processors or self._processors_for(cursor.description)
         return self._row(*(value if process is None else process(value) for value, process in zip(row, processors)))
 
@@ -223,28 +232,35 @@ class Database:
         lose without harm (it is visible to everyone at once all the same, and any later durable
         commit flushes it too). `within`: run in that connection's transaction instead.
         """
+        return self._run(statement, params, CompiledSelect.first, durable, within)
+
+    def all(self, statement: Executable, params: dict[str, Any]) -> list[tuple]:
+        """Return every row of a prebuilt SELECT, run as `first` runs it (outside any transaction)."""
+        return self._run(statement, params, CompiledSelect.all, True, None)
+
+    def _run(self, statement: Executable, params: dict[str, Any], fetch, durable: bool, within: Connection | None):
         compiled = self._compiled.get(statement)
         if compiled is None:
             compiled = self._compiled[statement] = CompiledSelect(self.engine, statement)
         try:
             if within is not None:
-                return self._first_on(within.connection.dbapi_connection, compiled, params)
-            with self._first_connection(durable) as connection:
-                return self._first_on(connection, compiled, params)
+                return self._fetch_on(within.connection.dbapi_connection, compiled, fetch, params)
+            with self._statement_connection(durable) as connection:
+                return self._fetch_on(connection, compiled, fetch, params)
         except self.engine.dialect.loaded_dbapi.Error as exc:
             # As SQLAlchemy raises it (IntegrityError, OperationalError, …), so callers catch one kind.
             raise DBAPIError.instance(compiled.sql, params, exc, self.engine.dialect.loaded_dbapi.Error,
                                       dialect=self.engine.dialect) from exc
 
     @staticmethod
-    def _first_on(connection, compiled: CompiledSelect, params: dict[str, Any]) -> tuple | None:
+    def _fetch_on(connection, compiled: CompiledSelect, fetch, params: dict[str, Any]):
         cursor = connection.cursor()
         try:
-            return compiled.first(cursor, params)
+            return fetch(compiled, cursor, params)
         finally:
             cursor.close()
 
-    def _first_connection(self, durable: bool):
+    def _statement_connection(self, durable: bool):
         """Return a context lending a DBAPI connection outside any transaction (PostgreSQL: in autocommit)."""
         if self._direct is not None:
             return (self._direct if durable else self._direct_lazy_commit).connection()

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, func, insert, select, text
+from sqlalchemy import Connection, any_, bindparam, case, func, insert, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 
 from services.domain import limits
 from services.domain.adapters import get_adapter, is_adapter_id
+from services.domain.grouped_calls import GroupedCalls
 from services.domain.keys import Caller
 from services.domain.operations import LiveQueues, waiting_for
 from services.domain.queue_positions import QueuePositions
@@ -356,6 +357,12 @@ _POLL_JOB = (
     .outerjoin(UsageRecord, UsageRecord.job_id == Job.id)
     .where(Job.id == bindparam("job_id"))
 )
+# The same for several jobs at once (PostgreSQL: an array of ids), for grouped polls.
+_POLL_JOBS = (
+    select(*_JOB_COLUMNS, UsageRecord.id.label("usage_id"), *_USAGE_COLUMNS)
+    .outerjoin(UsageRecord, UsageRecord.job_id == Job.id)
+    .where(Job.id == any_(bindparam("job_ids", type_=postgresql.ARRAY(Job.id.type))))
+)
 # The same with the exact queue position counted.
 _DESCRIBE_JOB = _POLL_JOB.add_columns(_queue_position())
 _USAGE_OF_JOBS = select(UsageRecord).where(UsageRecord.job_id.in_(bindparam("job_ids", expanding=True)))
@@ -473,15 +480,21 @@ def poll_job(
     job_id: str,
     live: LiveQueues | None = None,
     positions: QueuePositions | None = None,
+    reads: GroupedCalls | None = None,
 ) -> JobOut:
     """`describe_job` for a poll, the gateway's most frequent request: its one query runs
     prebuilt on a pooled connection, without a session or a transaction.
 
     With `positions`, a queued job's position is looked up there (up to a second old) instead
-    of counted.
+    of counted. With `reads` (`read_polled_rows` grouped), concurrent polls share one query.
     """
     statement = _DESCRIBE_JOB if positions is None else _POLL_JOB
-    row = db.first(statement, {"job_id": job_id}) if "\x00" not in job_id else None
+    if "\x00" in job_id:
+        row = None
+    elif reads is not None and positions is not None:
+        row = reads.run(job_id)
+    else:
+        row = db.first(statement, {"job_id": job_id})
     job = _owned(row, caller, job_id)
     queued = job.status == JobStatus.QUEUED
     consumers = live.current(db) if live is not None and queued else None
@@ -489,6 +502,13 @@ def poll_job(
         return _described(job, consumers)
     position = positions.position(db, job.queue, job.id) if queued else None
     return _described(job, consumers, position)
+
+
+def read_polled_rows(db: Database, job_ids: list[str]) -> list:
+    """Return the poll rows (`_POLL_JOB`'s columns) of jobs, in `job_ids`' order (None: no such job),
+    in one query (PostgreSQL)."""
+    rows = {row.id: row for row in db.all(_POLL_JOBS, {"job_ids": list(set(job_ids))})}
+    return [rows.get(job_id) for job_id in job_ids]
 
 
 def _described(row, consumers: dict[str, int] | None, position: int | None = None) -> JobOut:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import redis
 from flask import current_app
 
-from services.domain.group_commit import GroupCommit
-from services.domain.jobs import record_generations
+from services.domain.grouped_calls import GroupedCalls
+from services.domain.jobs import read_polled_rows, record_generations
 from services.domain.keys import KeyCache, find_key
 from services.domain.operations import LiveQueues
 from services.domain.queue_positions import QueuePositions
@@ -38,7 +38,9 @@ class GatewayContext:
     live_queues: LiveQueues
     queue_positions: QueuePositions
     # Submits of keys without limits: their inserts, commits and publishes shared by concurrent requests.
-    submits: GroupCommit
+    submits: GroupedCalls
+    # Polls' reads shared by concurrent requests (PostgreSQL; None on SQLite, where a read is local).
+    poll_reads: GroupedCalls | None
 
     @classmethod
     def create(cls, settings: Settings) -> "GatewayContext":
@@ -58,7 +60,9 @@ class GatewayContext:
             storage=Storage(settings.storage_path),
             live_queues=LiveQueues(settings.worker_dead_after_s),
             queue_positions=QueuePositions(),
-            submits=GroupCommit(lambda jobs: record_generations(db, publisher, jobs)),
+            submits=GroupedCalls(lambda jobs: record_generations(db, publisher, jobs)),
+            poll_reads=(GroupedCalls(lambda job_ids: read_polled_rows(db, job_ids))
+                        if db.engine.dialect.name == "postgresql" else None),
         )
 
 

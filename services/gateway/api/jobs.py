@@ -95,12 +95,12 @@ def _record_grouped(context: GatewayContext, body: GenerationRequest):
     """Record and publish a job of a key without limits; return it and its queue position.
 
     No limits to count and no earlier submit to look up: the row is the submit's one write, so
-    concurrent submits share their INSERT, commit and publish (`GroupCommit`).
+    concurrent submits share their INSERT, commit and publish (`GroupedCalls`).
     """
     job = job_domain.plan_generation(
         current_caller(), body, adapter=_adapter(context, body.model), registry=context.registry,
         settings=context.settings, prompt_tokens=context.token_counter.at_submit(body, context.settings))
-    position = context.submits.submit(job)
+    position = context.submits.run(job)
     _announce(job)
     return job, position
 
@@ -217,7 +217,8 @@ def job_path(job_id: str) -> str:
 def get_job(job_id: str):
     """Return one of the caller's jobs."""
     context = gateway()
-    body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues, context.queue_positions)
+    body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues, context.queue_positions,
+                               context.poll_reads)
     return json_response(body)
 
 

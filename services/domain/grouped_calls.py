@@ -1,4 +1,4 @@
-"""Group commit: concurrent callers' items written together, each caller answered with its own outcome."""
+"""Concurrent callers' items handled in one call (group commit, grouped reads), each caller answered on its own."""
 
 from __future__ import annotations
 
@@ -19,45 +19,47 @@ class _Waiting:
     error: BaseException | None = None
 
 
-class GroupCommit:
-    """Write items in groups: whatever arrives while a group is being written forms the next one.
+class GroupedCalls:
+    """Handle items in groups: whatever arrives while a group is being handled forms the next one.
 
-    No caller waits for a timer. A caller that finds no write in progress writes at once (alone,
-    if the server is idle); callers that arrive meanwhile queue up, and when that write ends the
-    first of them writes all of them in one go. Under load a group costs about one write, so a
-    server busy with submits makes one database round trip and one commit per group, not per
-    submit.
+    No caller waits for a timer. A caller that finds no call in progress makes it at once (alone,
+    if the server is idle); callers that arrive meanwhile queue up, and when that call ends the
+    first of them makes one call for all of them. Under load a group costs about one call: a
+    gateway busy with submits makes one database round trip and one commit per group, not per
+    submit (group commit), and one busy with polls one read per group. A caller's item is handled
+    by a call that starts after the caller arrived, so nothing it gets back is older than its
+    request.
 
-    `write(items)` returns one outcome per item, or an exception (BaseException included) in an
-    item's place for that item alone; if it raises, every item of the group gets that error.
+    `handle(items)` returns one outcome per item, or an exception in an item's place for that
+    item alone; if it raises, every item of the group gets that error.
     """
 
-    def __init__(self, write: Callable[[list[Any]], Sequence[Any]]):
-        self._write = write
+    def __init__(self, handle: Callable[[list[Any]], Sequence[Any]]):
+        self._handle = handle
         self._lock = threading.Lock()
         self._waiting: list[_Waiting] = []
         self._writing = False
 
-    def submit(self, item: Any) -> Any:
-        """Write an item with whatever else is waiting; return its outcome or raise its error."""
+    def run(self, item: Any) -> Any:
+        """Handle an item with whatever else is waiting; return its outcome or raise its error."""
         me = _Waiting(item)
         with self._lock:
             self._waiting.append(me)
             if not self._writing:
                 self._writing = me.leads = True
         if not me.leads:
-            me.turn.wait()  # set once written, or when handed the next group to write
+            me.turn.wait()  # set once handled, or when handed the next group to handle
         if me.leads:
-            self._write_group()
+            self._handle_group()
         if me.error is not None:
             raise me.error
         return me.outcome
 
-    def _write_group(self) -> None:
+    def _handle_group(self) -> None:
         with self._lock:
             group, self._waiting = self._waiting, []
         try:
-            outcomes = self._write([waiting.item for waiting in group])
+            outcomes = self._handle([waiting.item for waiting in group])
             for waiting, outcome in zip(group, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     waiting.error = outcome

@@ -1,4 +1,4 @@
-"""GroupCommit: concurrent callers share writes, each hears its own outcome, nobody waits forever."""
+"""GroupedCalls: concurrent callers share calls, each hears its own outcome, nobody waits forever."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from services.domain.group_commit import GroupCommit
+from services.domain.grouped_calls import GroupedCalls
 
 
 class HeldWrites:
@@ -27,7 +27,7 @@ class HeldWrites:
         return [ValueError(f"bad {item}") if item < 0 else item * 10 for item in items]
 
 
-def wait_for_waiting(group: GroupCommit, count: int) -> None:
+def wait_for_waiting(group: GroupedCalls, count: int) -> None:
     deadline = time.monotonic() + 10
     while len(group._waiting) < count:
         assert time.monotonic() < deadline, "callers did not queue up"
@@ -37,18 +37,18 @@ def wait_for_waiting(group: GroupCommit, count: int) -> None:
 def test_an_idle_caller_writes_alone_at_once():
     writes = HeldWrites()
     writes.release_first.set()
-    group = GroupCommit(writes)
-    assert group.submit(4) == 40
+    group = GroupedCalls(writes)
+    assert group.run(4) == 40
     assert writes.groups == [[4]]
 
 
 def test_callers_arriving_during_a_write_share_the_next_one_and_get_their_own_outcomes():
     writes = HeldWrites()
-    group = GroupCommit(writes)
+    group = GroupedCalls(writes)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(group.submit, 1)
+        first = pool.submit(group.run, 1)
         assert writes.first_started.wait(10)
-        rest = {item: pool.submit(group.submit, item) for item in (2, 3, -4, 5)}
+        rest = {item: pool.submit(group.run, item) for item in (2, 3, -4, 5)}
         wait_for_waiting(group, 4)
         writes.release_first.set()
         assert first.result(10) == 10
@@ -73,25 +73,25 @@ def test_a_failed_write_fails_its_whole_group_and_the_next_group_is_still_writte
             raise ConnectionError("database down")
         return items
 
-    group = GroupCommit(write)
+    group = GroupedCalls(write)
     with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(group.submit, "a")
+        first = pool.submit(group.run, "a")
         while not calls:
             time.sleep(0.005)
-        doomed = [pool.submit(group.submit, item) for item in ("b", "c")]
+        doomed = [pool.submit(group.run, item) for item in ("b", "c")]
         wait_for_waiting(group, 2)
         release.set()
         assert first.result(10) == "a"
         for future in doomed:
             with pytest.raises(ConnectionError):
                 future.result(10)
-    assert group.submit("d") == "d"  # the group is free again
+    assert group.run("d") == "d"  # the group is free again
     assert not group._writing and not group._waiting
 
 
 def test_many_threads_each_get_their_own_item_back():
-    group = GroupCommit(lambda items: list(items))
+    group = GroupedCalls(lambda items: list(items))
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(group.submit, range(2000)))
+        results = list(pool.map(group.run, range(2000)))
     assert results == list(range(2000))
     assert not group._writing and not group._waiting
