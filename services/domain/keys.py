@@ -97,6 +97,14 @@ def _digest(plaintext: str | None) -> str:
     return hash_key(plaintext)
 
 
+def _caller_if_valid(row: Row, digest: str) -> Caller | None:
+    """Return the caller a key row stands for, or None if it stands for none (revoked, expired)."""
+    try:
+        return caller_for(row, digest)
+    except Unauthenticated:
+        return None
+
+
 class KeyCache:
     """Authenticate keys from rows read at most `ttl_s` ago (per process), not one query a request.
 
@@ -113,19 +121,24 @@ class KeyCache:
     def __init__(self, find: Callable[[str], Row | None], ttl_s: float):
         self.find = find
         self.ttl_s = ttl_s
-        self._rows: dict[str, tuple[float, Row]] = {}
+        # digest -> (when read, the row, its caller if the row was valid then)
+        self._rows: dict[str, tuple[float, Row, Caller | None]] = {}
 
     def authenticate(self, plaintext: str | None) -> Caller:
         """Return the caller for a bearer key, or raise Unauthenticated."""
         digest = _digest(plaintext)
         cached = self._rows.get(digest)  # one dict read or write at a time: safe across threads
         if cached is not None and time.monotonic() - cached[0] <= self.ttl_s:
-            return caller_for(cached[1], digest)
+            _, row, caller = cached
+            # Found by its digest, so the row is this key's; only the clock can have changed.
+            if caller is not None and (row.expires_at is None or row.expires_at > utcnow()):
+                return caller
+            return caller_for(row, digest)
         row = self.find(digest)
         if row is not None:
             if len(self._rows) >= self.MAX_KEYS:
                 self._rows = {}
-            self._rows[digest] = (time.monotonic(), row)
+            self._rows[digest] = (time.monotonic(), row, _caller_if_valid(row, digest))
         return caller_for(row, digest)
 
     def forget(self, key_id: str) -> None:

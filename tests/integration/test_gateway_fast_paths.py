@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import timedelta
 
 import pytest
 import redis
 
 from services.domain import jobs as job_domain
-from services.domain.keys import Caller, KeyCache, find_key, revoke_key
+from services.domain.keys import Caller, KeyCache, create_key, find_key, revoke_key
 from shared import job_store
 from shared.celery_app import make_celery
 from shared.errors import NotFound, Unauthenticated
 from shared.keys import hash_key
+from shared.models import utcnow
 from shared.publish import JobPublisher, publish_job
 from tests.integration.helpers import QUEUE, RESULT, USAGE, claim, make_key, submit
 
@@ -142,3 +145,19 @@ def test_key_cache_forgets_a_key_revoked_here_and_never_remembers_unknown_keys(a
 def _caller(context, auth: dict[str, str]) -> Caller:
     return context.keys.authenticate(auth["Authorization"].removeprefix("Bearer "))
 
+
+
+def test_a_cached_key_expires_by_the_clock_within_the_cache_ttl(app):
+    context = app.extensions["gemma_jobs"]
+    with context.db.session_scope() as session:
+        _, plaintext = create_key(session, role="user", expires_at=utcnow() + timedelta(seconds=1))
+    cache = KeyCache(lambda digest: _find(context, digest), ttl_s=60)
+    assert cache.authenticate(plaintext).role == "user"
+    time.sleep(1.1)
+    with pytest.raises(Unauthenticated, match="expired"):
+        cache.authenticate(plaintext)
+
+
+def _find(context, digest):
+    with context.db.read_connection() as connection:
+        return find_key(connection, digest)
