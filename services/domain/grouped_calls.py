@@ -20,44 +20,48 @@ class _Waiting:
 
 
 class GroupedCalls:
-    """Handle items in groups: whatever arrives while a group is being handled forms the next one.
+    """Handle items in groups: what arrives while `max_in_flight` calls are running forms the next group.
 
-    No caller waits for a timer. A caller that finds no call in progress makes it at once (alone,
-    if the server is idle); callers that arrive meanwhile queue up, and when that call ends the
-    first of them makes one call for all of them. Under load a group costs about one call: a
-    gateway busy with submits makes one database round trip and one commit per group, not per
-    submit (group commit), and one busy with polls one read per group. A caller's item is handled
-    by a call that starts after the caller arrived, so nothing it gets back is older than its
-    request.
+    No caller waits for a timer. A caller that finds fewer than `max_in_flight` calls running
+    makes one at once (alone, if the server is idle, so a quiet server answers as fast as
+    without grouping, and a few concurrent callers still overlap their round trips); callers
+    that arrive while all are busy queue up, and when a call ends the first of them makes one
+    call for all of them. Under load a group costs about one call: a gateway busy with submits
+    makes one database round trip and one commit per group, not per submit (group commit), and
+    one busy with polls one read per group. A caller's item is handled by a call that starts
+    after the caller arrived, so nothing it gets back is older than its request.
 
     `handle(items)` returns one outcome per item, or an exception in an item's place for that
     item alone; if it raises, every item of the group gets that error.
     """
 
-    def __init__(self, handle: Callable[[list[Any]], Sequence[Any]]):
+    def __init__(self, handle: Callable[[list[Any]], Sequence[Any]], max_in_flight: int = 1):
         self._handle = handle
+        self._max_in_flight = max_in_flight
         self._lock = threading.Lock()
         self._waiting: list[_Waiting] = []
-        self._writing = False
+        self._in_flight = 0
 
     def run(self, item: Any) -> Any:
         """Handle an item with whatever else is waiting; return its outcome or raise its error."""
         me = _Waiting(item)
         with self._lock:
-            self._waiting.append(me)
-            if not self._writing:
-                self._writing = me.leads = True
+            if self._in_flight < self._max_in_flight:
+                self._in_flight += 1
+                me.leads = True
+            else:
+                self._waiting.append(me)
         if not me.leads:
-            me.turn.wait()  # set once handled, or when handed the next group to handle
+            me.turn.wait()  # set once handled, or when handed a place to handle the next group
         if me.leads:
-            self._handle_group()
+            self._handle_group(me)
         if me.error is not None:
             raise me.error
         return me.outcome
 
-    def _handle_group(self) -> None:
+    def _handle_group(self, leader: _Waiting) -> None:
         with self._lock:
-            group, self._waiting = self._waiting, []
+            group, self._waiting = [leader, *self._waiting], []
         try:
             outcomes = self._handle([waiting.item for waiting in group])
             for waiting, outcome in zip(group, outcomes, strict=True):
@@ -70,9 +74,11 @@ class GroupedCalls:
                 waiting.error = exc
         finally:
             with self._lock:
-                following = self._waiting[0] if self._waiting else None
+                # This call's place passes to the first caller waiting (taken off the list, so
+                # that no other ending call hands it a second place), or is given up.
+                following = self._waiting.pop(0) if self._waiting else None
                 if following is None:
-                    self._writing = False
+                    self._in_flight -= 1
                 else:
                     following.leads = True
             for waiting in group:

@@ -21,6 +21,10 @@ from shared.storage import Storage
 
 # How long a process trusts a key row it read: a key revoked elsewhere works here that much longer.
 KEY_CACHE_TTL_S = 5.0
+# Polls' reads running at once per process before callers queue into groups: two concurrent polls
+# still overlap their round trips, more share reads. Submits group behind one write at a time:
+# their commit is what grouping saves most.
+POLL_READS_IN_FLIGHT = 2
 
 
 @dataclass
@@ -61,7 +65,7 @@ class GatewayContext:
             live_queues=LiveQueues(settings.worker_dead_after_s),
             queue_positions=QueuePositions(),
             submits=GroupedCalls(lambda jobs: record_generations(db, publisher, jobs)),
-            poll_reads=(GroupedCalls(lambda job_ids: read_polled_rows(db, job_ids))
+            poll_reads=(GroupedCalls(lambda job_ids: read_polled_rows(db, job_ids), POLL_READS_IN_FLIGHT)
                         if db.engine.dialect.name == "postgresql" else None),
         )
 

@@ -86,7 +86,7 @@ def test_a_failed_write_fails_its_whole_group_and_the_next_group_is_still_writte
             with pytest.raises(ConnectionError):
                 future.result(10)
     assert group.run("d") == "d"  # the group is free again
-    assert not group._writing and not group._waiting
+    assert group._in_flight == 0 and not group._waiting
 
 
 def test_many_threads_each_get_their_own_item_back():
@@ -94,4 +94,26 @@ def test_many_threads_each_get_their_own_item_back():
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(group.run, range(2000)))
     assert results == list(range(2000))
-    assert not group._writing and not group._waiting
+    assert group._in_flight == 0 and not group._waiting
+
+
+def test_up_to_max_in_flight_callers_run_at_once_and_the_rest_share_the_next_calls():
+    started, release = [], threading.Event()
+
+    def handle(items):
+        started.append(list(items))
+        assert release.wait(10)
+        return items
+
+    group = GroupedCalls(handle, max_in_flight=2)
+    with ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(group.run, item) for item in ("a", "b")]
+        while len(started) < 2:
+            time.sleep(0.005)
+        queued = [pool.submit(group.run, item) for item in ("c", "d", "e")]
+        wait_for_waiting(group, 3)
+        release.set()
+        assert [future.result(10) for future in running + queued] == ["a", "b", "c", "d", "e"]
+    assert sorted(map(sorted, started[:2])) == [["a"], ["b"]]
+    assert sorted(item for call in started[2:] for item in call) == ["c", "d", "e"]
+    assert group._in_flight == 0 and not group._waiting
