@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +13,19 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine
 
 IDLE = TransactionStatus.IDLE  # no transaction open: what a connection in autocommit is between statements
+
+# Every stack of this process, so that a forked child can drop what it inherited.
+_STACKS: weakref.WeakSet[DirectConnections] = weakref.WeakSet()
+
+
+def forget_inherited() -> None:
+    """In a forked child: drop the parent's connections (unused and unclosed: they are the parent's)."""
+    for stack in list(_STACKS):
+        stack._idle = []
+
+
+# Once at fork rather than a getpid() system call at every statement.
+os.register_at_fork(after_in_child=forget_inherited)
 
 
 class DirectConnections:
@@ -34,7 +48,7 @@ class DirectConnections:
         self._max_idle = max_idle
         self._ping_idle_after_s = ping_idle_after_s
         self._idle: list[tuple[Any, float]] = []
-        self._pid = os.getpid()
+        _STACKS.add(self)
 
     @contextmanager
     def connection(self) -> Iterator[Any]:
@@ -46,9 +60,6 @@ class DirectConnections:
             self._give_back(connection)
 
     def _take(self):
-        if os.getpid() != self._pid:
-            # Forked: the parent's connections are its own; leave them unused (and unclosed).
-            self._idle, self._pid = [], os.getpid()
         while True:
             try:
                 connection, idle_since = self._idle.pop()

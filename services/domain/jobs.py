@@ -492,13 +492,12 @@ def poll_job(
     With `positions`, a queued job's position is looked up there (up to a second old) instead
     of counted. With `reads` (`read_polled_rows` grouped), concurrent polls share one query.
     """
-    statement = _DESCRIBE_JOB if positions is None else _POLL_JOB
     if "\x00" in job_id:
         row = None
     elif reads is not None and positions is not None:
         row = reads.run(job_id)
     else:
-        row = db.first(statement, {"job_id": job_id})
+        row = db.first(_DESCRIBE_JOB if positions is None else _POLL_JOB, {"job_id": job_id})
     job = _owned(row, caller, job_id)
     queued = job.status == JobStatus.QUEUED
     consumers = live.current(db) if live is not None and queued else None

@@ -1,4 +1,4 @@
-"""Per-process resources of the gateway: database, Redis, job publisher, submit groups, registry, key cache."""
+"""Per-process resources of the gateway: database, Redis, job publisher, grouped submits and polls, registry, key cache."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from sqlalchemy import func, literal_column, select
 from sqlalchemy.exc import OperationalError
 
 from shared.db import Database
+from shared.direct_connections import forget_inherited
 
 BACKEND_PID = select(func.pg_backend_pid().label("pid"))
 SYNCHRONOUS_COMMIT = select(func.current_setting("synchronous_commit").label("setting"))
@@ -68,7 +69,7 @@ def test_a_forked_process_opens_its_own_connections(postgres_url):
     try:
         parent = db.first(BACKEND_PID, {}).pid
         inherited = db._direct._idle[0][0]
-        db._direct._pid = -1  # as seen from a child after fork
+        forget_inherited()  # what runs in a child after fork
         assert db.first(BACKEND_PID, {}).pid != parent
         assert not inherited.closed  # the parent's connection is left to the parent
         inherited.close()
