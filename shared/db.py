@@ -137,6 +137,10 @@ class CompiledSelect:
     def first(self, cursor, params: dict[str, Any]) -> tuple | None:
         """Run with these parameters (the rest keep their built-in values); return the first row."""
         self._execute(cursor, params)
+        return self.first_row(cursor)
+
+    def first_row(self, cursor) -> tuple | None:
+        """Return the first row of the cursor's last run (in a pipeline: once its results came)."""
         row = cursor.fetchone()
         return None if row is None else self._converted(row, cursor)
 
@@ -238,10 +242,54 @@ class Database:
         """Return every row of a prebuilt SELECT, run as `first` runs it (outside any transaction)."""
         return self._run(statement, params, CompiledSelect.all, True, None)
 
-    def _run(self, statement: Executable, params: dict[str, Any], fetch, durable: bool, within: Connection | None):
+    def first_each(self, statement: Executable, params: Sequence[dict[str, Any]]) -> list[tuple | None]:
+        """Run a prebuilt statement (as `first` runs it) once per parameter set, all in one
+        transaction: the first row of each run, one durable commit for all of them.
+
+        On PostgreSQL the runs go out in one pipeline that ends with one Sync: one round trip,
+        and (the connection being in autocommit) one implicit transaction, committed at the Sync
+        if every run succeeded and rolled back if any failed. A failure raises, as `first` does.
+        """
+        compiled = self._compiled_for(statement)
+        try:
+            with self._statement_connection(True) as connection:
+                if self._direct is None:  # SQLite: a local file, no round trips to save
+                    return self._each_in_transaction(connection, compiled, params)
+                cursors = [connection.cursor() for _ in params]
+                with connection.pipeline():
+                    for cursor, values in zip(cursors, params):
+                        compiled._execute(cursor, values)
+                rows = [compiled.first_row(cursor) for cursor in cursors]  # all arrived at the Sync
+                for cursor in cursors:
+                    cursor.close()
+                return rows
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(compiled.sql, None, exc, self.engine.dialect.loaded_dbapi.Error,
+                                      dialect=self.engine.dialect) from exc
+
+    @staticmethod
+    def _each_in_transaction(connection, compiled: CompiledSelect, params: Sequence[dict[str, Any]]) -> list:
+        """Run `first_each`'s statements one by one on a DBAPI connection, in one transaction."""
+        cursor = connection.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+            rows = [compiled.first(cursor, values) for values in params]
+            cursor.execute("COMMIT")
+            return rows
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            cursor.close()
+
+    def _compiled_for(self, statement: Executable) -> CompiledSelect:
         compiled = self._compiled.get(statement)
         if compiled is None:
             compiled = self._compiled[statement] = CompiledSelect(self.engine, statement)
+        return compiled
+
+    def _run(self, statement: Executable, params: dict[str, Any], fetch, durable: bool, within: Connection | None):
+        compiled = self._compiled_for(statement)
         try:
             if within is not None:
                 return self._fetch_on(within.connection.dbapi_connection, compiled, fetch, params)
