@@ -6,13 +6,13 @@ from pathlib import Path
 
 import structlog
 
-from shared import job_store
 from shared.models import Adapter
 from workers.generation import GenerationError, GenerationOutput
 from workers.job_guard import JobGuard
-from workers.job_runs import claim_job, fail_attempt, store_attempt
+from workers.job_runs import claim_job, fail_attempt, settle_unfinished
 from workers.metrics import TOKENS_GENERATED, TOKENS_PER_SECOND
 from workers.model_loader import ModelUnavailable
+from workers.result_writer import FinishedJob
 from workers.runtime import WorkerRuntime
 from workers.token_publisher import TokenPublisher
 
@@ -46,7 +46,6 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
                 adapter_id=held.adapter_id,
                 adapter_path=adapter_path,
             )
-            publisher.finish(output.text, output.token_ids)
         except GenerationError as exc:
             code, message = exc.code, exc.message
         except ModelUnavailable as exc:
@@ -59,7 +58,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
             publisher.ensure_started()  # readers drop what an earlier attempt streamed
         fail_attempt(rt, held, code, message)
         return
-    _store_outcome(rt, held, output, guard.reason, timeout_s)
+    _store_outcome(rt, held, output, publisher, guard.reason, timeout_s)
 
 
 def _adapter_path(rt: WorkerRuntime, adapter_id: str) -> Path:
@@ -75,24 +74,25 @@ def _adapter_path(rt: WorkerRuntime, adapter_id: str) -> Path:
 
 
 def _store_outcome(
-    rt: WorkerRuntime, held, output: GenerationOutput, reason: str | None, timeout_s: float
+    rt: WorkerRuntime, held, output: GenerationOutput, publisher: TokenPublisher, reason: str | None, timeout_s: float
 ) -> None:
-    """Write what this attempt earned: a result, a timeout, a hand-back, or a cancel charge."""
+    """Write what this attempt earned: a result (behind this task, with other jobs' results), or
+    at once a timeout, a hand-back, or a cancel charge."""
     usage = {
         "prompt_tokens": output.prompt_tokens,
         "completion_tokens": output.completion_tokens,
         "gpu_seconds": round(output.gpu_seconds, 4),
     }
     result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
-    outcome = store_attempt(
-        rt,
-        held,
-        reason,
-        usage,
-        timeout_message=f"the job ran past its timeout_s of {timeout_s:g} s and was stopped",
-        finish=lambda: job_store.finish_alone(rt.db, held, rt.worker_id, result=result, usage=usage),
-    )
+    timeout_message = f"the job ran past its timeout_s of {timeout_s:g} s and was stopped"
     tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
     TOKENS_GENERATED.labels(held.model).inc(output.completion_tokens)
     TOKENS_PER_SECOND.labels(held.model).observe(tokens_per_s)
-    log.info(f"job_{outcome or 'result_discarded'}", reason=reason, tokens_per_s=tokens_per_s, **usage)
+    log_fields = {"reason": reason, "tokens_per_s": tokens_per_s, **usage}
+    if reason is None:
+        rt.results.put(FinishedJob(held, publisher, output.text, output.token_ids, result, usage, timeout_message,
+                                   log_fields))
+        return
+    publisher.finish(output.text, output.token_ids)
+    outcome = settle_unfinished(rt, held, reason, usage, timeout_message=timeout_message)
+    log.info(f"job_{outcome or 'result_discarded'}", **log_fields)

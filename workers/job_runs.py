@@ -78,19 +78,27 @@ def store_attempt(
     it used), or None (the lease was taken over: the new holder writes, this attempt writes nothing).
     """
     # The common case, a result, is one transaction (one statement on PostgreSQL) by itself.
-    outcome = "finished" if reason is None and finish() else None
-    if outcome is None:
-        with rt.db.session_scope() as session:
-            if reason == StopReason.SHUTDOWN:
-                outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
-            elif reason == StopReason.TIMEOUT:
-                stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=timeout_message,
-                                        usage=usage)
-                outcome = "timed_out" if stored else None
-            if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
-                outcome = "cancelled"
+    if reason is None and finish():
+        announce(rt, held.job_id, _OUTCOME_STATUS["finished"])
+        return "finished"
+    return settle_unfinished(rt, held, reason, usage, timeout_message=timeout_message)
+
+
+def settle_unfinished(rt: WorkerRuntime, held: Claim, reason: str | None, usage: dict[str, Any], *,
+                      timeout_message: str) -> str | None:
+    """Write what an attempt whose result was not stored earned (`store_attempt`'s outcomes but
+    "finished"), and tell whoever must know."""
+    outcome = None
+    with rt.db.session_scope() as session:
+        if reason == StopReason.SHUTDOWN:
+            outcome = "handed_back" if job_store.hand_back(session, held, rt.worker_id) else None
+        elif reason == StopReason.TIMEOUT:
+            stored = job_store.fail(session, held, rt.worker_id, code="timeout", message=timeout_message, usage=usage)
+            outcome = "timed_out" if stored else None
+        if outcome is None and job_store.charge_cancelled(session, held, rt.worker_id, usage):
+            outcome = "cancelled"
     if outcome == "handed_back":
         publish_job(rt.celery, held.job_id, held.queue)
-    elif outcome in ("finished", "timed_out", "cancelled"):
+    elif outcome in ("timed_out", "cancelled"):
         announce(rt, held.job_id, _OUTCOME_STATUS[outcome])
     return outcome

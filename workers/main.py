@@ -91,6 +91,9 @@ def run_worker(
             ]
         )
     finally:
+        # Results handed over by tasks that returned are written before the worker says it stopped.
+        if not rt.results.close(rt.settings.shutdown_grace_s + 10):
+            log.warning("results_not_written", note="their jobs are retried when their leases run out")
         registration.stop()
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 import torch
@@ -24,6 +25,9 @@ from workers.job_guard import LeaseKeeper
 from workers.model_cache import ModelCache
 from workers.model_loader import generation_dtype
 from workers.token_publisher import StepWrites
+
+if TYPE_CHECKING:
+    from workers.result_writer import ResultWriter
 
 
 @dataclass
@@ -47,6 +51,8 @@ class WorkerRuntime:
     cpu_threads: CpuThreads | None = None
     # Set (monotonic clock) when SIGTERM arrives: a running job may go on until then.
     shutdown_deadline: float | None = None
+    # Writes finished generations' results behind their tasks (set by `create`).
+    results: ResultWriter | None = None
     # Reported by the heartbeat.
     jobs_in_flight: int = 0
     jobs_done: int = 0
@@ -65,7 +71,7 @@ class WorkerRuntime:
         # A job's claim and end are a few statements each: a ping per checkout was a third more.
         db = Database(settings.database_url_or_default, ping_idle_after_s=PING_IDLE_AFTER_S)
         worker_id = f"{socket.gethostname()}:{os.getpid()}:{device}"
-        return cls(
+        rt = cls(
             settings=settings,
             db=db,
             # A timeout, so a half-open connection cannot wedge the worker or its reaper.
@@ -80,6 +86,10 @@ class WorkerRuntime:
             concurrency=concurrency,
             cpu_threads=CpuThreads(settings.cpu_threads, usable_cores()) if device.type == "cpu" else None,
         )
+        from workers.result_writer import ResultWriter  # it runs jobs' endings, which need this module
+
+        rt.results = ResultWriter(rt)
+        return rt
 
     def engine(self, model_id: str) -> BatchEngine:
         """Return the batching engine of a model, loading the model on first use."""

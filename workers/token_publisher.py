@@ -48,17 +48,21 @@ class TokenPublisher:
         cuts = [index for index in (self.text.find(s) for s in self.stop) if index >= 0]
         self._send(min([len(self.text) - self.hold_back, *cuts]), token_ids, self.step_writes)
 
-    def finish(self, final_text: str, token_ids: list[int]) -> None:
-        """Publish the rest of the final text (already cut at a stop string), at once."""
+    def finish(self, final_text: str, token_ids: list[int], writes: StepWrites | None = None) -> None:
+        """Publish the rest of the final text (already cut at a stop string): at once, or with
+        `writes` when they are flushed."""
         self.text = final_text
-        self._send(len(final_text), token_ids, None)
-        self.ensure_started()
+        self._send(len(final_text), token_ids, writes)
+        self.ensure_started(writes)
 
-    def ensure_started(self) -> None:
+    def ensure_started(self, writes: StepWrites | None = None) -> None:
         """Publish the attempt's start if no text did: readers drop an earlier attempt's text."""
         if not self.started:
             self.started = True
-            self._call(token_stream.start_attempt, self.attempt)
+            if writes is None:
+                self._call(token_stream.start_attempt, self.attempt)
+            else:
+                writes.append(self, self.attempt, None, [], True)
 
     def _send(self, upto: int, token_ids: list[int], step_writes: StepWrites | None) -> None:
         if upto <= self.sent_chars or self.failed:
@@ -89,12 +93,17 @@ class TokenPublisher:
         log.warning("token_stream_unavailable", job_id=self.job_id, error=str(error))
 
 
-def write_tokens(client, job_id: str, attempt: int, text: str, token_ids: list[int], start: bool) -> int:
-    """Add new text to a stream, after the attempt's start if `start`; return the commands sent."""
+def write_tokens(client, job_id: str, attempt: int, text: str | None, token_ids: list[int], start: bool) -> int:
+    """Add new text (None: none) to a stream, after the attempt's start if `start`; return the
+    commands sent."""
+    commands = 0
     if start:
         token_stream.start_attempt(client, job_id, attempt)
-    token_stream.append_tokens(client, job_id, attempt, text, token_ids)
-    return 3 if start else 1
+        commands += 2
+    if text is not None:
+        token_stream.append_tokens(client, job_id, attempt, text, token_ids)
+        commands += 1
+    return commands
 
 
 class StepWrites:
@@ -110,24 +119,34 @@ class StepWrites:
         self.client = client
         self._pending: list[tuple[TokenPublisher, tuple]] = []
 
-    def append(self, publisher: TokenPublisher, attempt: int, text: str, token_ids: list[int], start: bool) -> None:
-        """Queue new text of `publisher`'s stream (after its start, if `start`) until the next flush."""
+    def append(self, publisher: TokenPublisher, attempt: int, text: str | None, token_ids: list[int],
+               start: bool) -> None:
+        """Queue new text (None: none) of `publisher`'s stream (after its start, if `start`) until
+        the next flush."""
         self._pending.append((publisher, (attempt, text, token_ids, start)))
 
-    def flush(self) -> None:
-        """Send the queued writes; a failed write stops only its own job's stream."""
-        if not self._pending:
-            return
+    def flush(self, pipe: redis.client.Pipeline | None = None) -> list:
+        """Send the queued writes; a failed write stops only its own job's stream.
+
+        With `pipe`, they go after the commands already queued there, in the same round trip;
+        the results of those commands are returned (errors as exceptions, not raised).
+        """
+        if not self._pending and pipe is None:
+            return []
         pending, self._pending = self._pending, []
-        pipe = self.client.pipeline(transaction=False)
+        pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
+        before = len(pipe.command_stack)
         commands = [write_tokens(pipe, publisher.job_id, *args) for publisher, args in pending]
+        if not pipe.command_stack:
+            return []
         try:
             results = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
-            results = [exc] * sum(commands)
-        done = 0
+            results = [exc] * (before + sum(commands))
+        done = before
         for (publisher, _), count in zip(pending, commands):
             error = next((result for result in results[done : done + count] if isinstance(result, Exception)), None)
             done += count
             if error is not None and not publisher.failed:
                 publisher.stop_streaming(error)
+        return results[:before]

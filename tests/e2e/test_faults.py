@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 import requests
@@ -145,6 +146,34 @@ def test_sigkill_mid_generation_the_job_succeeds_exactly_once(cluster):
     assert len(cluster.usage_rows(job_id)) == 1
     assert {"status": "queued", "reason": "worker_lost"} in cluster.events(job_id)
     assert cluster.job(job_id).worker_id != running.worker_id
+
+
+def test_a_worker_killed_after_acking_but_before_storing_the_result_loses_nothing(cluster, redis_url):
+    """Results are written behind their tasks: the message is acknowledged before the result
+    is stored. The job's row, still running under the dead worker's lease, brings it back."""
+    first = cluster.start_worker()
+    job_id = cluster.submit(LONG)
+    cluster.wait_running(job_id, tokens_in_s=0)
+    broker = redis.Redis.from_url(redis_url)
+    with psycopg.connect(cluster.db.url.replace("+psycopg", "")) as blocker:
+        # Hold the row: the worker's result write waits on it after its task returned.
+        blocker.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+        deadline = time.monotonic() + 120
+        while count_in_logs(cluster, "succeeded in") == 0 or broker.hlen("unacked"):
+            assert time.monotonic() < deadline, "the task never returned"
+            time.sleep(0.1)
+        assert cluster.job(job_id).status == "running"  # acknowledged, not stored
+        first.stop(signal.SIGKILL)
+        # Its connections die with its machine: the write it had sent is never made.
+        blocker.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock'")
+        blocker.rollback()
+    cluster.start_worker()
+    job = cluster.wait_done(job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert job["usage"]["completion_tokens"] == LONG["max_new_tokens"]
+    assert len(cluster.usage_rows(job_id)) == 1
+    assert {"status": "queued", "reason": "worker_lost"} in cluster.events(job_id)
 
 
 def test_the_same_message_delivered_three_times_to_two_workers_runs_once(cluster, redis_url):

@@ -1,0 +1,141 @@
+"""The worker's result writer on a real database (SQLite and PostgreSQL) and real Redis: groups
+of finished jobs stored once, streamed before and announced after their commit; a job
+cancelled meanwhile, or whose result the database refuses, does not hold back the others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text
+from sqlalchemy.exc import IntegrityError
+
+from services.domain.jobs import cancel_job
+from services.domain.keys import Caller
+from shared import token_stream
+from shared.db import Database
+from shared.models import Job, UsageRecord
+from shared.notify import job_done_channel
+from tests.integration.helpers import USAGE, claim, queued_job
+from workers.result_writer import FinishedJob
+from workers.runtime import WorkerRuntime
+from workers.token_publisher import TokenPublisher
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture()
+def rt(settings, redis_client):
+    runtime = WorkerRuntime.create(settings, torch.device("cpu"))
+    yield runtime
+    runtime.results.close()
+    runtime.db.dispose()
+
+
+def finished(rt: WorkerRuntime, job_id: str, words: str) -> FinishedJob:
+    """Claim a queued job as this worker and return it as the engine hands it over."""
+    held = claim(rt.db, job_id, rt.worker_id)
+    assert held is not None
+    publisher = TokenPublisher(rt.redis, None, job_id, held.attempt, [])
+    token_ids = list(range(len(words.split())))
+    result = {"text": words, "finish_reason": "length", "token_ids": token_ids}
+    return FinishedJob(held, publisher, words, token_ids, result, USAGE, "timed out", {})
+
+
+def stored(db: Database, job_id: str) -> tuple[Job, list[UsageRecord]]:
+    with db.session_scope(read_only=True) as session:
+        job = session.get(Job, job_id)
+        return job, list(session.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id)))
+
+
+def test_a_group_is_stored_once_streamed_before_and_announced_after_its_commit(rt, redis_client):
+    job_ids = [queued_job(rt.db) for _ in range(3)]
+    listener = redis_client.pubsub()
+    listener.subscribe(*(job_done_channel(job_id) for job_id in job_ids))
+    for index, job_id in enumerate(job_ids):
+        rt.results.put(finished(rt, job_id, f"answer number {index}"))
+    assert rt.results.close()
+
+    for index, job_id in enumerate(job_ids):
+        job, usage = stored(rt.db, job_id)
+        assert job.status == "succeeded" and job.result["text"] == f"answer number {index}"
+        assert [row.completion_tokens for row in usage] == [USAGE["completion_tokens"]]
+        entries = token_stream.read_entries(redis_client, job_id)
+        assert [entry["type"] for entry in entries] == ["attempt", "token", "end"]
+        assert entries[1]["text"] == f"answer number {index}" and entries[2]["status"] == "succeeded"
+    announced = set()
+    while (message := listener.get_message(timeout=1)) is not None:
+        if message["type"] == "message":
+            announced.add(json.loads(message["data"])["job_id"])
+    assert announced == set(job_ids)
+
+
+def test_a_job_cancelled_meanwhile_is_charged_as_cancelled_and_the_others_stored(rt):
+    kept, cancelled = (finished(rt, queued_job(rt.db), "some words") for _ in range(2))
+    with rt.db.session_scope() as session:
+        owner = session.get(Job, cancelled.held.job_id).owner_key_id
+        cancel_job(session, Caller(key_id=owner, role="user"), cancelled.held.job_id)
+    rt.results.put(kept)
+    rt.results.put(cancelled)
+    assert rt.results.close()
+
+    job, usage = stored(rt.db, kept.held.job_id)
+    assert job.status == "succeeded" and len(usage) == 1
+    job, usage = stored(rt.db, cancelled.held.job_id)
+    assert job.status == "cancelled" and job.result is None
+    assert [row.status for row in usage] == ["cancelled"]  # what it produced, charged once
+
+
+def test_a_result_handed_over_after_close_is_refused(rt):
+    job = finished(rt, queued_job(rt.db), "late")
+    assert rt.results.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.results.put(job)
+
+
+@pytest.fixture()
+def refused_job(rt):
+    """A PostgreSQL trigger that refuses one job's success, as a database may refuse a write."""
+    if rt.db.engine.dialect.name != "postgresql":
+        pytest.skip("the trigger is PostgreSQL's")
+    job_id = queued_job(rt.db)
+    with rt.db.engine.begin() as connection:
+        connection.execute(text(
+            "CREATE FUNCTION refuse_success() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused for the test'; END $$"))
+        connection.execute(text(
+            "CREATE TRIGGER refuse_success BEFORE UPDATE ON jobs FOR EACH ROW "
+            f"WHEN (NEW.id = '{job_id}' AND NEW.status = 'succeeded') EXECUTE FUNCTION refuse_success()"))
+    return job_id
+
+
+def test_a_result_the_database_refuses_fails_its_job_alone(rt, refused_job):
+    before, after = (finished(rt, queued_job(rt.db), "fine") for _ in range(2))
+    # One group: its transaction fails as a whole, then each job is stored alone.
+    assert rt.results.write([before, finished(rt, refused_job, "refused"), after], []) == [before, after]
+
+    for job_id in (before.held.job_id, after.held.job_id):
+        job, usage = stored(rt.db, job_id)
+        assert job.status == "succeeded" and len(usage) == 1
+    job, usage = stored(rt.db, refused_job)
+    assert job.status == "failed" and job.error["code"] == "internal_error"
+    assert "could not be stored" in job.error["message"] and "refused for the test" in job.error["message"]
+    assert usage == []
+
+
+def test_first_each_runs_every_statement_in_one_transaction(database_url):
+    db = Database(database_url)
+    table = Table("first_each_rows", MetaData(), Column("id", Integer, primary_key=True), Column("word", String(20)))
+    table.create(db.engine)
+    add = insert(table).returning(table.c.id, table.c.word)
+    try:
+        rows = db.first_each(add, [{"id": 1, "word": "one"}, {"id": 2, "word": "two"}])
+        assert [(row.id, row.word) for row in rows] == [(1, "one"), (2, "two")]
+        with pytest.raises(IntegrityError):
+            db.first_each(add, [{"id": 3, "word": "three"}, {"id": 1, "word": "again"}])
+        with db.engine.connect() as connection:
+            assert connection.execute(select(table.c.id).order_by(table.c.id)).scalars().all() == [1, 2]
+        assert db.first(add, {"id": 3, "word": "three"}).id == 3  # the connection is fine afterwards
+    finally:
+        db.dispose()
