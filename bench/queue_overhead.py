@@ -1,22 +1,24 @@
 """Queue overhead: jobs/s through the job path with a no-op model vs raw Celery no-op tasks/s.
 
-    .venv/bin/python bench/queue_overhead.py --jobs 500 --raw-tasks 2000 --rounds 3 [--profile]
+    .venv/bin/python bench/queue_overhead.py --jobs 2000 --raw-tasks 2000 --rounds 3 [--profile]
 
 Baseline: `--raw-tasks` messages of a task that does nothing, on a Celery app with our broker
 settings (`shared.celery_app.make_celery`: Redis, JSON, acks_late, prefetch 1) and our logging
 set-up, consumed by a fresh solo-pool worker process started with our worker's Celery flags.
+Its rate is tasks / (end of the last task - start of the first), timed inside the worker with
+Celery's task_prerun/task_postrun signals, so process start-up is excluded.
 Result: `--jobs` generation jobs created as the gateway creates them (`create_generation`
 committed, then `publish_job`) in a fresh PostgreSQL database, consumed by a fresh process
 running `workers.main.run_worker` (role generate, solo pool, reaper and heartbeat threads on)
 whose model is a stand-in that returns a one-token output at once, with no model loaded. So
-each job is claimed, guarded by its lease thread, its token stream written, its result, usage,
-events and token settlement stored, and its end announced on Redis — all but generation.
-Both queues are full before their worker starts. A rate is tasks / (end of the last task -
-start of the first), timed inside the worker with Celery's task_prerun/task_postrun signals,
-so process start-up is excluded on both sides; the stack's rate from its jobs table (first
-started_at to last finished_at) is printed beside it. Redis: --redis-url, a db of its own,
-flushed. `--profile` adds a stack run with per-stage timers (claim, guard, stream, store,
-announce) and prints where a job's time goes.
+each job is claimed, its lease watched, its token stream written, its result, usage, events
+and token settlement stored, and its end announced on Redis — all but generation. Its rate is
+jobs / (last result committed - first job claimed), from the jobs table (max finished_at -
+min started_at): results are written behind the tasks (`workers.result_writer`), so a task's
+end is not its job's end (the task-signal rate is printed beside it). Both queues are full
+before their worker starts; use the same count on both sides (a worker's first tasks are
+slower). Redis: --redis-url, a db of its own, flushed. `--profile` adds a stack run with
+per-stage timers and prints where a job's time goes, in the task and in the result writer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,22 +134,24 @@ def serve_noop_worker(args) -> None:
     run_worker(get_settings(), "cpu", [DEFAULT_MODEL_ID], role="generate", concurrency=args.concurrency)
 
 
-STAGES = {
+TASK_STAGES = {
     "claim": "claim: UPDATE running + status event, commit",
-    "guard_start": "lease guard: watch (the worker's one lease keeper)",
+    "guard_start": "lease: watch (the worker's one lease keeper)",
     "stream_start": "token stream: set up (the start goes with the first text)",
-    "stream_finish": "token stream: start + final text (Redis pipeline)",
-    "store": "store: finish UPDATE, usage row, settle tokens, event, commit",
-    "announce": "announce: done pub/sub + stream end (Redis pipeline)",
-    "guard_stop": "lease guard: forget",
+    "guard_stop": "lease: forget",
+    "hand_over": "hand the result to the result writer",
+}
+WRITER_STAGES = {
+    "stream_finish": "Redis: the last group's ends (done pub/sub, stream end), this group's texts: one pipeline",
+    "store": "store: finish statements, one pipeline and commit per group",
 }
 
 
 def install_stage_timers() -> dict[str, float]:
     """Wrap the steps of a generation job with timers; return their running totals in seconds
-    (wall time under the stage's name, this thread's CPU time under "cpu:" + name)."""
+    (wall time under the stage's name, the calling thread's CPU time under "cpu:" + name)."""
     import workers.generation_job as job
-    import workers.job_runs as runs
+    import workers.result_writer as writer
 
     totals: dict[str, float] = defaultdict(float)
 
@@ -162,26 +167,29 @@ def install_stage_timers() -> dict[str, float]:
         return wrapper
 
     job.claim_job = timed("claim", job.claim_job)
-    job.store_attempt = timed("store", job.store_attempt)  # includes announce: subtracted when shown
-    runs.announce = timed("announce", runs.announce)
     job.JobGuard.__enter__ = timed("guard_start", job.JobGuard.__enter__)
     job.JobGuard.__exit__ = timed("guard_stop", job.JobGuard.__exit__)
     job.TokenPublisher.__init__ = timed("stream_start", job.TokenPublisher.__init__)
-    job.TokenPublisher.finish = timed("stream_finish", job.TokenPublisher.finish)
+    writer.ResultWriter.put = timed("hand_over", writer.ResultWriter.put)
+    writer.ResultWriter.write = timed("write", writer.ResultWriter.write)
+    writer.StepWrites.flush = timed("stream_finish", writer.StepWrites.flush)
+    writer.ResultWriter._store = timed("store", writer.ResultWriter._store)
     return totals
 
 
 # --- the driver ------------------------------------------------------------------------------
 
 
-def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], profile: bool = False) -> dict:
-    """Start a worker process on a full queue; return its timings once it ran `expect` tasks."""
+def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], profile: bool = False,
+            done: Callable[[], bool] = lambda: True) -> dict:
+    """Start a worker process on a full queue; return its timings once it ran `expect` tasks
+    and `done` holds."""
     result = workdir / f"{mode}-{time.monotonic_ns()}.json"
     command = [sys.executable, __file__, f"--serve-{mode}-worker", "--expect", str(expect), "--result", str(result),
                "--redis-url", args.redis_url, "--log-level", args.log_level, "--concurrency", str(args.concurrency)]
     child = Child(command + (["--profile"] if profile else []), env, result.with_suffix(".log"))
     try:
-        wait_until(result.exists, 600, child=child)
+        wait_until(lambda: result.exists() and done(), 600, child=child)
     finally:
         child.stop()
     return json.loads(result.read_text())
@@ -213,14 +221,18 @@ def submit_jobs(database_url: str, redis_url: str, count: int) -> None:
     db.dispose()
 
 
-def check_jobs(database_url: str, count: int) -> float:
+def jobs_ended(db: Database) -> int:
+    """Return how many jobs have ended (their results are written behind the tasks that ran them)."""
+    with db.session_scope(read_only=True) as session:
+        return session.scalar(select(func.count()).select_from(Job).where(Job.finished_at.is_not(None)))
+
+
+def check_jobs(db: Database, count: int) -> float:
     """Check that every job succeeded and was charged once; return the jobs table's span in seconds."""
-    db = Database(database_url)
     with db.session_scope(read_only=True) as session:
         succeeded = session.scalar(select(func.count()).select_from(Job).where(Job.status == "succeeded"))
         charged = session.scalar(select(func.count()).select_from(UsageRecord))
         first, last = session.execute(select(func.min(Job.started_at), func.max(Job.finished_at))).one()
-    db.dispose()
     if succeeded != count or charged != count:
         raise SystemExit(f"{succeeded} of {count} jobs succeeded, {charged} usage rows")
     return (last - first).total_seconds()
@@ -232,30 +244,42 @@ def run_stack(args, workdir: Path, profile: bool = False) -> dict:
     with fresh_postgres() as database_url:
         submit_jobs(database_url, args.redis_url, args.jobs)
         env = child_env(DATABASE_URL=database_url, REDIS_URL=args.redis_url, GEMMA_JOBS_LOG_LEVEL=args.log_level)
-        timings = consume(args, "noop", workdir, args.jobs, env, profile)
-        timings["db_seconds"] = check_jobs(database_url, args.jobs)
+        db = Database(database_url)
+        try:
+            timings = consume(args, "noop", workdir, args.jobs, env, profile, done=lambda: jobs_ended(db) == args.jobs)
+            # A job is done when its result is committed, which is after its task returned.
+            timings["task_seconds"], timings["seconds"] = timings["seconds"], check_jobs(db, args.jobs)
+        finally:
+            db.dispose()
     return timings
 
 
 def print_profile(timings: dict) -> None:
     """Print where one job's time went, per stage, from a profiled run."""
-    jobs, stages = timings["tasks"], dict(timings["stages"])
-    for prefix in ("", "cpu:"):
-        stages[prefix + "store"] -= stages.get(prefix + "announce", 0.0)
-    per_job_ms = 1000 * timings["seconds"] / jobs
-    in_task_ms = 1000 * timings["in_tasks"] / jobs
-    print(f"\nprofile (stage timers on): {per_job_ms:.2f} ms/job, {jobs / timings['seconds']:.0f} jobs/s, "
-          f"worker CPU {1000 * timings['cpu_seconds'] / jobs:.2f} ms/job (all threads)")
-    print("  wall ms/job  share  task-thread CPU ms/job  stage")
-    for name, label in STAGES.items():
-        ms, cpu_ms = (1000 * stages.get(prefix + name, 0.0) / jobs for prefix in ("", "cpu:"))
-        print(f"  {ms:11.2f}  {100 * ms / per_job_ms:4.0f}%  {cpu_ms:22.2f}  {label}")
-    rest_ms = in_task_ms - 1000 * sum(stages.get(name, 0.0) for name in STAGES) / jobs
-    print(f"  {rest_ms:11.2f}  {100 * rest_ms / per_job_ms:4.0f}%  {'':22}  rest of the task: stand-in "
-          f"generate, job logs, metrics, task wrapper")
-    between_ms = per_job_ms - in_task_ms
-    print(f"  {between_ms:11.2f}  {100 * between_ms / per_job_ms:4.0f}%  {'':22}  between tasks: Celery ack, "
-          f"fetch and decode the next message, Celery's log lines")
+    jobs, stages = timings["tasks"], timings["stages"]
+
+    def ms(name: str) -> float:
+        return 1000 * stages.get(name, 0.0) / jobs
+
+    def row(name: str, label: str) -> str:
+        return f"  {ms(name):11.2f}  {ms('cpu:' + name):8.2f}  {label}"
+
+    task_ms, in_task_ms = 1000 * timings["task_seconds"] / jobs, 1000 * timings["in_tasks"] / jobs
+    print(f"\nprofile (stage timers on): {1000 * timings['seconds'] / jobs:.2f} ms/job ({jobs / timings['seconds']:.0f} "
+          f"jobs/s), worker CPU {1000 * timings['cpu_seconds'] / jobs:.2f} ms/job (all threads)")
+    print(f"task thread, {task_ms:.2f} ms/job from task to task:\n  wall ms/job  CPU ms/job  stage")
+    for name, label in TASK_STAGES.items():
+        print(row(name, label))
+    rest_ms = in_task_ms - sum(ms(name) for name in TASK_STAGES)
+    print(f"  {rest_ms:11.2f}  {'':8}  rest of the task: stand-in generate, job log, metrics, task wrapper")
+    print(f"  {task_ms - in_task_ms:11.2f}  {'':8}  between tasks: Celery ack, fetch and decode the next message, "
+          f"Celery's log lines")
+    print(f"result writer thread (groups of jobs; per job):\n  wall ms/job  CPU ms/job  stage")
+    for name, label in WRITER_STAGES.items():
+        print(row(name, label))
+    rest_ms = ms("write") - sum(ms(name) for name in WRITER_STAGES)
+    rest_cpu_ms = ms("cpu:write") - sum(ms("cpu:" + name) for name in WRITER_STAGES)
+    print(f"  {rest_ms:11.2f}  {rest_cpu_ms:8.2f}  rest of the write: job logs, outcomes")
 
 
 def main() -> None:
@@ -287,20 +311,21 @@ def main() -> None:
     stack_rates = [run["tasks"] / run["seconds"] for run in stack_runs]
     raw_rate, stack_rate = statistics.median(raw_rates), statistics.median(stack_rates)
     ratio = stack_rate / raw_rate
-    db_rate = statistics.median(run["tasks"] / run["db_seconds"] for run in stack_runs)
+    task_rate = statistics.median(run["tasks"] / run["task_seconds"] for run in stack_runs)
     raw_cpu_ms, stack_cpu_ms = (statistics.median(1000 * run["cpu_seconds"] / run["tasks"] for run in runs)
                                 for runs in (raw_runs, stack_runs))
     print(f"settings: stack jobs={args.jobs} raw tasks={args.raw_tasks} rounds={args.rounds} (medians) "
           f"cores={os.cpu_count()} redis={args.redis_url} database=postgresql log_level={args.log_level} "
           f"stack worker concurrency={args.concurrency} (pool {'solo' if args.concurrency == 1 else 'threads'}), "
           f"raw worker pool solo; acks_late, prefetch 1; one-token no-op generation")
-    print("measured: tasks / (last task end - first task start), inside the worker (Celery task signals), "
-          "queue full before the worker starts")
+    print("measured: raw: tasks / (last task end - first task start), inside the worker (Celery task signals); "
+          "stack: jobs / (last result committed - first job claimed), from the jobs table (finished_at - "
+          "started_at); queue full before the worker starts")
     print(f"baseline  raw Celery no-op tasks           : {raw_rate:7.0f} tasks/s  "
           f"(rounds: {', '.join(f'{rate:.0f}' for rate in raw_rates)}; worker CPU {raw_cpu_ms:.2f} ms/task)")
     print(f"result    jobs through claim/store/announce: {stack_rate:7.0f} jobs/s   "
           f"(rounds: {', '.join(f'{rate:.0f}' for rate in stack_rates)}; worker CPU {stack_cpu_ms:.2f} ms/job; "
-          f"jobs table first started_at to last finished_at: {db_rate:.0f} jobs/s)")
+          f"first task start to last task end: {task_rate:.0f} jobs/s)")
     print(f"ratio     stack / raw Celery               : {ratio:7.2f}  (floor {FLOOR}: "
           f"{'met' if ratio >= FLOOR else 'MISSED'}; {1000 / stack_rate - 1000 / raw_rate:.2f} ms of job path "
           f"per job over raw Celery's {1000 / raw_rate:.2f} ms)")
