@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-import secrets
-
 import structlog
 from flask import Flask, g, request
 
 from services.gateway.context import GatewayContext
 from services.gateway.errors import register_error_handlers
+from services.gateway.request_ids import RequestIds
 from shared.settings import Settings, get_settings
 
 
@@ -25,7 +23,8 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     app.extensions["gemma_jobs"] = context
 
     register_error_handlers(app)
-    _register_request_context(app)
+    request_ids = RequestIds()
+    _register_request_context(app, request_ids)
     from services.gateway.metrics import install_metrics
 
     install_metrics(app, context)
@@ -34,20 +33,18 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
 
     for module in (system, jobs, fine_tunes, files, models, usage, admin):
         app.register_blueprint(module.blueprint)
+    from services.gateway.fast_polls import FastPolls
+
+    app.wsgi_app = FastPolls(app.wsgi_app, context, request_ids)
     return app
 
 
-def _register_request_context(app: Flask) -> None:
+def _register_request_context(app: Flask, request_ids: RequestIds) -> None:
     """Bind a request id to every log line of a request and echo it back."""
-
-    # A random prefix per process and a counter: unique like a UUID, without a system call per request.
-    prefix = secrets.token_hex(8)
-    counter = itertools.count()
 
     @app.before_request
     def bind_request_id() -> None:
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if 0 < len(incoming) <= 100 else f"{prefix}{next(counter):016x}"
+        g.request_id = request_ids.for_request(request.headers.get("X-Request-ID", ""))
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
             request_id=g.request_id, method=request.method, path=request.path

@@ -18,9 +18,7 @@ def require_key(role: str | None = None):
     def decorate(view):
         @wraps(view)
         def wrapper(*args, **kwargs):
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            caller = gateway().keys.authenticate(token.strip() if scheme.lower() == "bearer" else None)
+            caller = gateway().keys.authenticate(bearer_token(request.headers.get("Authorization", "")))
             if role == "admin" and not caller.is_admin:
                 raise Forbidden("this route needs an admin key")
             g.caller = caller
@@ -30,6 +28,12 @@ def require_key(role: str | None = None):
         return wrapper
 
     return decorate
+
+
+def bearer_token(header: str) -> str | None:
+    """Return the key of an `Authorization: Bearer <key>` header (None for any other scheme)."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def current_caller() -> Caller:

@@ -69,6 +69,20 @@ class DatabaseCollector:
         yield from (queued, running, oldest, consumers, ended)
 
 
+# Each (method, route, status)'s two series, looked up once: `labels` takes a lock and builds a
+# key at every call, and this runs on every request.
+_SERIES: dict[tuple[str, str, int], tuple] = {}
+
+
+def observe_request(method: str, route: str, status: int, seconds: float) -> None:
+    """Count one answered request and its latency, under its route's template."""
+    key = (method, route, status)
+    counter, latency = _SERIES.get(key) or _SERIES.setdefault(
+        key, (REQUESTS.labels(method, route, str(status)), LATENCY.labels(method, route)))
+    counter.inc()
+    latency.observe(seconds)
+
+
 def install_metrics(app: Flask, context) -> None:
     """Time and count every request, and serve GET /metrics."""
 
@@ -76,20 +90,13 @@ def install_metrics(app: Flask, context) -> None:
     def start_timer() -> None:
         g.metrics_started = time.perf_counter()
 
-    # Each (method, route, status)'s two series, looked up once: `labels` takes a lock and
-    # builds a key at every call, and this runs on every request.
-    series: dict[tuple[str, str, int], tuple] = {}
-
     @app.after_request
     def observe(response):
         # The route template, not the path: one series per endpoint, not per job id.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         if route != "/metrics":
-            key = (request.method, route, response.status_code)
-            counter, latency = series.get(key) or series.setdefault(
-                key, (REQUESTS.labels(key[0], route, str(key[2])), LATENCY.labels(key[0], route)))
-            counter.inc()
-            latency.observe(time.perf_counter() - g.get("metrics_started", 0.0))
+            observe_request(request.method, route, response.status_code,
+                            time.perf_counter() - g.get("metrics_started", 0.0))
         return response
 
     @app.get("/metrics")

@@ -8,9 +8,12 @@ from datetime import timedelta
 
 import pytest
 import redis
+from werkzeug.test import Client
 
 from services.domain import jobs as job_domain
 from services.domain.keys import Caller, KeyCache, create_key, find_key, revoke_key
+from services.gateway.fast_polls import POLL_ROUTE, FastPolls
+from services.gateway.metrics import REQUESTS
 from shared import job_store
 from shared.celery_app import make_celery
 from shared.errors import NotFound, Unauthenticated
@@ -161,3 +164,58 @@ def test_a_cached_key_expires_by_the_clock_within_the_cache_ttl(app):
 def _find(context, digest):
     with context.db.read_connection() as connection:
         return find_key(connection, digest)
+
+
+def _flask_only(app) -> Client:
+    """A client of the Flask app without the fast-poll middleware in front of it."""
+    assert isinstance(app.wsgi_app, FastPolls)
+    return Client(app.wsgi_app.wsgi_app, use_cookies=False)
+
+
+def _answer(response) -> tuple:
+    headers = {name: value for name, value in response.headers.items() if name != "X-Request-ID"}
+    return response.status_code, headers, response.get_data()
+
+
+def test_a_fast_poll_answers_byte_for_byte_as_the_flask_route(app, client, auth):
+    context = app.extensions["gemma_jobs"]
+    ok, failed, queued = (submit(client, auth).get_json()["id"] for _ in range(3))
+    held, lost = claim(context.db, ok, "w1"), claim(context.db, failed, "w1")
+    with context.db.session_scope() as session:
+        job_store.finish(session, held, "w1", result=RESULT, usage=USAGE)
+        job_store.fail(session, lost, "w1", code="internal_error", message="boom")
+    flask_only = _flask_only(app)
+    for job_id in (ok, failed, queued):
+        fast = client.get(f"/v1/jobs/{job_id}", headers=auth)
+        assert fast.status_code == 200 and fast.headers["X-Request-ID"]
+        assert _answer(fast) == _answer(flask_only.get(f"/v1/jobs/{job_id}", headers=auth))
+
+
+def test_what_a_fast_poll_does_not_answer_flask_does(app, client, auth):
+    job_id = submit(client, auth).get_json()["id"]
+    other = {"Authorization": f"Bearer {make_key(app)}"}
+    flask_only = _flask_only(app)
+    for path, headers in [
+        (f"/v1/jobs/{job_id}", {}),  # no key: 401
+        (f"/v1/jobs/{job_id}", {"Authorization": "Bearer nope"}),  # a wrong key: 401
+        (f"/v1/jobs/{job_id}", {"Authorization": f"Basic {auth['Authorization'][7:]}"}),  # not a bearer key
+        (f"/v1/jobs/{job_id}", other),  # someone else's job: 404
+        ("/v1/jobs/job_doesnotexist", auth),
+        ("/v1/jobs/bad%20id", auth),  # not an id the gateway makes: Flask's route answers
+        (f"/v1/jobs/{job_id}/", auth),  # Flask's own answer to a trailing slash
+    ]:
+        fast, slow = client.get(path, headers=headers), flask_only.get(path, headers=headers)
+        assert _answer(fast) == _answer(slow), path
+        assert fast.status_code != 200 or path.endswith("/")
+    assert client.head(f"/v1/jobs/{job_id}", headers=auth).status_code == 200  # Flask answers HEAD
+
+
+def test_a_fast_poll_echoes_the_request_id_and_is_counted(app, client, auth):
+    job_id = submit(client, auth).get_json()["id"]
+    series = REQUESTS.labels("GET", POLL_ROUTE, "200")
+    before = series._value.get()
+    response = client.get(f"/v1/jobs/{job_id}", headers={**auth, "X-Request-ID": "trace-me-1"})
+    assert response.headers["X-Request-ID"] == "trace-me-1"
+    made = {client.get(f"/v1/jobs/{job_id}", headers=auth).headers["X-Request-ID"] for _ in range(3)}
+    assert len(made) == 3  # one new id per request
+    assert series._value.get() == before + 4
