@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from shared import job_store
 from shared.job_store import Claim
@@ -23,7 +23,7 @@ log = structlog.get_logger(__name__)
 # Results waiting at most: a task that would go past this waits, so a database that has stopped
 # answering stops the worker taking jobs (a killed worker's waiting results are run again).
 MAX_WAITING = 64
-FINISHED, NOT_HELD = "finished", "not_held"
+FINISHED, NOT_HELD, UNSTORED = "finished", "not_held", "result_not_stored"
 # While a task is still running, wait this long for more results (up to LINGER_UNTIL of them)
 # before writing: woken for each job, the writer took the GIL from the task thread at every
 # hand-over and wrote groups of one or two (CPU per no-op job 1.6 ms with the wait, 2.0-2.1
@@ -149,32 +149,36 @@ class ResultWriter:
         return [job for job, outcome in zip(group, outcomes) if outcome == FINISHED]
 
     def _store(self, group: list[FinishedJob]) -> list[str]:
-        """Store the group's results in one transaction; if that fails, each one alone (so a
-        result the database refuses fails its own job only). Returns each job's outcome."""
+        """Store the group's results in one transaction; if that fails, each one alone (a lost
+        connection is not lost twice, and a result the database refuses fails only its job).
+        Returns each job's outcome."""
         rows = [(job.held, job.result, job.usage) for job in group]
         try:
             stored = job_store.finish_each(self.rt.db, rows, self.rt.worker_id)
             return [FINISHED if done else NOT_HELD for done in stored]
         except SQLAlchemyError as exc:
-            if len(group) == 1:
-                return [self._refused(group[0], exc)]
             log.warning("result_group_failed", jobs=len(group), error=str(exc))
         return [self._store_alone(job) for job in group]
 
     def _store_alone(self, job: FinishedJob) -> str:
-        try:
-            done = job_store.finish_alone(self.rt.db, job.held, self.rt.worker_id, result=job.result, usage=job.usage)
-        except SQLAlchemyError as exc:
-            return self._refused(job, exc)
+        with structlog.contextvars.bound_contextvars(job_id=job.held.job_id):
+            try:
+                done = job_store.finish_alone(self.rt.db, job.held, self.rt.worker_id, result=job.result,
+                                              usage=job.usage)
+            except (OperationalError, InterfaceError) as exc:
+                # The database is away: the job's lease runs out and the reaper gives it another attempt.
+                log.error("result_not_stored", error=str(exc))
+                return UNSTORED
+            except SQLAlchemyError as exc:
+                return self._refused(job, exc)
         return FINISHED if done else NOT_HELD
 
     def _refused(self, job: FinishedJob, error: Exception) -> str:
-        """Fail a job whose result could not be stored; if that cannot be stored either (the
-        database is down), its lease runs out and the reaper gives it another attempt."""
-        with structlog.contextvars.bound_contextvars(job_id=job.held.job_id):
-            log.error("result_not_stored", error=str(error))
-            try:
-                fail_attempt(self.rt, job.held, "internal_error", f"the result could not be stored: {error}")
-            except SQLAlchemyError as exc:
-                log.error("failure_not_stored", error=str(exc))
+        """Fail a job whose result the database refused (it would refuse it again)."""
+        log.error("result_refused", error=str(error))
+        try:
+            fail_attempt(self.rt, job.held, "internal_error", f"the result could not be stored: {error}")
+        except SQLAlchemyError as exc:
+            log.error("failure_not_stored", error=str(exc))  # left to the lease, as above
+            return UNSTORED
         return "failed"

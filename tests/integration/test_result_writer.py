@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import psycopg
 import pytest
 import torch
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text
@@ -139,3 +140,18 @@ def test_first_each_runs_every_statement_in_one_transaction(database_url):
         assert db.first(add, {"id": 3, "word": "three"}).id == 3  # the connection is fine afterwards
     finally:
         db.dispose()
+
+
+def test_a_connection_lost_under_a_group_is_not_lost_twice(rt, postgres_admin_url):
+    if rt.db.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's backends")
+    first, second = (finished(rt, queued_job(rt.db), "words") for _ in range(2))
+    assert rt.results.write([first], []) == [first]  # leaves a connection for the next group
+    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                      "AND pid <> pg_backend_pid()", (rt.db.engine.url.database,))
+    rt.db.engine.dispose()  # the test's own reads below use the engine's pool
+    # The group's statement fails on the dead connection; alone, on a new one, it is stored.
+    assert rt.results.write([second], [first]) == [second]
+    job, usage = stored(rt.db, second.held.job_id)
+    assert job.status == "succeeded" and len(usage) == 1
