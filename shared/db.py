@@ -256,13 +256,14 @@ class Database:
                 if self._direct is None:  # SQLite: a local file, no round trips to save
                     return self._each_in_transaction(connection, compiled, params)
                 cursors = [connection.cursor() for _ in params]
-                with connection.pipeline():
-                    for cursor, values in zip(cursors, params):
-                        compiled._execute(cursor, values)
-                rows = [compiled.first_row(cursor) for cursor in cursors]  # all arrived at the Sync
-                for cursor in cursors:
-                    cursor.close()
-                return rows
+                try:
+                    with connection.pipeline():
+                        for cursor, values in zip(cursors, params):
+                            compiled._execute(cursor, values)
+                    return [compiled.first_row(cursor) for cursor in cursors]  # all arrived at the Sync
+                finally:
+                    for cursor in cursors:
+                        cursor.close()
         except self.engine.dialect.loaded_dbapi.Error as exc:
             raise DBAPIError.instance(compiled.sql, None, exc, self.engine.dialect.loaded_dbapi.Error,
                                       dialect=self.engine.dialect) from exc

@@ -84,15 +84,14 @@ def _store_outcome(
         "gpu_seconds": round(output.gpu_seconds, 4),
     }
     result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
-    timeout_message = f"the job ran past its timeout_s of {timeout_s:g} s and was stopped"
     tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
     TOKENS_GENERATED.labels(held.model).inc(output.completion_tokens)
     TOKENS_PER_SECOND.labels(held.model).observe(tokens_per_s)
     log_fields = {"reason": reason, "tokens_per_s": tokens_per_s, **usage}
     if reason is None:
-        rt.results.put(FinishedJob(held, publisher, output.text, output.token_ids, result, usage, timeout_message,
-                                   log_fields))
+        rt.results.put(FinishedJob(held, publisher, result, usage, log_fields))
         return
     publisher.finish(output.text, output.token_ids)
-    outcome = settle_unfinished(rt, held, reason, usage, timeout_message=timeout_message)
+    outcome = settle_unfinished(
+        rt, held, reason, usage, timeout_message=f"the job ran past its timeout_s of {timeout_s:g} s and was stopped")
     log.info(f"job_{outcome or 'result_discarded'}", **log_fields)

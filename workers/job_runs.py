@@ -37,12 +37,17 @@ def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
     return held
 
 
+def queue_announcement(pipe, job_id: str, status: str) -> None:
+    """Add to a Redis pipeline what wakes whoever waits on a job that just ended and closes its stream."""
+    publish_job_done(pipe, job_id, status)
+    end_stream(pipe, job_id, status)
+
+
 def announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
     """Wake whoever waits on a job that just ended, and close its token stream."""
     try:
         with rt.redis.pipeline(transaction=False) as pipe:
-            publish_job_done(pipe, job_id, status)
-            end_stream(pipe, job_id, status)
+            queue_announcement(pipe, job_id, status)
             pipe.execute()
     except RedisError as exc:
         # Waiters fall back to reading the row; the outcome is already committed.
@@ -85,9 +90,9 @@ def store_attempt(
 
 
 def settle_unfinished(rt: WorkerRuntime, held: Claim, reason: str | None, usage: dict[str, Any], *,
-                      timeout_message: str) -> str | None:
+                      timeout_message: str = "") -> str | None:
     """Write what an attempt whose result was not stored earned (`store_attempt`'s outcomes but
-    "finished"), and tell whoever must know."""
+    "finished"), and tell whoever must know (`timeout_message`: the error of a timeout)."""
     outcome = None
     with rt.db.session_scope() as session:
         if reason == StopReason.SHUTDOWN:

@@ -13,9 +13,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from shared import job_store
 from shared.job_store import Claim
 from shared.jobs import JobStatus
-from shared.notify import publish_job_done
-from shared.token_stream import end_stream
-from workers.job_runs import fail_attempt, settle_unfinished
+from workers.job_runs import fail_attempt, queue_announcement, settle_unfinished
 from workers.token_publisher import StepWrites, TokenPublisher
 
 log = structlog.get_logger(__name__)
@@ -38,11 +36,8 @@ class FinishedJob:
 
     held: Claim
     publisher: TokenPublisher
-    text: str
-    token_ids: list[int]
-    result: dict[str, Any]
+    result: dict[str, Any]  # its text and token_ids are also the stream's last
     usage: dict[str, Any]
-    timeout_message: str
     log_fields: dict[str, Any]
 
 
@@ -126,11 +121,10 @@ class ResultWriter:
         """
         writes = StepWrites(self.rt.redis)
         for job in group:
-            job.publisher.finish(job.text, job.token_ids, writes)
+            job.publisher.finish(job.result["text"], job.result["token_ids"], writes)
         pipe = self.rt.redis.pipeline(transaction=False)
         for job in stored_before:
-            publish_job_done(pipe, job.held.job_id, JobStatus.SUCCEEDED)
-            end_stream(pipe, job.held.job_id, JobStatus.SUCCEEDED)
+            queue_announcement(pipe, job.held.job_id, JobStatus.SUCCEEDED)
         # Texts before the commit: a reader who sees a job ended finds all its text.
         announced = writes.flush(pipe)
         error = next((result for result in announced if isinstance(result, Exception)), None)
@@ -143,8 +137,7 @@ class ResultWriter:
         for job, outcome in zip(group, outcomes):
             with structlog.contextvars.bound_contextvars(job_id=job.held.job_id):
                 if outcome == NOT_HELD:  # cancelled meanwhile (charged what it used), or taken over
-                    outcome = settle_unfinished(self.rt, job.held, None, job.usage,
-                                                timeout_message=job.timeout_message)
+                    outcome = settle_unfinished(self.rt, job.held, None, job.usage)
                 log.info(f"job_{outcome or 'result_discarded'}", **job.log_fields)
         return [job for job, outcome in zip(group, outcomes) if outcome == FINISHED]
 

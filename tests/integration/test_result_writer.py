@@ -41,7 +41,7 @@ def finished(rt: WorkerRuntime, job_id: str, words: str) -> FinishedJob:
     publisher = TokenPublisher(rt.redis, None, job_id, held.attempt, [])
     token_ids = list(range(len(words.split())))
     result = {"text": words, "finish_reason": "length", "token_ids": token_ids}
-    return FinishedJob(held, publisher, words, token_ids, result, USAGE, "timed out", {})
+    return FinishedJob(held, publisher, result, USAGE, {})
 
 
 def stored(db: Database, job_id: str) -> tuple[Job, list[UsageRecord]]:
