@@ -14,11 +14,12 @@ whose model is a stand-in that returns a one-token output at once, with no model
 each job is claimed, its lease watched, its token stream written, its result, usage, events
 and token settlement stored, and its end announced on Redis — all but generation. Its rate is
 jobs / (last result committed - first job claimed), from the jobs table (max finished_at -
-min started_at): results are written behind the tasks (`workers.result_writer`), so a task's
-end is not its job's end (the task-signal rate is printed beside it). Both queues are full
+min started_at): results are written behind the tasks, by the worker's result writer process
+(`workers.result_process`), so a task's end is not its job's end (the task-signal rate is
+printed beside it, and the writer process's CPU beside the worker's). Both queues are full
 before their worker starts; use the same count on both sides (a worker's first tasks are
 slower). Redis: --redis-url, a db of its own, flushed. `--profile` adds a stack run with
-per-stage timers and prints where a job's time goes, in the task and in the result writer.
+per-stage timers and prints where a job's time goes in the task.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import redis
 from bench_processes import Child, child_env, fresh_postgres, wait_until
 from celery import signals
@@ -139,19 +141,13 @@ TASK_STAGES = {
     "guard_start": "lease: watch (the worker's one lease keeper)",
     "stream_start": "token stream: set up (the start goes with the first text)",
     "guard_stop": "lease: forget",
-    "hand_over": "hand the result to the result writer",
+    "hand_over": "hand the result to the result writer process",
 }
-WRITER_STAGES = {
-    "stream_finish": "Redis: the last group's ends (done pub/sub, stream end), this group's texts: one pipeline",
-    "store": "store: finish statements, one pipeline and commit per group",
-}
-
-
 def install_stage_timers() -> dict[str, float]:
     """Wrap the steps of a generation job with timers; return their running totals in seconds
     (wall time under the stage's name, the calling thread's CPU time under "cpu:" + name)."""
     import workers.generation_job as job
-    import workers.result_writer as writer
+    import workers.result_process as writer
 
     totals: dict[str, float] = defaultdict(float)
 
@@ -170,10 +166,7 @@ def install_stage_timers() -> dict[str, float]:
     job.JobGuard.__enter__ = timed("guard_start", job.JobGuard.__enter__)
     job.JobGuard.__exit__ = timed("guard_stop", job.JobGuard.__exit__)
     job.TokenPublisher.__init__ = timed("stream_start", job.TokenPublisher.__init__)
-    writer.ResultWriter.put = timed("hand_over", writer.ResultWriter.put)
-    writer.ResultWriter.write = timed("write", writer.ResultWriter.write)
-    writer.StepWrites.flush = timed("stream_finish", writer.StepWrites.flush)
-    writer.ResultWriter._store = timed("store", writer.ResultWriter._store)
+    writer.ResultProcess.put = timed("hand_over", writer.ResultProcess.put)
     return totals
 
 
@@ -190,9 +183,11 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
     child = Child(command + (["--profile"] if profile else []), env, result.with_suffix(".log"))
     try:
         wait_until(lambda: result.exists() and done(), 600, child=child)
+        # The worker's own processes (its result writer): their CPU since they started.
+        helpers = sum(sum(helper.cpu_times()[:2]) for helper in psutil.Process(child.pid).children())
     finally:
         child.stop()
-    return json.loads(result.read_text())
+    return {**json.loads(result.read_text()), "writer_cpu_seconds": helpers}
 
 
 def run_raw(args, workdir: Path) -> dict:
@@ -274,12 +269,7 @@ def print_profile(timings: dict) -> None:
     print(f"  {rest_ms:11.2f}  {'':8}  rest of the task: stand-in generate, job log, metrics, task wrapper")
     print(f"  {task_ms - in_task_ms:11.2f}  {'':8}  between tasks: Celery ack, fetch and decode the next message, "
           f"Celery's log lines")
-    print(f"result writer thread (groups of jobs; per job):\n  wall ms/job  CPU ms/job  stage")
-    for name, label in WRITER_STAGES.items():
-        print(row(name, label))
-    rest_ms = ms("write") - sum(ms(name) for name in WRITER_STAGES)
-    rest_cpu_ms = ms("cpu:write") - sum(ms("cpu:" + name) for name in WRITER_STAGES)
-    print(f"  {rest_ms:11.2f}  {rest_cpu_ms:8.2f}  rest of the write: job logs, outcomes")
+    print(f"result writer process: {1000 * timings['writer_cpu_seconds'] / jobs:.2f} ms CPU/job")
 
 
 def main() -> None:
@@ -314,6 +304,7 @@ def main() -> None:
     task_rate = statistics.median(run["tasks"] / run["task_seconds"] for run in stack_runs)
     raw_cpu_ms, stack_cpu_ms = (statistics.median(1000 * run["cpu_seconds"] / run["tasks"] for run in runs)
                                 for runs in (raw_runs, stack_runs))
+    writer_cpu_ms = statistics.median(1000 * run["writer_cpu_seconds"] / run["tasks"] for run in stack_runs)
     print(f"settings: stack jobs={args.jobs} raw tasks={args.raw_tasks} rounds={args.rounds} (medians) "
           f"cores={os.cpu_count()} redis={args.redis_url} database=postgresql log_level={args.log_level} "
           f"stack worker concurrency={args.concurrency} (pool {'solo' if args.concurrency == 1 else 'threads'}), "
@@ -324,7 +315,8 @@ def main() -> None:
     print(f"baseline  raw Celery no-op tasks           : {raw_rate:7.0f} tasks/s  "
           f"(rounds: {', '.join(f'{rate:.0f}' for rate in raw_rates)}; worker CPU {raw_cpu_ms:.2f} ms/task)")
     print(f"result    jobs through claim/store/announce: {stack_rate:7.0f} jobs/s   "
-          f"(rounds: {', '.join(f'{rate:.0f}' for rate in stack_rates)}; worker CPU {stack_cpu_ms:.2f} ms/job; "
+          f"(rounds: {', '.join(f'{rate:.0f}' for rate in stack_rates)}; worker CPU {stack_cpu_ms:.2f} ms/job "
+          f"+ {writer_cpu_ms:.2f} in its result writer process; "
           f"first task start to last task end: {task_rate:.0f} jobs/s)")
     print(f"ratio     stack / raw Celery               : {ratio:7.2f}  (floor {FLOOR}: "
           f"{'met' if ratio >= FLOOR else 'MISSED'}; {1000 / stack_rate - 1000 / raw_rate:.2f} ms of job path "

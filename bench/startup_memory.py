@@ -108,7 +108,9 @@ def worker_start(args, env: dict[str, str], concurrency: int, workdir: Path) -> 
         row_s = time.perf_counter() - child.started
         events = {line["event"]: line for line in map(json.loads, _json_lines(child.log()))}
         model_loaded_at = datetime.fromisoformat(events["model_loaded"]["timestamp"]).timestamp() - spawned_at
+        helpers = psutil.Process(child.pid).children(recursive=True)  # its result writer (and the spawn tracker)
         return {"ready_s": logged_s, "row_s": row_s, "rss_mb": mb(psutil.Process(child.pid)),
+                "helpers_rss_mb": sum(mb(helper) for helper in helpers),
                 "dtype": events["model_loaded"]["dtype"].removeprefix("torch."),
                 "model_load_s": events["model_loaded"]["seconds"], "model_loaded_at_s": model_loaded_at,
                 "tokenizer_s": events["model_loaded"].get("tokenizer_seconds", float("nan"))}
@@ -201,7 +203,8 @@ def report_workers(args, env: dict[str, str], workdir: Path) -> list[bool]:
               f"RSS {statistics.median(rss for _, rss in bases):5.0f} MB  (runs: {_list(s for s, _ in bases)})")
         print(f"  result    spawn to worker_ready log line            : {ready:6.2f} s  "
               f"RSS {worker['rss_mb']:5.0f} MB  (runs: {_list(run['ready_s'] for run in runs)}; "
-              f"registry row ready {worker['row_s']:.2f} s)")
+              f"registry row ready {worker['row_s']:.2f} s; its result writer and spawn tracker processes "
+              f"{worker['helpers_rss_mb']:.0f} MB more)")
         # The worker logs no event between its imports and the model load that every run has
         # (cpu_threads only when it changes the count), so the first span covers both.
         print(f"  where     spawn to model load start (interpreter, imports, DB/Redis clients, schema check, "

@@ -43,6 +43,12 @@ class Service:
                 raise AssertionError(f"{self.name}: no {needle!r} after {timeout_s}s:\n{self.log()[-4000:]}")
             time.sleep(0.1)
 
+    def kill_all(self) -> None:
+        """SIGKILL the process and those it started (its process group), as when its machine dies."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self._log.close()
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

@@ -14,7 +14,7 @@ from workers.metrics import TOKENS_GENERATED, TOKENS_PER_SECOND
 from workers.model_loader import ModelUnavailable
 from workers.result_writer import FinishedJob
 from workers.runtime import WorkerRuntime
-from workers.token_publisher import TokenPublisher
+from workers.token_publisher import StreamTail, TokenPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +89,9 @@ def _store_outcome(
     TOKENS_PER_SECOND.labels(held.model).observe(tokens_per_s)
     log_fields = {"reason": reason, "tokens_per_s": tokens_per_s, **usage}
     if reason is None:
-        rt.results.put(FinishedJob(held, publisher, result, usage, log_fields))
+        tail = StreamTail()  # the stream's last writes go with the result, in the writer's round trip
+        publisher.finish(output.text, output.token_ids, tail)
+        rt.results.put(FinishedJob(held, tail.writes, result, usage, log_fields))
         return
     publisher.finish(output.text, output.token_ids)
     outcome = settle_unfinished(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 from redis import RedisError
@@ -16,7 +16,9 @@ from shared.publish import publish_job
 from shared.token_stream import end_stream
 from workers.job_guard import StopReason
 from workers.metrics import QUEUE_WAIT
-from workers.runtime import WorkerRuntime
+
+if TYPE_CHECKING:  # the result writer process runs these without torch
+    from workers.runtime import WorkerRuntime
 
 log = structlog.get_logger(__name__)
 

@@ -50,6 +50,7 @@ def run_worker(
     concurrency = concurrency or settings.worker_concurrency
     rt = WorkerRuntime.create(settings, resolve_device(device), concurrency)
     rt.db.check_schema()
+    rt.results.start()  # it imports while the worker loads its models
     unknown = [model_id for model_id in model_ids if rt.models.registry.get(model_id) is None]
     if unknown:
         raise SystemExit(f"--models names unregistered models: {', '.join(unknown)}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:  # torch only for GPU gauges: the result writer process imports this module
+    import torch
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 14400)
 
@@ -30,6 +34,8 @@ JOBS_IN_FLIGHT = Gauge("gemma_jobs_worker_jobs_in_flight", "Jobs running on this
 def serve_metrics(port: int, device: torch.device) -> None:
     """Serve /metrics on a port from a daemon thread; on CUDA, include GPU memory."""
     if device.type == "cuda":
+        import torch
+
         allocated = Gauge("gemma_jobs_worker_gpu_memory_allocated_bytes", "GPU memory held by tensors")
         allocated.set_function(lambda: torch.cuda.memory_allocated(device))
         reserved = Gauge("gemma_jobs_worker_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator")

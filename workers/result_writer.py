@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,20 +12,11 @@ from shared import job_store
 from shared.job_store import Claim
 from shared.jobs import JobStatus
 from workers.job_runs import fail_attempt, queue_announcement, settle_unfinished
-from workers.token_publisher import StepWrites, TokenPublisher
+from workers.token_publisher import execute_each, write_tokens
 
 log = structlog.get_logger(__name__)
 
-# Results waiting at most: a task that would go past this waits, so a database that has stopped
-# answering stops the worker taking jobs (a killed worker's waiting results are run again).
-MAX_WAITING = 64
 FINISHED, NOT_HELD, UNSTORED = "finished", "not_held", "result_not_stored"
-# While a task is still running, wait this long for more results (up to LINGER_UNTIL of them)
-# before writing: woken for each job, the writer took the GIL from the task thread at every
-# hand-over and wrote groups of one or two (CPU per no-op job 1.6 ms with the wait, 2.0-2.1
-# without). A finished job's end is announced at most this much later; an idle worker's at once.
-LINGER_S = 0.002
-LINGER_UNTIL = 8
 
 
 @dataclass
@@ -35,16 +24,17 @@ class FinishedJob:
     """A generation that ended on its own, with what its row and stream must get."""
 
     held: Claim
-    publisher: TokenPublisher
-    result: dict[str, Any]  # its text and token_ids are also the stream's last
+    stream_tail: list[tuple]  # the rest of its token stream: `write_tokens` arguments after the job id
+    result: dict[str, Any]
     usage: dict[str, Any]
     log_fields: dict[str, Any]
 
 
 class ResultWriter:
-    """One thread per worker writes finished jobs in groups: the rest of their streams in one
-    Redis round trip, their results and usage in one transaction (one durable commit, one round
-    trip), then their ends announced (with the next group's texts, when one is waiting).
+    """Writes finished jobs in groups: the rest of their streams in one Redis round trip, their
+    results and usage in one transaction (one durable commit, one round trip), then their ends
+    announced (with the next group's texts, when one is waiting). `workers.result_process` runs
+    it in the worker's result writer process.
 
     A task hands its job over and returns, so Celery acknowledges the message and takes the next
     one while the result is written. The database, not the message, is what keeps the job safe
@@ -54,63 +44,7 @@ class ResultWriter:
     """
 
     def __init__(self, rt):
-        self.rt = rt
-        self._waiting: list[FinishedJob] = []
-        self._writing = 0
-        self._changed = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def put(self, job: FinishedJob) -> None:
-        """Queue a finished job for writing (waits while MAX_WAITING are queued)."""
-        with self._changed:
-            while len(self._waiting) >= MAX_WAITING and not self._closed:
-                self._changed.wait()
-            if self._closed:
-                raise RuntimeError("the result writer is closed")
-            self._waiting.append(job)
-            if self._thread is None:
-                # With this thread's log context (the worker's id), as task threads have it.
-                context = contextvars.copy_context()
-                self._thread = threading.Thread(target=context.run, args=(self._run,), name="result-writer",
-                                                daemon=True)
-                self._thread.start()
-            self._changed.notify_all()
-
-    def close(self, timeout_s: float = 30.0) -> bool:
-        """Write what is queued, then stop; return whether all of it was written in time."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-            drained = self._changed.wait_for(lambda: not self._waiting and not self._writing, timeout_s)
-        return drained
-
-    def _run(self) -> None:
-        stored: list[FinishedJob] = []  # committed, not yet announced
-        while True:
-            with self._changed:
-                if not stored:
-                    self._changed.wait_for(lambda: self._waiting or self._closed)
-                    if not self._waiting:
-                        return
-                if len(self._waiting) < LINGER_UNTIL and self._more_coming():
-                    self._changed.wait_for(lambda: len(self._waiting) >= LINGER_UNTIL or self._closed, LINGER_S)
-                group, self._waiting = self._waiting, []
-                self._writing = len(group) + len(stored)
-                self._changed.notify_all()  # room for tasks waiting to put
-            try:
-                stored = self.write(group, stored)
-            except Exception:  # noqa: BLE001 - the thread must live on; the leases recover the jobs
-                log.exception("result_write_crashed", jobs=[job.held.job_id for job in group])
-                stored = []
-            finally:
-                with self._changed:
-                    self._writing = len(stored)
-                    self._changed.notify_all()
-
-    def _more_coming(self) -> bool:
-        """Whether a task is running that may hand over a result soon."""
-        return self.rt.jobs_in_flight > 0
+        self.rt = rt  # what it needs of a worker runtime: db, redis, worker_id
 
     def write(self, group: list[FinishedJob], stored_before: list[FinishedJob]) -> list[FinishedJob]:
         """Write a group: its streams' texts, then its results (one commit). Returns the jobs
@@ -119,18 +53,7 @@ class ResultWriter:
         The announcement of the group before goes in the same Redis round trip as this group's
         texts: under load, two round trips a group instead of three.
         """
-        writes = StepWrites(self.rt.redis)
-        for job in group:
-            job.publisher.finish(job.result["text"], job.result["token_ids"], writes)
-        pipe = self.rt.redis.pipeline(transaction=False)
-        for job in stored_before:
-            queue_announcement(pipe, job.held.job_id, JobStatus.SUCCEEDED)
-        # Texts before the commit: a reader who sees a job ended finds all its text.
-        announced = writes.flush(pipe)
-        error = next((result for result in announced if isinstance(result, Exception)), None)
-        if error is not None:
-            # Waiters fall back to reading the rows; the results are already committed.
-            log.warning("announce_failed", error=str(error))
+        self._stream(group, stored_before)
         if not group:
             return []
         outcomes = self._store(group)
@@ -140,6 +63,27 @@ class ResultWriter:
                     outcome = settle_unfinished(self.rt, job.held, None, job.usage)
                 log.info(f"job_{outcome or 'result_discarded'}", **job.log_fields)
         return [job for job, outcome in zip(group, outcomes) if outcome == FINISHED]
+
+    def _stream(self, group: list[FinishedJob], stored_before: list[FinishedJob]) -> None:
+        """Announce the jobs stored before and send this group's stream tails, in one round trip.
+
+        Texts go before the commit: a reader who sees a job ended finds all its text. A failed
+        write stops nothing: waiters fall back to reading the rows, and a stream is a convenience.
+        """
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for job in stored_before:
+            queue_announcement(pipe, job.held.job_id, JobStatus.SUCCEEDED)
+        counts = [len(pipe.command_stack)]  # the announcements', then each job's writes
+        for job in group:
+            counts.append(sum(write_tokens(pipe, job.held.job_id, *args) for args in job.stream_tail))
+        if not sum(counts):
+            return
+        announced, *streamed = execute_each(pipe, counts)
+        if announced is not None:
+            log.warning("announce_failed", error=str(announced))
+        for job, error in zip(group, streamed):
+            if error is not None:
+                log.warning("token_stream_unavailable", job_id=job.held.job_id, error=str(error))
 
     def _store(self, group: list[FinishedJob]) -> list[str]:
         """Store the group's results in one transaction; if that fails, each one alone (a lost

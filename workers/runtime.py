@@ -6,14 +6,13 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import redis
 import torch
 from celery import Celery
 
 from shared.celery_app import make_celery
-from shared.db import PING_IDLE_AFTER_S, Database
+from shared.db import Database
 from shared.registry import ModelRegistry
 from shared.settings import Settings
 from shared.storage import Storage
@@ -24,10 +23,8 @@ from workers.greedy_screen import greedy_screen_for
 from workers.job_guard import LeaseKeeper
 from workers.model_cache import ModelCache
 from workers.model_loader import generation_dtype
+from workers.result_process import ResultProcess, connect_database, connect_redis
 from workers.token_publisher import StepWrites
-
-if TYPE_CHECKING:
-    from workers.result_writer import ResultWriter
 
 
 @dataclass
@@ -51,8 +48,8 @@ class WorkerRuntime:
     cpu_threads: CpuThreads | None = None
     # Set (monotonic clock) when SIGTERM arrives: a running job may go on until then.
     shutdown_deadline: float | None = None
-    # Writes finished generations' results behind their tasks (set by `create`).
-    results: ResultWriter | None = None
+    # Writes finished generations' results behind their tasks, in a process of its own.
+    results: ResultProcess | None = None
     # Reported by the heartbeat.
     jobs_in_flight: int = 0
     jobs_done: int = 0
@@ -68,14 +65,12 @@ class WorkerRuntime:
         """Connect to the database and Redis and set up an empty model cache."""
         registry = ModelRegistry.load(settings.model_registry)
         dtype = generation_dtype(device, concurrency, settings.cpu_dtype)
-        # A job's claim and end are a few statements each: a ping per checkout was a third more.
-        db = Database(settings.database_url_or_default, ping_idle_after_s=PING_IDLE_AFTER_S)
+        db = connect_database(settings)
         worker_id = f"{socket.gethostname()}:{os.getpid()}:{device}"
         rt = cls(
             settings=settings,
             db=db,
-            # A timeout, so a half-open connection cannot wedge the worker or its reaper.
-            redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10),
+            redis=connect_redis(settings),
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             models=ModelCache(registry, settings.model_cache_path, device, dtype),
             adapters=AdapterCache(settings.adapter_cache_size),
@@ -85,10 +80,8 @@ class WorkerRuntime:
             leases=LeaseKeeper(db, worker_id, settings.lease_s, settings.control_poll_s),
             concurrency=concurrency,
             cpu_threads=CpuThreads(settings.cpu_threads, usable_cores()) if device.type == "cpu" else None,
+            results=ResultProcess(settings, worker_id),
         )
-        from workers.result_writer import ResultWriter  # it runs jobs' endings, which need this module
-
-        rt.results = ResultWriter(rt)
         return rt
 
     def engine(self, model_id: str) -> BatchEngine:

@@ -66,6 +66,7 @@ def _running(job_id: str, kind: str):
     rt: WorkerRuntime = runtime()
     with rt.counter_lock:
         rt.jobs_in_flight += 1
+        rt.results.set_in_flight(rt.jobs_in_flight)
     JOBS_IN_FLIGHT.inc()
     try:
         with structlog.contextvars.bound_contextvars(job_id=job_id), JOB_DURATION.labels(kind).time():
@@ -74,4 +75,5 @@ def _running(job_id: str, kind: str):
         with rt.counter_lock:
             rt.jobs_in_flight -= 1
             rt.jobs_done += 1
+            rt.results.set_in_flight(rt.jobs_in_flight)
         JOBS_IN_FLIGHT.dec()

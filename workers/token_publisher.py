@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import redis
 import structlog
-from transformers import PreTrainedTokenizerBase
 
 from shared import token_stream
+
+if TYPE_CHECKING:  # the result writer process runs `write_tokens` without transformers
+    from transformers import PreTrainedTokenizerBase
 
 log = structlog.get_logger(__name__)
 
@@ -48,14 +52,14 @@ class TokenPublisher:
         cuts = [index for index in (self.text.find(s) for s in self.stop) if index >= 0]
         self._send(min([len(self.text) - self.hold_back, *cuts]), token_ids, self.step_writes)
 
-    def finish(self, final_text: str, token_ids: list[int], writes: StepWrites | None = None) -> None:
+    def finish(self, final_text: str, token_ids: list[int], writes: StepWrites | StreamTail | None = None) -> None:
         """Publish the rest of the final text (already cut at a stop string): at once, or with
         `writes` when they are flushed."""
         self.text = final_text
         self._send(len(final_text), token_ids, writes)
         self.ensure_started(writes)
 
-    def ensure_started(self, writes: StepWrites | None = None) -> None:
+    def ensure_started(self, writes: StepWrites | StreamTail | None = None) -> None:
         """Publish the attempt's start if no text did: readers drop an earlier attempt's text."""
         if not self.started:
             self.started = True
@@ -106,6 +110,20 @@ def write_tokens(client, job_id: str, attempt: int, text: str | None, token_ids:
     return commands
 
 
+def execute_each(pipe: redis.client.Pipeline, counts: list[int]) -> list[Exception | None]:
+    """Run a pipeline made of writes of `counts` commands each; return each write's first error
+    (a lost connection is every write's)."""
+    try:
+        results = pipe.execute(raise_on_error=False)
+    except redis.RedisError as exc:
+        return [exc if count else None for count in counts]
+    errors, done = [], 0
+    for count in counts:
+        errors.append(next((result for result in results[done : done + count] if isinstance(result, Exception)), None))
+        done += count
+    return errors
+
+
 class StepWrites:
     """The token-stream writes of one engine step, sent to Redis in one round trip.
 
@@ -125,28 +143,26 @@ class StepWrites:
         the next flush."""
         self._pending.append((publisher, (attempt, text, token_ids, start)))
 
-    def flush(self, pipe: redis.client.Pipeline | None = None) -> list:
-        """Send the queued writes; a failed write stops only its own job's stream.
-
-        With `pipe`, they go after the commands already queued there, in the same round trip;
-        the results of those commands are returned (errors as exceptions, not raised).
-        """
-        if not self._pending and pipe is None:
-            return []
+    def flush(self) -> None:
+        """Send the queued writes in one round trip; a failed write stops only its own job's stream."""
+        if not self._pending:
+            return
         pending, self._pending = self._pending, []
-        pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
-        before = len(pipe.command_stack)
+        pipe = self.client.pipeline(transaction=False)
         commands = [write_tokens(pipe, publisher.job_id, *args) for publisher, args in pending]
-        if not pipe.command_stack:
-            return []
-        try:
-            results = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
-            results = [exc] * (before + sum(commands))
-        done = before
-        for (publisher, _), count in zip(pending, commands):
-            error = next((result for result in results[done : done + count] if isinstance(result, Exception)), None)
-            done += count
+        for (publisher, _), error in zip(pending, execute_each(pipe, commands)):
             if error is not None and not publisher.failed:
                 publisher.stop_streaming(error)
-        return results[:before]
+
+
+class StreamTail:
+    """A job's last stream writes kept as data (`write_tokens`' arguments after the job id), to
+    go with its result to the result writer process."""
+
+    def __init__(self):
+        self.writes: list[tuple] = []
+
+    def append(self, _publisher: TokenPublisher, attempt: int, text: str | None, token_ids: list[int],
+               start: bool) -> None:
+        """Keep a write, as `StepWrites.append` queues one."""
+        self.writes.append((attempt, text, token_ids, start))

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 import redis
@@ -148,9 +149,12 @@ def test_sigkill_mid_generation_the_job_succeeds_exactly_once(cluster):
     assert cluster.job(job_id).worker_id != running.worker_id
 
 
-def test_a_worker_killed_after_acking_but_before_storing_the_result_loses_nothing(cluster, redis_url):
-    """Results are written behind their tasks: the message is acknowledged before the result
-    is stored. The job's row, still running under the dead worker's lease, brings it back."""
+@pytest.mark.parametrize("dies", ["machine", "worker_process"])
+def test_a_worker_killed_after_acking_but_before_storing_the_result_loses_nothing(cluster, redis_url, dies):
+    """Results are written behind their tasks, by the worker's result writer process: the
+    message is acknowledged before the result is stored. If the worker's machine dies, the
+    job's row, still running under the dead worker's lease, brings it back; if only the
+    worker's process dies, its writer still stores the result it was handed, once."""
     first = cluster.start_worker()
     job_id = cluster.submit(LONG)
     cluster.wait_running(job_id, tokens_in_s=0)
@@ -163,17 +167,26 @@ def test_a_worker_killed_after_acking_but_before_storing_the_result_loses_nothin
             assert time.monotonic() < deadline, "the task never returned"
             time.sleep(0.1)
         assert cluster.job(job_id).status == "running"  # acknowledged, not stored
-        first.stop(signal.SIGKILL)
-        # Its connections die with its machine: the write it had sent is never made.
-        blocker.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND wait_event_type = 'Lock'")
+        if dies == "machine":
+            first.kill_all()  # the worker and its result writer
+            # Their connections die with the machine: the write that was sent is never made.
+            blocker.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        else:
+            writer = psutil.Process(first.process.pid).children()
+            first.stop(signal.SIGKILL)
         blocker.rollback()
-    cluster.start_worker()
+    if dies == "machine":
+        cluster.start_worker()
     job = cluster.wait_done(job_id)
-    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert job["status"] == "succeeded" and job["attempts"] == (2 if dies == "machine" else 1)
     assert job["usage"]["completion_tokens"] == LONG["max_new_tokens"]
     assert len(cluster.usage_rows(job_id)) == 1
-    assert {"status": "queued", "reason": "worker_lost"} in cluster.events(job_id)
+    if dies == "machine":
+        assert {"status": "queued", "reason": "worker_lost"} in cluster.events(job_id)
+    else:
+        _, alive = psutil.wait_procs(writer, timeout=30)  # it wrote what it held, then saw the pipe end
+        assert alive == []
 
 
 def test_the_same_message_delivered_three_times_to_two_workers_runs_once(cluster, redis_url):

@@ -1,11 +1,16 @@
 """The worker's result writer on a real database (SQLite and PostgreSQL) and real Redis: groups
 of finished jobs stored once, streamed before and announced after their commit; a job
-cancelled meanwhile, or whose result the database refuses, does not hold back the others."""
+cancelled meanwhile, or whose result the database refuses, does not hold back the others; the
+writer's own process, replaced when it dies, writing what it has when the worker goes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
+import psutil
 import psycopg
 import pytest
 import torch
@@ -19,9 +24,9 @@ from shared.db import Database
 from shared.models import Job, UsageRecord
 from shared.notify import job_done_channel
 from tests.integration.helpers import USAGE, claim, queued_job
-from workers.result_writer import FinishedJob
+from workers.result_writer import FinishedJob, ResultWriter
 from workers.runtime import WorkerRuntime
-from workers.token_publisher import TokenPublisher
+from workers.token_publisher import StreamTail, TokenPublisher
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,14 +39,21 @@ def rt(settings, redis_client):
     runtime.db.dispose()
 
 
+@pytest.fixture()
+def writer(rt):
+    """The group writer its process runs, here in the test's process."""
+    return ResultWriter(rt)
+
+
 def finished(rt: WorkerRuntime, job_id: str, words: str) -> FinishedJob:
-    """Claim a queued job as this worker and return it as the engine hands it over."""
+    """Claim a queued job as this worker and return it as a generation task hands it over."""
     held = claim(rt.db, job_id, rt.worker_id)
     assert held is not None
-    publisher = TokenPublisher(rt.redis, None, job_id, held.attempt, [])
     token_ids = list(range(len(words.split())))
+    tail = StreamTail()
+    TokenPublisher(rt.redis, None, job_id, held.attempt, []).finish(words, token_ids, tail)
     result = {"text": words, "finish_reason": "length", "token_ids": token_ids}
-    return FinishedJob(held, publisher, result, USAGE, {})
+    return FinishedJob(held, tail.writes, result, USAGE, {})
 
 
 def stored(db: Database, job_id: str) -> tuple[Job, list[UsageRecord]]:
@@ -50,13 +62,16 @@ def stored(db: Database, job_id: str) -> tuple[Job, list[UsageRecord]]:
         return job, list(session.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id)))
 
 
-def test_a_group_is_stored_once_streamed_before_and_announced_after_its_commit(rt, redis_client):
+def test_the_writer_process_stores_streams_and_announces_once_each_then_stops_when_closed(rt, redis_client):
     job_ids = [queued_job(rt.db) for _ in range(3)]
     listener = redis_client.pubsub()
     listener.subscribe(*(job_done_channel(job_id) for job_id in job_ids))
     for index, job_id in enumerate(job_ids):
         rt.results.put(finished(rt, job_id, f"answer number {index}"))
+    writer_pid = rt.results.pid
+    assert writer_pid != os.getpid()
     assert rt.results.close()
+    assert not psutil.pid_exists(writer_pid) or psutil.Process(writer_pid).status() == psutil.STATUS_ZOMBIE
 
     for index, job_id in enumerate(job_ids):
         job, usage = stored(rt.db, job_id)
@@ -72,14 +87,12 @@ def test_a_group_is_stored_once_streamed_before_and_announced_after_its_commit(r
     assert announced == set(job_ids)
 
 
-def test_a_job_cancelled_meanwhile_is_charged_as_cancelled_and_the_others_stored(rt):
+def test_a_job_cancelled_meanwhile_is_charged_as_cancelled_and_the_others_stored(rt, writer):
     kept, cancelled = (finished(rt, queued_job(rt.db), "some words") for _ in range(2))
     with rt.db.session_scope() as session:
         owner = session.get(Job, cancelled.held.job_id).owner_key_id
         cancel_job(session, Caller(key_id=owner, role="user"), cancelled.held.job_id)
-    rt.results.put(kept)
-    rt.results.put(cancelled)
-    assert rt.results.close()
+    assert writer.write([kept, cancelled], []) == [kept]
 
     job, usage = stored(rt.db, kept.held.job_id)
     assert job.status == "succeeded" and len(usage) == 1
@@ -90,6 +103,7 @@ def test_a_job_cancelled_meanwhile_is_charged_as_cancelled_and_the_others_stored
 
 def test_a_result_handed_over_after_close_is_refused(rt):
     job = finished(rt, queued_job(rt.db), "late")
+    rt.results.start()
     assert rt.results.close()
     with pytest.raises(RuntimeError, match="closed"):
         rt.results.put(job)
@@ -111,10 +125,10 @@ def refused_job(rt):
     return job_id
 
 
-def test_a_result_the_database_refuses_fails_its_job_alone(rt, refused_job):
+def test_a_result_the_database_refuses_fails_its_job_alone(rt, writer, refused_job):
     before, after = (finished(rt, queued_job(rt.db), "fine") for _ in range(2))
     # One group: its transaction fails as a whole, then each job is stored alone.
-    assert rt.results.write([before, finished(rt, refused_job, "refused"), after], []) == [before, after]
+    assert writer.write([before, finished(rt, refused_job, "refused"), after], []) == [before, after]
 
     for job_id in (before.held.job_id, after.held.job_id):
         job, usage = stored(rt.db, job_id)
@@ -142,16 +156,46 @@ def test_first_each_runs_every_statement_in_one_transaction(database_url):
         db.dispose()
 
 
-def test_a_connection_lost_under_a_group_is_not_lost_twice(rt, postgres_admin_url):
+def test_a_connection_lost_under_a_group_is_not_lost_twice(rt, writer, postgres_admin_url):
     if rt.db.engine.dialect.name != "postgresql":
         pytest.skip("PostgreSQL's backends")
     first, second = (finished(rt, queued_job(rt.db), "words") for _ in range(2))
-    assert rt.results.write([first], []) == [first]  # leaves a connection for the next group
+    assert writer.write([first], []) == [first]  # leaves a connection for the next group
     with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
                       "AND pid <> pg_backend_pid()", (rt.db.engine.url.database,))
     rt.db.engine.dispose()  # the test's own reads below use the engine's pool
     # The group's statement fails on the dead connection; alone, on a new one, it is stored.
-    assert rt.results.write([second], [first]) == [second]
+    assert writer.write([second], [first]) == [second]
     job, usage = stored(rt.db, second.held.job_id)
     assert job.status == "succeeded" and len(usage) == 1
+
+
+def test_a_writer_process_that_died_is_replaced(rt):
+    first = finished(rt, queued_job(rt.db), "before")
+    rt.results.put(first)
+    deadline = time.monotonic() + 30
+    while stored(rt.db, first.held.job_id)[0].status != "succeeded":
+        assert time.monotonic() < deadline, "the writer process stored nothing"
+        time.sleep(0.05)
+    dead_pid = rt.results.pid
+    os.kill(dead_pid, signal.SIGKILL)
+    psutil.Process(dead_pid).wait(10)
+
+    second = finished(rt, queued_job(rt.db), "after")
+    rt.results.put(second)
+    assert rt.results.pid != dead_pid
+    assert rt.results.close()
+    job, usage = stored(rt.db, second.held.job_id)
+    assert job.status == "succeeded" and job.result["text"] == "after" and len(usage) == 1
+
+
+def test_the_writer_process_writes_what_it_has_when_the_worker_is_gone(rt):
+    job = finished(rt, queued_job(rt.db), "orphaned")
+    rt.results.put(job)
+    writer = psutil.Process(rt.results.pid)
+    rt.results._conn.close()  # as when the worker dies: the pipe's end, with no word to stop
+
+    assert writer.wait(30) == 0
+    stored_job, usage = stored(rt.db, job.held.job_id)
+    assert stored_job.status == "succeeded" and len(usage) == 1
