@@ -50,7 +50,6 @@ def run_worker(
     concurrency = concurrency or settings.worker_concurrency
     rt = WorkerRuntime.create(settings, resolve_device(device), concurrency)
     rt.db.check_schema()
-    rt.results.start()  # it imports while the worker loads its models
     unknown = [model_id for model_id in model_ids if rt.models.registry.get(model_id) is None]
     if unknown:
         raise SystemExit(f"--models names unregistered models: {', '.join(unknown)}")
@@ -75,6 +74,9 @@ def run_worker(
     registration.mark("ready")
     registration.start_heartbeat()
     log.info("worker_ready", queues=queues, models=rt.models.loaded_ids(), concurrency=concurrency)
+    # Its imports (~1 s of CPU) would slow the model load on a small machine; it is up before
+    # Celery's consumer is, and results handed over before that wait in the pipe.
+    rt.results.start()
     # Tasks run in this process, where the model already lives (no fork after torch or CUDA
     # started): the solo pool for one job at a time, else K threads feeding the batch engine.
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
