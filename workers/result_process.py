@@ -46,10 +46,10 @@ def connect_redis(settings: Settings) -> redis.Redis:
 class ResultProcess:
     """The worker's side: hands finished jobs to the writer process over a pipe.
 
-    In the worker's process the writer thread took ~0.9 ms of GIL time per no-op job from the
-    tasks (docs/benchmarks.md, eleventh session). The worker starts it as it starts (else the
-    first result does). If it dies, a new one takes the next results; the jobs it held are safe where they were (their
-    rows stay `running` until a lease lapses, and the reaper runs them again).
+    In the worker's process a writer thread cost the worker ~0.7 ms of CPU (GIL time) per no-op
+    job (docs/benchmarks.md, eleventh session). The worker starts it once ready (else the first
+    result does). If it dies, a new one takes the next results; the jobs it held are safe where
+    they were (their rows stay `running` until a lease lapses, and the reaper runs them again).
     """
 
     def __init__(self, settings: Settings, worker_id: str):
