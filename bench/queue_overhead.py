@@ -143,6 +143,8 @@ TASK_STAGES = {
     "guard_stop": "lease: forget",
     "hand_over": "hand the result to the result writer process",
 }
+
+
 def install_stage_timers() -> dict[str, float]:
     """Wrap the steps of a generation job with timers; return their running totals in seconds
     (wall time under the stage's name, the calling thread's CPU time under "cpu:" + name)."""
@@ -183,7 +185,7 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
     child = Child(command + (["--profile"] if profile else []), env, result.with_suffix(".log"))
     try:
         wait_until(lambda: result.exists() and done(), 600, child=child)
-        # The worker's own processes (its result writer): their CPU since they started.
+        # The worker's own processes (its result writer, the spawn tracker): their CPU since they started.
         helpers = sum(sum(helper.cpu_times()[:2]) for helper in psutil.Process(child.pid).children())
     finally:
         child.stop()
