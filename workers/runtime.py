@@ -67,7 +67,7 @@ class WorkerRuntime:
         dtype = generation_dtype(device, concurrency, settings.cpu_dtype)
         db = connect_database(settings)
         worker_id = f"{socket.gethostname()}:{os.getpid()}:{device}"
-        rt = cls(
+        return cls(
             settings=settings,
             db=db,
             redis=connect_redis(settings),
@@ -82,7 +82,6 @@ class WorkerRuntime:
             cpu_threads=CpuThreads(settings.cpu_threads, usable_cores()) if device.type == "cpu" else None,
             results=ResultProcess(settings, worker_id),
         )
-        return rt
 
     def engine(self, model_id: str) -> BatchEngine:
         """Return the batching engine of a model, loading the model on first use."""

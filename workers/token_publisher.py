@@ -52,14 +52,14 @@ class TokenPublisher:
         cuts = [index for index in (self.text.find(s) for s in self.stop) if index >= 0]
         self._send(min([len(self.text) - self.hold_back, *cuts]), token_ids, self.step_writes)
 
-    def finish(self, final_text: str, token_ids: list[int], writes: StepWrites | StreamTail | None = None) -> None:
-        """Publish the rest of the final text (already cut at a stop string): at once, or with
-        `writes` when they are flushed."""
+    def finish(self, final_text: str, token_ids: list[int], writes: StreamTail | None = None) -> None:
+        """Publish the rest of the final text (already cut at a stop string): at once, or as
+        data in `writes`, for the result writer process to send."""
         self.text = final_text
         self._send(len(final_text), token_ids, writes)
         self.ensure_started(writes)
 
-    def ensure_started(self, writes: StepWrites | StreamTail | None = None) -> None:
+    def ensure_started(self, writes: StreamTail | None = None) -> None:
         """Publish the attempt's start if no text did: readers drop an earlier attempt's text."""
         if not self.started:
             self.started = True
