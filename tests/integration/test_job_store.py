@@ -6,7 +6,7 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from shared import job_store
 from shared.db import Database
@@ -195,6 +195,36 @@ def test_the_reservation_is_settled_once_by_the_attempt_that_ends(database_url, 
         assert session.get(Job, job_id).reserved_tokens == 0
     assert window_tokens(db, key_id) == 4  # 3 prompt + 1 completion tokens, once
     assert usage_rows(db) == 1
+
+
+def test_finish_each_stores_a_group_once_as_finish_alone_stores_each(database_url):
+    """The result writer's group statement: fenced per job, a repeat stores nothing, and the rate
+    window and outcome counters get each job's share once."""
+    db = Database(database_url)
+    first, key_id = reserved_job(db, tokens=50)
+    second = queued_job(db, reserved_tokens=50, rate_window_start=utcnow().replace(second=0, microsecond=0))
+    with db.session_scope() as session:
+        session.get(Job, second).owner_key_id = key_id
+        session.execute(update(RateLimitWindow).where(RateLimitWindow.key_id == key_id).values(tokens=100))
+    others = queued_job(db)
+    held = [claim(db, job_id, "worker-a") for job_id in (first, second)] + [claim(db, others, "worker-b")]
+    group = [(claim_, RESULT, USAGE) for claim_ in [*held, held[0]]]  # the last one: handed over twice
+
+    assert job_store.finish_each(db, group, "worker-a") == [True, True, False, False]
+    assert job_store.finish_each(db, group, "worker-a") == [False] * 4  # a redelivery
+    assert window_tokens(db, key_id) == 100 + 2 * (4 - 50)  # each reservation settled to 4 used tokens, once
+    assert usage_rows(db) == 2
+    with db.session_scope() as session:
+        for job_id in (first, second):
+            row = session.get(Job, job_id)
+            assert (row.status, row.result, row.reserved_tokens) == ("succeeded", RESULT, 0)
+            events = session.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            assert [event["status"] for event in events] == ["running", "succeeded"]
+            charge = session.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id)).one()
+            assert (charge.key_id, charge.status) == (key_id, "succeeded")
+            assert {name: getattr(charge, name) for name in USAGE} == USAGE
+        assert session.get(Job, others).status == "running"  # worker-b's: not worker-a's to end
+        assert job_store.ended_counts(session) == [("generation", "gemma-3-270m", "succeeded", 2)]
 
 
 def test_hand_back_requeues_without_a_result(database_url):
