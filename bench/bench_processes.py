@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import psycopg
 import redis
 import requests
@@ -67,6 +68,36 @@ def ready_workers(db: Database) -> int:
 
 
 # --- processes ---------------------------------------------------------------------------------
+
+SERVERS = {"postgres": "postgres", "redis-server": "redis"}  # process name prefix: what to call it
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
+    """Return the CPU seconds (user + system) each process used so far, by pid (gone ones left out)."""
+    used = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        used[process.pid] = times.user + times.system
+    return used
+
+
+def server_processes() -> dict[str, list[psutil.Process]]:
+    """Return this machine's PostgreSQL and Redis server processes (each backend its own)."""
+    found: dict[str, list[psutil.Process]] = {name: [] for name in SERVERS.values()}
+    for process in psutil.process_iter(["name"]):
+        for prefix, name in SERVERS.items():
+            if (process.info["name"] or "").startswith(prefix):
+                found[name].append(process)
+    return found
+
+
+def cpu_since(before: dict[str, float], now: dict[int, float]) -> float:
+    """Return the CPU seconds used since `before` (pids as strings, as JSON keeps them): a process
+    started since then counts from its start."""
+    return sum(seconds - before.get(str(pid), 0.0) for pid, seconds in now.items())
 
 
 class Child:

@@ -16,7 +16,9 @@ and token settlement stored, and its end announced on Redis — all but generati
 jobs / (last result committed - first job claimed), from the jobs table (max finished_at -
 min started_at): results are written behind the tasks, by the worker's result writer process
 (`workers.result_process`), so a task's end is not its job's end (the task-signal rate is
-printed beside it, and the writer process's CPU beside the worker's). Both queues are full
+printed beside it). CPU per job is printed for each process that does the work, from the first
+task on: the worker (all its threads), its result writer process, the PostgreSQL server (all
+backends) and the Redis server; the machine has two cores for all of them. Both queues are full
 before their worker starts; use the same count on both sides (a worker's first tasks are
 slower). Redis: --redis-url, a db of its own, flushed. `--profile` adds a stack run with
 per-stage timers and prints where a job's time goes in the task.
@@ -38,7 +40,7 @@ from types import SimpleNamespace
 
 import psutil
 import redis
-from bench_processes import Child, child_env, fresh_postgres, wait_until
+from bench_processes import Child, child_env, cpu_seconds, cpu_since, fresh_postgres, server_processes, wait_until
 from celery import signals
 from sqlalchemy import func, select
 
@@ -67,12 +69,15 @@ def install_clock(expect: int, result_path: Path, stages: dict[str, float] | Non
     starts: list[float] = []
     ends: list[float] = []
     cpu: list[float] = []  # this process's CPU time (all threads) at the first start and last end
+    at_first_task: dict[str, dict[int, float]] = {}  # other processes' CPU then: the driver subtracts it
 
     @signals.task_prerun.connect(weak=False)
     def on_start(**_kwargs) -> None:
         starts.append(time.perf_counter())
         if not cpu:
             cpu.append(time.process_time())
+            at_first_task["helpers"] = cpu_seconds(psutil.Process().children())
+            at_first_task.update({name: cpu_seconds(found) for name, found in server_processes().items()})
 
     @signals.task_postrun.connect(weak=False)
     def on_end(**_kwargs) -> None:
@@ -81,7 +86,7 @@ def install_clock(expect: int, result_path: Path, stages: dict[str, float] | Non
             return
         in_tasks = sum(end - start for start, end in zip(starts, ends))
         result = {"tasks": expect, "seconds": ends[-1] - starts[0], "in_tasks": in_tasks, "stages": stages,
-                  "cpu_seconds": time.process_time() - cpu[0]}
+                  "cpu_seconds": time.process_time() - cpu[0], "at_first_task": at_first_task}
         staging = result_path.with_suffix(".tmp")
         staging.write_text(json.dumps(result))
         staging.rename(result_path)  # the driver never reads half a file
@@ -185,11 +190,14 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
     child = Child(command + (["--profile"] if profile else []), env, result.with_suffix(".log"))
     try:
         wait_until(lambda: result.exists() and done(), 600, child=child)
-        # The worker's own processes (its result writer, the spawn tracker): their CPU since they started.
-        helpers = sum(sum(helper.cpu_times()[:2]) for helper in psutil.Process(child.pid).children())
+        timings = json.loads(result.read_text())
+        before = timings.pop("at_first_task")
+        # The worker's own processes (its result writer, the spawn tracker), and the servers.
+        now = {"helpers": cpu_seconds(psutil.Process(child.pid).children()),
+               **{name: cpu_seconds(found) for name, found in server_processes().items()}}
     finally:
         child.stop()
-    return {**json.loads(result.read_text()), "writer_cpu_seconds": helpers}
+    return {**timings, **{f"{name}_cpu_seconds": cpu_since(before[name], used) for name, used in now.items()}}
 
 
 def run_raw(args, workdir: Path) -> dict:
@@ -271,7 +279,7 @@ def print_profile(timings: dict) -> None:
     print(f"  {rest_ms:11.2f}  {'':8}  rest of the task: stand-in generate, job log, metrics, task wrapper")
     print(f"  {task_ms - in_task_ms:11.2f}  {'':8}  between tasks: Celery ack, fetch and decode the next message, "
           f"Celery's log lines")
-    print(f"result writer process: {1000 * timings['writer_cpu_seconds'] / jobs:.2f} ms CPU/job")
+    print(f"result writer process: {1000 * timings['helpers_cpu_seconds'] / jobs:.2f} ms CPU/job")
 
 
 def main() -> None:
@@ -304,9 +312,10 @@ def main() -> None:
     raw_rate, stack_rate = statistics.median(raw_rates), statistics.median(stack_rates)
     ratio = stack_rate / raw_rate
     task_rate = statistics.median(run["tasks"] / run["task_seconds"] for run in stack_runs)
-    raw_cpu_ms, stack_cpu_ms = (statistics.median(1000 * run["cpu_seconds"] / run["tasks"] for run in runs)
-                                for runs in (raw_runs, stack_runs))
-    writer_cpu_ms = statistics.median(1000 * run["writer_cpu_seconds"] / run["tasks"] for run in stack_runs)
+
+    def cpu_ms(runs: list[dict], process: str) -> str:
+        key = f"{process}_cpu_seconds" if process != "worker" else "cpu_seconds"
+        return f"{statistics.median(1000 * run[key] / run['tasks'] for run in runs):.2f}"
     print(f"settings: stack jobs={args.jobs} raw tasks={args.raw_tasks} rounds={args.rounds} (medians) "
           f"cores={os.cpu_count()} redis={args.redis_url} database=postgresql log_level={args.log_level} "
           f"stack worker concurrency={args.concurrency} (pool {'solo' if args.concurrency == 1 else 'threads'}), "
@@ -315,14 +324,16 @@ def main() -> None:
           "stack: jobs / (last result committed - first job claimed), from the jobs table (finished_at - "
           "started_at); queue full before the worker starts")
     print(f"baseline  raw Celery no-op tasks           : {raw_rate:7.0f} tasks/s  "
-          f"(rounds: {', '.join(f'{rate:.0f}' for rate in raw_rates)}; worker CPU {raw_cpu_ms:.2f} ms/task)")
+          f"(rounds: {', '.join(f'{rate:.0f}' for rate in raw_rates)})")
     print(f"result    jobs through claim/store/announce: {stack_rate:7.0f} jobs/s   "
-          f"(rounds: {', '.join(f'{rate:.0f}' for rate in stack_rates)}; worker CPU {stack_cpu_ms:.2f} ms/job "
-          f"+ {writer_cpu_ms:.2f} in its result writer process; "
+          f"(rounds: {', '.join(f'{rate:.0f}' for rate in stack_rates)}; "
           f"first task start to last task end: {task_rate:.0f} jobs/s)")
     print(f"ratio     stack / raw Celery               : {ratio:7.2f}  (floor {FLOOR}: "
           f"{'met' if ratio >= FLOOR else 'MISSED'}; {1000 / stack_rate - 1000 / raw_rate:.2f} ms of job path "
           f"per job over raw Celery's {1000 / raw_rate:.2f} ms)")
+    print(f"CPU ms per task/job, from the first task on (medians): raw: worker {cpu_ms(raw_runs, 'worker')}, "
+          f"Redis {cpu_ms(raw_runs, 'redis')}; stack: worker {cpu_ms(stack_runs, 'worker')}, result writer process "
+          f"{cpu_ms(stack_runs, 'helpers')}, PostgreSQL {cpu_ms(stack_runs, 'postgres')}, Redis {cpu_ms(stack_runs, 'redis')}")
     if profiled is not None:
         print_profile(profiled)
 
