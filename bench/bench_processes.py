@@ -69,29 +69,26 @@ def ready_workers(db: Database) -> int:
 
 # --- processes ---------------------------------------------------------------------------------
 
-SERVERS = {"postgres": "postgres", "redis-server": "redis"}  # process name prefix: what to call it
+def named_processes(prefix: str) -> list[psutil.Process]:
+    """Return the processes whose name starts with `prefix` (postgres, redis-server)."""
+    return [process for process in psutil.process_iter(["name"]) if (process.info["name"] or "").startswith(prefix)]
+
+
+def postgres_and_redis() -> dict[str, list[psutil.Process]]:
+    """Return this machine's PostgreSQL processes (each backend its own) and Redis server."""
+    return {"postgres": named_processes("postgres"), "redis": named_processes("redis-server")}
 
 
 def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
-    """Return the CPU seconds (user + system) each process used so far, by pid (gone ones left out)."""
-    used = {}
+    """Return user + system CPU seconds of each process still alive, by pid."""
+    seconds = {}
     for process in processes:
         try:
             times = process.cpu_times()
         except psutil.Error:
             continue
-        used[process.pid] = times.user + times.system
-    return used
-
-
-def server_processes() -> dict[str, list[psutil.Process]]:
-    """Return this machine's PostgreSQL and Redis server processes (each backend its own)."""
-    found: dict[str, list[psutil.Process]] = {name: [] for name in SERVERS.values()}
-    for process in psutil.process_iter(["name"]):
-        for prefix, name in SERVERS.items():
-            if (process.info["name"] or "").startswith(prefix):
-                found[name].append(process)
-    return found
+        seconds[process.pid] = times.user + times.system
+    return seconds
 
 
 def cpu_since(before: dict[str, float], now: dict[int, float]) -> float:

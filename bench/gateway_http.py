@@ -38,7 +38,7 @@ import redis
 import requests
 
 # A sibling script (bench/ is on sys.path when a script in it runs).
-from bench_processes import fresh_postgres, new_key, serving
+from bench_processes import cpu_seconds, fresh_postgres, named_processes, new_key, serving
 
 SUBMIT_BODY = {"model": "gemma-3-270m", "prompt": "The history of the printing press begins", "max_new_tokens": 32}
 FLOORS = {"submit": 0.25, "poll": 0.5}
@@ -154,23 +154,6 @@ def server_processes(url: str) -> list[psutil.Process]:
         except OSError:
             continue
     return found
-
-
-def named_processes(prefix: str) -> list[psutil.Process]:
-    """Return the processes whose name starts with `prefix` (postgres, redis-server)."""
-    return [process for process in psutil.process_iter(["name"]) if (process.info["name"] or "").startswith(prefix)]
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
-    """Return user + system CPU seconds of each process still alive, by pid."""
-    seconds = {}
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        seconds[process.pid] = times.user + times.system
-    return seconds
 
 
 def with_cpu(run, groups: dict[str, Callable[[], list[psutil.Process]]]) -> WrkResult:

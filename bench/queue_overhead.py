@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import psutil
 import redis
-from bench_processes import Child, child_env, cpu_seconds, cpu_since, fresh_postgres, server_processes, wait_until
+from bench_processes import Child, child_env, cpu_seconds, cpu_since, fresh_postgres, postgres_and_redis, wait_until
 from celery import signals
 from sqlalchemy import func, select
 
@@ -77,7 +77,7 @@ def install_clock(expect: int, result_path: Path, stages: dict[str, float] | Non
         if not cpu:
             cpu.append(time.process_time())
             at_first_task["helpers"] = cpu_seconds(psutil.Process().children())
-            at_first_task.update({name: cpu_seconds(found) for name, found in server_processes().items()})
+            at_first_task.update({name: cpu_seconds(found) for name, found in postgres_and_redis().items()})
 
     @signals.task_postrun.connect(weak=False)
     def on_end(**_kwargs) -> None:
@@ -194,7 +194,7 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
         before = timings.pop("at_first_task")
         # The worker's own processes (its result writer, the spawn tracker), and the servers.
         now = {"helpers": cpu_seconds(psutil.Process(child.pid).children()),
-               **{name: cpu_seconds(found) for name, found in server_processes().items()}}
+               **{name: cpu_seconds(found) for name, found in postgres_and_redis().items()}}
     finally:
         child.stop()
     return {**timings, **{f"{name}_cpu_seconds": cpu_since(before[name], used) for name, used in now.items()}}
