@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +22,27 @@ def test_ids_sort_by_creation_time():
     second = new_id("job")
     assert first.startswith("job_") and len(first) == 30
     assert first < second
+
+
+def test_ids_made_in_the_same_millisecond_still_sort_in_order():
+    ids = [new_id("job") for _ in range(2000)]  # many share a millisecond
+    assert len({identifier[4:14] for identifier in ids}) < len(ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids(monkeypatch):
+    import shared.ids
+
+    monkeypatch.setattr(shared.ids, "time", SimpleNamespace(time_ns=lambda: 1_800_000_000_000_000_000))
+    new_id("job")  # parent and child both make their next id in this same millisecond
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's side
+        os.write(writing, new_id("job").encode())
+        os._exit(0)
+    mine = new_id("job")
+    os.waitpid(child, 0)
+    assert os.read(reading, 100).decode() != mine
 
 
 def test_keys_are_random_and_hashed():
