@@ -4,6 +4,7 @@ the worker's tasks and its model."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ _SPAWN = multiprocessing.get_context("spawn")
 LINGER_S = 0.002
 LINGER_UNTIL = 8
 MAX_GROUP = 256
+WRITER_NICENESS = 10
 
 
 def connect_database(settings: Settings) -> Database:
@@ -147,6 +149,7 @@ def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings.log_level, settings.log_format, process="result-writer")
+    _yield_to_the_job_path()
     structlog.contextvars.bind_contextvars(worker_id=worker_id)
     context = WriterContext(settings, connect_database(settings), connect_redis(settings), worker_id, in_flight)
     writer = ResultWriter(context)
@@ -162,6 +165,20 @@ def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any) 
                 stored = []
     finally:
         context.db.dispose()
+
+
+def _yield_to_the_job_path() -> None:
+    """Let the worker, PostgreSQL and Redis have a busy CPU first: this process's writes can wait.
+
+    A job's path is a chain of round trips (the message, the claim, the ack); woken by each
+    finished job, this process took the core from a link of that chain. As a batch process
+    (SCHED_BATCH: no preempting others on wake-up) at a lower priority, it runs when they wait.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        os.nice(WRITER_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run as the worker does
+        log.info("result_writer_priority_unchanged", error=str(exc))
 
 
 def _gather(conn: Connection, wait: bool, more_coming: Callable[[], bool]) -> tuple[list[FinishedJob], bool]:

@@ -24,6 +24,7 @@ from shared.db import Database
 from shared.models import Job, UsageRecord
 from shared.notify import job_done_channel
 from tests.integration.helpers import USAGE, claim, queued_job
+from workers import result_process
 from workers.result_writer import FinishedJob, ResultWriter
 from workers.runtime import WorkerRuntime
 from workers.token_publisher import StreamTail, TokenPublisher
@@ -169,6 +170,20 @@ def test_a_connection_lost_under_a_group_is_not_lost_twice(rt, writer, postgres_
     assert writer.write([second], [first]) == [second]
     job, usage = stored(rt.db, second.held.job_id)
     assert job.status == "succeeded" and len(usage) == 1
+
+
+def test_the_writer_process_runs_behind_the_job_path(rt):
+    """A batch process at a lower priority: woken by a finished job, it does not take the core
+    from the worker, PostgreSQL or Redis (docs/benchmarks.md, twelfth session)."""
+    worker_nice = psutil.Process().nice()
+    rt.results.start()
+    writer = psutil.Process(rt.results.pid)
+    expected_nice = min(worker_nice + result_process.WRITER_NICENESS, 19)
+    deadline = time.monotonic() + 30
+    while (os.sched_getscheduler(writer.pid), writer.nice()) != (os.SCHED_BATCH, expected_nice):
+        assert time.monotonic() < deadline, "the writer process kept the worker's priority"
+        time.sleep(0.05)
+    assert (os.sched_getscheduler(os.getpid()), psutil.Process().nice()) == (os.SCHED_OTHER, worker_nice)  # unchanged
 
 
 def test_a_writer_process_that_died_is_replaced(rt):
