@@ -15,9 +15,10 @@ from typing import Any, Callable
 import redis
 import structlog
 
-from shared.db import PING_IDLE_AFTER_S, Database
+from shared.db import Database
 from shared.logging import configure_logging
 from shared.settings import Settings
+from workers.connections import connect_database, connect_redis
 from workers.result_writer import FinishedJob, ResultWriter
 
 log = structlog.get_logger(__name__)
@@ -33,18 +34,6 @@ MAX_GROUP = 256
 WRITER_NICENESS = 10
 
 
-def connect_database(settings: Settings) -> Database:
-    """Return the database as a worker's processes use it."""
-    # A job's claim and end are a few statements each: a ping per checkout was a third more.
-    return Database(settings.database_url_or_default, ping_idle_after_s=PING_IDLE_AFTER_S)
-
-
-def connect_redis(settings: Settings) -> redis.Redis:
-    """Return a Redis client as a worker's processes use it."""
-    # A timeout, so a half-open connection cannot wedge the worker or its reaper.
-    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=10)
-
-
 class ResultProcess:
     """The worker's side: hands finished jobs to the writer process over a pipe.
 
@@ -57,15 +46,21 @@ class ResultProcess:
     def __init__(self, settings: Settings, worker_id: str):
         self.settings = settings
         self.worker_id = worker_id
-        # Jobs running in the worker: while some are, the writer waits a little for their results.
+        # Jobs running in the worker (its heartbeat reports it): while some are, the writer
+        # waits a little for their results. Written by the worker's task threads, under its lock.
         self._in_flight = _SPAWN.RawValue("i", 0)
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._closed = False
 
-    def set_in_flight(self, count: int) -> None:
-        """Tell the writer how many jobs the worker runs now."""
+    @property
+    def jobs_in_flight(self) -> int:
+        """Jobs the worker runs now."""
+        return self._in_flight.value
+
+    @jobs_in_flight.setter
+    def jobs_in_flight(self, count: int) -> None:
         self._in_flight.value = count
 
     def start(self) -> None:

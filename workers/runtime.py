@@ -23,7 +23,8 @@ from workers.greedy_screen import greedy_screen_for
 from workers.job_guard import LeaseKeeper
 from workers.model_cache import ModelCache
 from workers.model_loader import generation_dtype
-from workers.result_process import ResultProcess, connect_database, connect_redis
+from workers.connections import connect_database, connect_redis
+from workers.result_process import ResultProcess
 from workers.token_publisher import StepWrites
 
 
@@ -50,8 +51,7 @@ class WorkerRuntime:
     shutdown_deadline: float | None = None
     # Writes finished generations' results behind their tasks, in a process of its own.
     results: ResultProcess | None = None
-    # Reported by the heartbeat.
-    jobs_in_flight: int = 0
+    # Reported by the heartbeat (with `jobs_in_flight`).
     jobs_done: int = 0
     # Task threads update the counters; fine-tunes take the training slot one at a time.
     counter_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,6 +82,11 @@ class WorkerRuntime:
             cpu_threads=CpuThreads(settings.cpu_threads, usable_cores()) if device.type == "cpu" else None,
             results=ResultProcess(settings, worker_id),
         )
+
+    @property
+    def jobs_in_flight(self) -> int:
+        """Jobs running now: the count the result writer process reads too."""
+        return self.results.jobs_in_flight
 
     def engine(self, model_id: str) -> BatchEngine:
         """Return the batching engine of a model, loading the model on first use."""

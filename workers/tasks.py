@@ -65,15 +65,13 @@ def _running(job_id: str, kind: str):
     """Bind the job id to log lines, count the job in flight, and time it."""
     rt: WorkerRuntime = runtime()
     with rt.counter_lock:
-        rt.jobs_in_flight += 1
-        rt.results.set_in_flight(rt.jobs_in_flight)
+        rt.results.jobs_in_flight += 1
     JOBS_IN_FLIGHT.inc()
     try:
         with structlog.contextvars.bound_contextvars(job_id=job_id), JOB_DURATION.labels(kind).time():
             yield rt
     finally:
         with rt.counter_lock:
-            rt.jobs_in_flight -= 1
+            rt.results.jobs_in_flight -= 1
             rt.jobs_done += 1
-            rt.results.set_in_flight(rt.jobs_in_flight)
         JOBS_IN_FLIGHT.dec()
