@@ -34,8 +34,9 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     for module in (system, jobs, fine_tunes, files, models, usage, admin):
         app.register_blueprint(module.blueprint)
     from services.gateway.fast_polls import FastPolls
+    from services.gateway.fast_submits import FastSubmits
 
-    app.wsgi_app = FastPolls(app.wsgi_app, context, request_ids)
+    app.wsgi_app = FastSubmits(FastPolls(app.wsgi_app, context, request_ids), context, request_ids)
     return app
 
 

@@ -11,6 +11,10 @@ from shared.errors import DomainError
 
 log = structlog.get_logger(__name__)
 
+# What an unexpected error answers (500), by the app or by a path before it.
+INTERNAL_ERROR = {"error": {"code": "internal_error", "message": "internal server error; see gateway logs",
+                            "details": None}}
+
 
 def error_response(status: int, code: str, message: str, details=None):
     """Return a Flask response in the error shape of the contract."""
@@ -61,4 +65,4 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         log.exception("unhandled_error")
-        return error_response(500, "internal_error", "internal server error; see gateway logs")
+        return error_response(500, **INTERNAL_ERROR["error"])

@@ -12,13 +12,15 @@ from werkzeug.test import Client
 
 from services.domain import jobs as job_domain
 from services.domain.keys import Caller, KeyCache, create_key, find_key, revoke_key
+from services.gateway.errors import INTERNAL_ERROR
 from services.gateway.fast_polls import POLL_ROUTE, FastPolls
+from services.gateway.fast_submits import SUBMIT_PATH, FastSubmits
 from services.gateway.metrics import REQUESTS
 from shared import job_store
 from shared.celery_app import make_celery
 from shared.errors import NotFound, Unauthenticated
 from shared.keys import hash_key
-from shared.models import utcnow
+from shared.models import Job, utcnow
 from shared.publish import JobPublisher, publish_job
 from tests.integration.helpers import QUEUE, RESULT, USAGE, claim, make_key, submit
 
@@ -167,9 +169,9 @@ def _find(context, digest):
 
 
 def _flask_only(app) -> Client:
-    """A client of the Flask app without the fast-poll middleware in front of it."""
-    assert isinstance(app.wsgi_app, FastPolls)
-    return Client(app.wsgi_app.wsgi_app, use_cookies=False)
+    """A client of the Flask app without the fast paths' middleware in front of it."""
+    assert isinstance(app.wsgi_app, FastSubmits) and isinstance(app.wsgi_app.wsgi_app, FastPolls)
+    return Client(app.wsgi_app.wsgi_app.wsgi_app, use_cookies=False)
 
 
 def _answer(response) -> tuple:
@@ -219,3 +221,85 @@ def test_a_fast_poll_echoes_the_request_id_and_is_counted(app, client, auth):
     made = {client.get(f"/v1/jobs/{job_id}", headers=auth).headers["X-Request-ID"] for _ in range(3)}
     assert len(made) == 3  # one new id per request
     assert series._value.get() == before + 4
+
+
+def _jobs(app) -> int:
+    with app.extensions["gemma_jobs"].db.session_scope(read_only=True) as session:
+        return session.query(Job).count()
+
+
+def _submitted(response) -> tuple:
+    """A submit's answer without what differs from job to job (its id, time, place in the queue)."""
+    body = response.get_json()
+    assert response.headers["Location"] == f"/v1/jobs/{body['id']}"
+    headers = {name: value for name, value in response.headers.items()
+               if name not in ("X-Request-ID", "Location", "Content-Length")}
+    varying = ("id", "created_at", "queue_position")
+    return response.status_code, headers, {key: value for key, value in body.items() if key not in varying}
+
+
+SUBMIT = {"model": "gemma-3-270m", "prompt": "Hello", "max_new_tokens": 4, "metadata": {"run": "a"}}
+
+
+def test_a_fast_submit_answers_as_the_flask_route_and_records_one_job(app, client, auth):
+    series = REQUESTS.labels("POST", SUBMIT_PATH, "202")
+    before = series._value.get()
+    fast = client.post(SUBMIT_PATH, json=SUBMIT, headers={**auth, "X-Request-ID": "trace-submit"})
+    slow = _flask_only(app).post(SUBMIT_PATH, json=SUBMIT, headers=auth)
+    assert fast.status_code == 202 and fast.headers["X-Request-ID"] == "trace-submit"
+    assert _submitted(fast) == _submitted(slow)
+    assert [fast.get_json()["queue_position"], slow.get_json()["queue_position"]] == [0, 1]
+    assert series._value.get() == before + 2  # the fast path counts its request as the route does
+    assert _jobs(app) == 2
+    polled = client.get(f"/v1/jobs/{fast.get_json()['id']}", headers=auth).get_json()
+    assert polled["metadata"] == {"run": "a"} and polled["status"] == "queued"
+
+
+def test_what_a_fast_submit_does_not_take_the_flask_route_answers_once(app, client, auth):
+    other_key = {"Authorization": f"Bearer {make_key(app)}"}
+    flask_only = _flask_only(app)
+    limit = app.extensions["gemma_jobs"].settings.max_body_bytes
+    for name, headers, body in [
+        ("no key", {}, json.dumps(SUBMIT)),
+        ("a wrong key", {"Authorization": "Bearer nope"}, json.dumps(SUBMIT)),
+        ("not JSON", auth, "{not json"),
+        ("not an object", auth, "[1, 2]"),
+        ("a bad field", auth, json.dumps({**SUBMIT, "max_new_tokens": -1})),
+        ("an unknown model", auth, json.dumps({**SUBMIT, "model": "gemma-9"})),
+        ("someone else's adapter", other_key, json.dumps({**SUBMIT, "model": "ft_doesnotexist"})),
+        ("an empty body", auth, ""),
+        ("a body over the limit", auth, json.dumps({**SUBMIT, "prompt": "x" * limit})),
+    ]:
+        headers = {**headers, "Content-Type": "application/json"}
+        fast, slow = client.post(SUBMIT_PATH, data=body, headers=headers), flask_only.post(
+            SUBMIT_PATH, data=body, headers=headers)
+        assert fast.status_code >= 400 and _answer(fast) == _answer(slow), name
+    assert _jobs(app) == 0
+    # What only the route implements: taken there, once each.
+    waited = client.post(SUBMIT_PATH, json=SUBMIT, headers={**auth, "Prefer": "wait=1"})
+    assert waited.status_code == 202 and waited.headers["Preference-Applied"] == "wait=1"
+    keyed = {**auth, "Idempotency-Key": "once"}
+    first, again = (client.post(SUBMIT_PATH, json=SUBMIT, headers=keyed) for _ in range(2))
+    assert again.headers["Idempotent-Replayed"] == "true" and again.get_json()["id"] == first.get_json()["id"]
+    assert _jobs(app) == 2
+
+
+def test_a_submit_the_database_refuses_is_a_500_from_either_path_and_records_nothing(app, client, auth):
+    db = app.extensions["gemma_jobs"].db
+    refuse = {
+        "sqlite": ["CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'refused'); END"],
+        "postgresql": [
+            "CREATE FUNCTION refuse_jobs() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused for the test'; END $$",
+            "CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION refuse_jobs()",
+        ],
+    }[db.engine.dialect.name]
+    with db.engine.begin() as connection:
+        for statement in refuse:
+            connection.exec_driver_sql(statement)
+    fast = client.post(SUBMIT_PATH, json=SUBMIT, headers=auth)
+    slow = _flask_only(app).post(SUBMIT_PATH, json=SUBMIT, headers=auth)
+    assert fast.status_code == slow.status_code == 500
+    assert fast.get_json() == slow.get_json() == INTERNAL_ERROR
+    assert _jobs(app) == 0
+    assert client.get("/healthz").status_code == 200  # the gateway goes on

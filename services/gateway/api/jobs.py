@@ -101,7 +101,7 @@ def _record_grouped(context: GatewayContext, body: GenerationRequest):
         current_caller(), body, adapter=_adapter(context, body.model), registry=context.registry,
         settings=context.settings, prompt_tokens=context.token_counter.at_submit(body, context.settings))
     position = context.submits.run(job)
-    _announce(job)
+    announce_submitted(job)
     return job, position
 
 
@@ -130,7 +130,7 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
         if job is None:
             raise
         return job, None, {}, True
-    _announce(submission.job)
+    announce_submitted(submission.job)
     # Only now is the row committed: a worker that gets the message will find it.
     context.publisher.publish(submission.job.id, submission.job.queue)
     return submission.job, submission.queue_position, submission.admission.headers(), False
@@ -144,7 +144,7 @@ def _adapter(context: GatewayContext, model: str) -> Adapter | None:
         return get_adapter(session, current_caller(), model)
 
 
-def _announce(job) -> None:
+def announce_submitted(job) -> None:
     """Log and count a job just recorded."""
     log.info("job_submitted", job_id=job.id, model=job.model, kind=job.kind)
     JOBS_SUBMITTED.labels(job.kind, job.model).inc()
