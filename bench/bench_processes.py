@@ -91,10 +91,10 @@ def cpu_seconds(processes: list[psutil.Process]) -> dict[int, float]:
     return seconds
 
 
-def cpu_since(before: dict[str, float], now: dict[int, float]) -> float:
-    """Return the CPU seconds used since `before` (pids as strings, as JSON keeps them): a process
-    started since then counts from its start."""
-    return sum(seconds - before.get(str(pid), 0.0) for pid, seconds in now.items())
+def cpu_since(before: dict[int, float], now: dict[int, float]) -> float:
+    """Return the CPU seconds used between two `cpu_seconds` readings: a process started since
+    `before` counts from its start."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in now.items())
 
 
 class Child:

@@ -38,7 +38,7 @@ import redis
 import requests
 
 # A sibling script (bench/ is on sys.path when a script in it runs).
-from bench_processes import cpu_seconds, fresh_postgres, named_processes, new_key, serving
+from bench_processes import cpu_seconds, cpu_since, fresh_postgres, named_processes, new_key, serving
 
 SUBMIT_BODY = {"model": "gemma-3-270m", "prompt": "The history of the printing press begins", "max_new_tokens": 32}
 FLOORS = {"submit": 0.25, "poll": 0.5}
@@ -163,8 +163,7 @@ def with_cpu(run, groups: dict[str, Callable[[], list[psutil.Process]]]) -> WrkR
     result = run()
     spent = Counter()
     for name, processes in groups.items():
-        after = cpu_seconds(processes())
-        spent[name] = sum(seconds - before[name].get(pid, 0.0) for pid, seconds in after.items())
+        spent[name] = cpu_since(before[name], cpu_seconds(processes()))
     return WrkResult(result.requests, result.seconds, result.latency_us, spent)
 
 

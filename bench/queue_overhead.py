@@ -64,6 +64,13 @@ FLOOR = 0.5
 # --- inside the worker processes -------------------------------------------------------------
 
 
+def cpu_by_process(worker_pid: int) -> dict[str, dict[int, float]]:
+    """Read the CPU used so far by the worker's own processes (its result writer, the spawn
+    tracker), by PostgreSQL's and by Redis's."""
+    return {"helpers": cpu_seconds(psutil.Process(worker_pid).children()),
+            **{name: cpu_seconds(found) for name, found in postgres_and_redis().items()}}
+
+
 def install_clock(expect: int, result_path: Path, stages: dict[str, float] | None = None) -> None:
     """Time every task with Celery's signals; after `expect` tasks, write the timings to a file."""
     starts: list[float] = []
@@ -76,8 +83,7 @@ def install_clock(expect: int, result_path: Path, stages: dict[str, float] | Non
         starts.append(time.perf_counter())
         if not cpu:
             cpu.append(time.process_time())
-            at_first_task["helpers"] = cpu_seconds(psutil.Process().children())
-            at_first_task.update({name: cpu_seconds(found) for name, found in postgres_and_redis().items()})
+            at_first_task.update(cpu_by_process(os.getpid()))
 
     @signals.task_postrun.connect(weak=False)
     def on_end(**_kwargs) -> None:
@@ -191,10 +197,10 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
     try:
         wait_until(lambda: result.exists() and done(), 600, child=child)
         timings = json.loads(result.read_text())
-        before = timings.pop("at_first_task")
-        # The worker's own processes (its result writer, the spawn tracker), and the servers.
-        now = {"helpers": cpu_seconds(psutil.Process(child.pid).children()),
-               **{name: cpu_seconds(found) for name, found in postgres_and_redis().items()}}
+        # JSON kept the pids as strings.
+        before = {name: {int(pid): used for pid, used in readings.items()}
+                  for name, readings in timings.pop("at_first_task").items()}
+        now = cpu_by_process(child.pid)
     finally:
         child.stop()
     return {**timings, **{f"{name}_cpu_seconds": cpu_since(before[name], used) for name, used in now.items()}}

@@ -128,13 +128,7 @@ class WriterContext:
     db: Database
     redis: redis.Redis
     worker_id: str
-    in_flight: Any  # the worker's shared counter
     celery: None = None  # results hand nothing back to the queue
-
-    @property
-    def jobs_in_flight(self) -> int:
-        """Jobs running in the worker now."""
-        return self.in_flight.value
 
 
 def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any) -> None:
@@ -146,7 +140,7 @@ def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any) 
     configure_logging(settings.log_level, settings.log_format, process="result-writer")
     _yield_to_the_job_path()
     structlog.contextvars.bind_contextvars(worker_id=worker_id)
-    context = WriterContext(settings, connect_database(settings), connect_redis(settings), worker_id, in_flight)
+    context = WriterContext(settings, connect_database(settings), connect_redis(settings), worker_id)
     writer = ResultWriter(context)
     stored: list[FinishedJob] = []  # committed, not yet announced
     open_ = True
