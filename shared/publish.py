@@ -23,6 +23,8 @@ log = structlog.get_logger(__name__)
 # sorted set of their delivery times.
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
+# Messages read per LRANGE when looking for a job's message in a queue.
+SCAN_PAGE = 10_000
 
 
 def publish_job(celery: Celery, job_id: str, queue: str) -> bool:
@@ -110,8 +112,13 @@ def job_ids_in_redis(client: redis.Redis, queues: set[str], delivered_since: flo
     """
     ids: set[str] = set()
     for queue in queues:
-        for raw in client.lrange(queue, 0, -1):
-            ids.add(_task_id(raw))
+        # In pages, so that Redis never builds one reply of a whole backlog (100,000 messages are
+        # ~100 MB). Publishers push on the left, so a push between two pages only shifts what is
+        # left to read to the right: a page may repeat a message, never skip one.
+        start = 0
+        while page := client.lrange(queue, start, start + SCAN_PAGE - 1):
+            ids.update(_task_id(raw) for raw in page)
+            start += SCAN_PAGE
     recent_tags = client.zrangebyscore(UNACKED_INDEX_KEY, delivered_since, "+inf")
     for raw in client.hmget(UNACKED_KEY, recent_tags) if recent_tags else []:
         if raw is None:

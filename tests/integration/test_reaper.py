@@ -12,8 +12,9 @@ from sqlalchemy import update
 from shared.celery_app import make_celery
 from shared.db import Database
 from shared.models import Job, utcnow
-from shared.publish import UNACKED_INDEX_KEY, UNACKED_KEY, job_ids_in_redis
-from shared.reaper import Reaper
+from shared import publish
+from shared.publish import UNACKED_INDEX_KEY, UNACKED_KEY, job_ids_in_redis, publish_job
+from shared.reaper import SCAN_TURN_KEY, Reaper
 from tests.integration.helpers import claim, lapse_lease, queued_job
 
 QUEUE = "generation.gemma-3-270m"
@@ -25,6 +26,11 @@ def reaper(settings, redis_client):
     db = Database(settings.database_url_or_default)
     yield Reaper(settings, db, make_celery(settings.redis_url), redis_client)
     db.dispose()
+
+
+def next_scan_period(redis_client):
+    """Let the next pass look for lost messages, as it may once republish_after_s has passed."""
+    redis_client.delete(SCAN_TURN_KEY)
 
 
 def published_long_ago(db, job_id):
@@ -39,8 +45,33 @@ def test_a_job_whose_message_never_reached_redis_is_republished(reaper, redis_cl
     assert job_ids_in_redis(redis_client, {QUEUE}, time.time()) == {job_id}
     assert reaper.run_once()["republished"] == 0  # just published: not stale
     published_long_ago(reaper.db, job_id)
+    next_scan_period(redis_client)
     assert reaper.run_once()["republished"] == 0  # stale but its message is waiting
     assert redis_client.llen(QUEUE) == 1
+
+
+def test_one_reaper_in_the_cluster_looks_for_lost_messages_per_period(reaper, redis_client):
+    other = Reaper(reaper.settings, reaper.db, reaper.celery, redis_client)
+    first, second = queued_job(reaper.db), queued_job(reaper.db)
+    published_long_ago(reaper.db, first)
+    assert reaper.run_once()["republished"] == 1
+    # The turn is held for republish_after_s (5 s here): another worker's reaper skips the scan.
+    assert 4000 < redis_client.pttl(SCAN_TURN_KEY) <= 5000
+    published_long_ago(reaper.db, second)
+    assert other.run_once()["republished"] == 0
+    assert job_ids_in_redis(redis_client, {QUEUE}, time.time()) == {first}
+    next_scan_period(redis_client)
+    assert other.run_once()["republished"] == 1
+    assert job_ids_in_redis(redis_client, {QUEUE}, time.time()) == {first, second}
+
+
+def test_a_queue_longer_than_a_page_is_read_whole(settings, redis_client, monkeypatch):
+    monkeypatch.setattr(publish, "SCAN_PAGE", 4)
+    celery = make_celery(settings.redis_url)
+    job_ids = {f"job-{index}" for index in range(10)}
+    for job_id in sorted(job_ids):
+        publish_job(celery, job_id, QUEUE)
+    assert job_ids_in_redis(redis_client, {QUEUE}, time.time()) == job_ids
 
 
 def hold_unacked(redis_client, job_id: str, delivered_at: float) -> None:
