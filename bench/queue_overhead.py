@@ -5,6 +5,9 @@
 Baseline: `--raw-tasks` messages of a task that does nothing, on a Celery app with our broker
 settings (`shared.celery_app.make_celery`: Redis, JSON, acks_late, prefetch 1) and our logging
 set-up, consumed by a fresh solo-pool worker process started with our worker's Celery flags.
+It logs Celery's lines for each task (received, succeeded) as Celery does by default; our
+worker leaves them to debug logging (`quiet_celery_task_lines`), and `--raw-quiet` makes the
+baseline do so too.
 Its rate is tasks / (end of the last task - start of the first), timed inside the worker with
 Celery's task_prerun/task_postrun signals, so process start-up is excluded.
 Result: `--jobs` generation jobs created as the gateway creates them (`create_generation`
@@ -48,7 +51,7 @@ from services.domain.jobs import create_generation
 from services.domain.keys import Caller, create_key
 from shared.celery_app import make_celery
 from shared.db import Database
-from shared.logging import configure_logging
+from shared.logging import configure_logging, quiet_celery_task_lines
 from shared.models import Job, UsageRecord
 from shared.publish import publish_job
 from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
@@ -101,6 +104,8 @@ def install_clock(expect: int, result_path: Path, stages: dict[str, float] | Non
 def serve_raw_worker(args) -> None:
     """Consume no-op tasks with a bare Celery app: our broker settings, solo pool, no job path."""
     configure_logging(args.log_level, "json", process="raw")
+    if args.raw_quiet:  # as the stack's worker does
+        quiet_celery_task_lines(args.log_level)
     app = make_celery(args.redis_url)
 
     @app.task(name=RAW_TASK)
@@ -193,7 +198,9 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
     result = workdir / f"{mode}-{time.monotonic_ns()}.json"
     command = [sys.executable, __file__, f"--serve-{mode}-worker", "--expect", str(expect), "--result", str(result),
                "--redis-url", args.redis_url, "--log-level", args.log_level, "--concurrency", str(args.concurrency)]
-    child = Child(command + (["--profile"] if profile else []), env, result.with_suffix(".log"))
+    command += ["--profile"] if profile else []
+    command += ["--raw-quiet"] if args.raw_quiet else []
+    child = Child(command, env, result.with_suffix(".log"))
     try:
         wait_until(lambda: result.exists() and done(), 600, child=child)
         timings = json.loads(result.read_text())
@@ -297,6 +304,8 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="both workers (the product default is info)")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"))
     parser.add_argument("--profile", action="store_true", help="add a stack run with per-stage timers")
+    parser.add_argument("--raw-quiet", action="store_true",
+                        help="the raw worker leaves Celery's per-task lines to debug logging too, as the stack's does")
     parser.add_argument("--serve-raw-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-noop-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--expect", type=int, help=argparse.SUPPRESS)
@@ -325,7 +334,8 @@ def main() -> None:
     print(f"settings: stack jobs={args.jobs} raw tasks={args.raw_tasks} rounds={args.rounds} (medians) "
           f"cores={os.cpu_count()} redis={args.redis_url} database=postgresql log_level={args.log_level} "
           f"stack worker concurrency={args.concurrency} (pool {'solo' if args.concurrency == 1 else 'threads'}), "
-          f"raw worker pool solo; acks_late, prefetch 1; one-token no-op generation")
+          f"raw worker pool solo, Celery's per-task log lines {'off' if args.raw_quiet else 'on'} (stack: off); "
+          f"acks_late, prefetch 1; one-token no-op generation")
     print("measured: raw: tasks / (last task end - first task start), inside the worker (Celery task signals); "
           "stack: jobs / (last result committed - first job claimed), from the jobs table (finished_at - "
           "started_at); queue full before the worker starts")

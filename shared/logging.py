@@ -77,3 +77,16 @@ def configure_logging(level: str = "info", fmt: str = "json", process: str = "ge
     # Alembic narrates every schema check at INFO; only its warnings matter at run time.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     structlog.contextvars.bind_contextvars(process=process)
+
+
+# Celery's line for every task received and every task returned: a job's own lines say more
+# (`job_started`: attempt, model, queue wait; `job_finished`: usage, tokens/s), and those two
+# cost the worker ~0.15 ms of CPU per job, a tenth of a no-op job's path (docs/benchmarks.md).
+CELERY_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def quiet_celery_task_lines(level: str) -> None:
+    """Leave Celery's per-task lines to debug logging; its warnings and errors still show."""
+    if logging.getLevelName(level.upper()) > logging.DEBUG:
+        for name in CELERY_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ from celery import signals
 
 from shared.celery_app import queue_for
 from shared.jobs import JobKind
-from shared.logging import configure_logging
+from shared.logging import configure_logging, quiet_celery_task_lines
 from shared.reaper import Reaper
 from shared.settings import Settings
 from workers.metrics import serve_metrics
@@ -48,6 +48,7 @@ def run_worker(
 ) -> None:
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
     configure_logging(settings.log_level, settings.log_format, process="worker")
+    quiet_celery_task_lines(settings.log_level)
     concurrency = concurrency or settings.worker_concurrency
     rt = WorkerRuntime.create(settings, resolve_device(device), concurrency)
     rt.db.check_schema()

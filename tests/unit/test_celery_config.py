@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from shared.celery_app import make_celery, queue_for, task_for_queue
 
 
@@ -22,3 +26,28 @@ def test_queues_name_kind_and_model():
     queue = queue_for("generation", "gemma-3-270m")
     assert queue == "generation.gemma-3-270m"
     assert task_for_queue(queue) == "gemma_jobs.generate"
+
+
+@pytest.fixture()
+def celery_task_loggers():
+    """Celery's per-task loggers, with their levels put back afterwards."""
+    from shared.logging import CELERY_TASK_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in CELERY_TASK_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.NOTSET)
+    yield loggers
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
+
+
+def test_celery_s_per_task_lines_are_left_to_debug_logging(celery_task_loggers):
+    from shared.logging import quiet_celery_task_lines
+
+    quiet_celery_task_lines("debug")
+    assert [logger.level for logger in celery_task_loggers] == [logging.NOTSET] * 2  # untouched
+    quiet_celery_task_lines("info")
+    assert [logger.level for logger in celery_task_loggers] == [logging.WARNING] * 2
+    assert all(logger.isEnabledFor(logging.ERROR) and not logger.isEnabledFor(logging.INFO)
+               for logger in celery_task_loggers)
