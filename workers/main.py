@@ -81,7 +81,7 @@ def run_worker(
     rt.results.start()
     # What start-up loaded (torch, transformers and the rest: ~430,000 objects) lives as
     # long as the worker: keep it out of the garbage collector's full passes, each of which
-    # walked it all (~220 ms on a 2-core machine) and stalled the batch engine's steps meanwhile.
+    # walked it all (~210 ms on a 2-core machine, bench/gc_pause.py) and stalled the batch engine's steps meanwhile.
     gc.freeze()
     # Tasks run in this process, where the model already lives (no fork after torch or CUDA
     # started): the solo pool for one job at a time, else K threads feeding the batch engine.

@@ -9,10 +9,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
+from shared import publish
 from shared.celery_app import make_celery
 from shared.db import Database
 from shared.models import Job, utcnow
-from shared import publish
 from shared.publish import UNACKED_INDEX_KEY, UNACKED_KEY, job_ids_in_redis, publish_job
 from shared.reaper import SCAN_TURN_KEY, Reaper
 from tests.integration.helpers import claim, lapse_lease, queued_job
