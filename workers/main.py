@@ -29,6 +29,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda:0" if device == "cuda" else "cpu")
 
 
+# How long a starting worker waits for its result writer process before it says it is ready.
+WRITER_READY_TIMEOUT_S = 60.0
+
 ROLE_KINDS = {
     "generate": (JobKind.GENERATION,),
     "finetune": (JobKind.FINE_TUNE,),
@@ -58,6 +61,7 @@ def run_worker(
     structlog.contextvars.bind_contextvars(worker_id=rt.worker_id)
     set_runtime(rt)
     _hand_back_on_shutdown(rt)
+    rt.results.start()  # its imports (~1 s of CPU, at a low priority) overlap the model load
     if metrics_port:
         serve_metrics(metrics_port, rt.device)
     queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
@@ -73,15 +77,15 @@ def run_worker(
         # Every worker reaps; passes are conditional updates, so they never conflict.
         Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
     register_tasks(rt.celery)
+    if not rt.results.wait_ready(WRITER_READY_TIMEOUT_S):
+        # Go on: a hand-over starts a new writer if this one died, and results wait in the pipe.
+        log.warning("result_writer_not_ready", timeout_s=WRITER_READY_TIMEOUT_S)
     registration.mark("ready")
     registration.start_heartbeat()
     log.info("worker_ready", queues=queues, models=rt.models.loaded_ids(), concurrency=concurrency)
-    # Its imports (~1 s of CPU) would slow the model load on a small machine; it is up before
-    # Celery's consumer is, and results handed over before that wait in the pipe.
-    rt.results.start()
-    # What start-up loaded (torch, transformers and the rest: ~430,000 objects) lives as
-    # long as the worker: keep it out of the garbage collector's full passes, each of which
-    # walked it all (~210 ms on a 2-core machine, bench/gc_pause.py) and stalled the batch engine's steps meanwhile.
+    # What start-up loaded (torch, transformers and the rest: ~430,000 objects) lives as long
+    # as the worker: keep it out of the garbage collector's full passes, each of which walked it
+    # all (~210 ms on a 2-core machine, bench/gc_pause.py), stalling the batch engine's steps.
     gc.freeze()
     # Tasks run in this process, where the model already lives (no fork after torch or CUDA
     # started): the solo pool for one job at a time, else K threads feeding the batch engine.

@@ -39,9 +39,10 @@ class ResultProcess:
     """The worker's side: hands finished jobs to the writer process over a pipe.
 
     In the worker's process a writer thread cost the worker ~0.7 ms of CPU (GIL time) per no-op
-    job (docs/benchmarks.md, eleventh session). The worker starts it once ready (else the first
-    result does). If it dies, a new one takes the next results; the jobs it held are safe where
-    they were (their rows stay `running` until a lease lapses, and the reaper runs them again).
+    job (docs/benchmarks.md, eleventh session). The worker starts it before loading its models
+    and says it is ready once the writer is (else the first result starts one). If it dies, a
+    new one takes the next results; the jobs it held are safe where they were (their rows stay
+    `running` until a lease lapses, and the reaper runs them again).
     """
 
     def __init__(self, settings: Settings, worker_id: str):
@@ -53,6 +54,7 @@ class ResultProcess:
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._ready = _SPAWN.Event()  # set by the writer process once it can write
         self._closed = False
 
     @property
@@ -69,6 +71,18 @@ class ResultProcess:
         with self._lock:
             if self._process is None:
                 self._start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the writer process can write; False if it did not in time, or died.
+
+        A worker that took jobs before would fill the pipe (~80 no-op results) within a
+        fraction of a second and stop at the next hand-over until the writer came up.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.1):
+            if self._process is None or not self._process.is_alive() or time.monotonic() > deadline:
+                return False
+        return True
 
     def put(self, job: FinishedJob) -> None:
         """Hand a finished job to the writer process.
@@ -113,11 +127,14 @@ class ResultProcess:
         if self._process is not None:
             self._conn.close()
         self._conn, child_end = _SPAWN.Pipe(duplex=False)[::-1]
+        self._ready.clear()
         self._process = _SPAWN.Process(
-            target=serve, args=(child_end, self.settings, self.worker_id, self._in_flight), name="result-writer",
-            daemon=True,
+            target=serve, args=(child_end, self.settings, self.worker_id, self._in_flight, self._ready),
+            name="result-writer", daemon=True,
         )
         self._process.start()
+        # Lowered from here, at once: its imports then take what the worker's model load leaves.
+        _yield_to_the_job_path(self._process.pid)
         child_end.close()
 
 
@@ -132,18 +149,19 @@ class WriterContext:
     celery: None = None  # results hand nothing back to the queue
 
 
-def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any) -> None:
-    """The writer process: write what comes down the pipe until the worker closes it or dies."""
+def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any, ready: Any) -> None:
+    """The writer process: say it is `ready`, then write what comes down the pipe until the
+    worker closes it or dies."""
     # Ctrl-C and SIGTERM reach the whole process group: the worker says when to stop, and a
     # worker that died is seen as the end of the pipe. Either way what came is written first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings.log_level, settings.log_format, process="result-writer")
-    _yield_to_the_job_path()
     structlog.contextvars.bind_contextvars(worker_id=worker_id)
     context = WriterContext(settings, connect_database(settings), connect_redis(settings), worker_id)
     writer = ResultWriter(context)
     gc.freeze()  # its imports (~110,000 objects) stay: out of the collector's full passes (~60 ms each)
+    ready.set()
     stored: list[FinishedJob] = []  # committed, not yet announced
     open_ = True
     try:
@@ -158,16 +176,17 @@ def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any) 
         context.db.dispose()
 
 
-def _yield_to_the_job_path() -> None:
-    """Let the worker, PostgreSQL and Redis have a busy CPU first: this process's writes can wait.
+def _yield_to_the_job_path(pid: int) -> None:
+    """Let the worker, PostgreSQL and Redis have a busy CPU first: the writer's writes can wait.
 
     A job's path is a chain of round trips (the message, the claim, the ack); woken by each
-    finished job, this process took the core from a link of that chain. As a batch process
+    finished job, the writer took the core from a link of that chain. As a batch process
     (SCHED_BATCH: no preempting others on wake-up) at a lower priority, it runs when they wait.
     """
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        os.nice(WRITER_NICENESS)
+        os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+        worker_nice = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, pid, min(worker_nice + WRITER_NICENESS, 19))
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run as the worker does
         log.info("result_writer_priority_unchanged", error=str(exc))
 
