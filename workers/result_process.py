@@ -75,7 +75,7 @@ class ResultProcess:
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until the writer process can write; False if it did not in time, or died.
 
-        A worker that took jobs before would fill the pipe (~80 no-op results) within a
+        A worker that took jobs before would fill the pipe (~70 no-op results) within a
         fraction of a second and stop at the next hand-over until the writer came up.
         """
         deadline = time.monotonic() + timeout_s
