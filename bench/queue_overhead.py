@@ -199,7 +199,7 @@ def consume(args, mode: str, workdir: Path, expect: int, env: dict[str, str], pr
     command = [sys.executable, __file__, f"--serve-{mode}-worker", "--expect", str(expect), "--result", str(result),
                "--redis-url", args.redis_url, "--log-level", args.log_level, "--concurrency", str(args.concurrency)]
     command += ["--profile"] if profile else []
-    command += ["--raw-quiet"] if args.raw_quiet else []
+    command += ["--raw-quiet"] if mode == "raw" and args.raw_quiet else []
     child = Child(command, env, result.with_suffix(".log"))
     try:
         wait_until(lambda: result.exists() and done(), 600, child=child)

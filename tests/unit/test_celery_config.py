@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from shared.celery_app import make_celery, queue_for, task_for_queue
+from shared.logging import CELERY_TASK_LOGGERS, quiet_celery_task_lines
 
 
 def test_delivery_is_json_late_ack_prefetch_one():
@@ -31,8 +32,6 @@ def test_queues_name_kind_and_model():
 @pytest.fixture()
 def celery_task_loggers():
     """Celery's per-task loggers, with their levels put back afterwards."""
-    from shared.logging import CELERY_TASK_LOGGERS
-
     loggers = [logging.getLogger(name) for name in CELERY_TASK_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -43,8 +42,6 @@ def celery_task_loggers():
 
 
 def test_celery_s_per_task_lines_are_left_to_debug_logging(celery_task_loggers):
-    from shared.logging import quiet_celery_task_lines
-
     quiet_celery_task_lines("debug")
     assert [logger.level for logger in celery_task_loggers] == [logging.NOTSET] * 2  # untouched
     quiet_celery_task_lines("info")
