@@ -13,9 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
-    PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -28,6 +26,7 @@ from shared.schemas import Hyperparameters, optimizer_steps
 from shared.training_data import TrainingDataError, parse_training_file
 from workers.model_loader import ModelUnavailable, weights_dir
 from workers.training_data import IGNORE_INDEX, TokenizedExample, tokenize_example
+from workers.training_tokenizers import training_tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +106,7 @@ def train_adapter(
         )
     hp = spec.hyperparameters
     folder = weights_dir(spec.base, cache_root)
-    tokenizer = _tokenizer(folder)
+    tokenizer = training_tokenizer(folder, cache_root)
     train_rows = _tokenized(spec.training_file, tokenizer, hp["max_seq_length"], spec.max_rows, "training_file")
     eval_rows = (
         _tokenized(spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file")
@@ -137,25 +136,6 @@ def train_adapter(
     (output_dir / "README.md").unlink(missing_ok=True)
     shutil.rmtree(output_dir / "trainer", ignore_errors=True)
     return report
-
-
-# Tokenizers by weights folder, loaded once per process: parsing Gemma's 262k-token
-# vocabulary holds the GIL for ~3 s, long enough to starve the lease-renewal thread.
-_tokenizers: dict[Path, PreTrainedTokenizerBase] = {}
-
-
-def preload_tokenizer(base: ModelEntry, cache_root: Path, loaded: PreTrainedTokenizerBase | None = None) -> None:
-    """Have a base model's tokenizer ready before taking fine-tunes; reuse one already loaded."""
-    folder = weights_dir(base, cache_root)
-    if loaded is not None:
-        _tokenizers.setdefault(folder, loaded)
-    _tokenizer(folder)
-
-
-def _tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    if folder not in _tokenizers:
-        _tokenizers[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return _tokenizers[folder]
 
 
 def _tokenized(path: Path, tokenizer, max_seq_length: int, max_rows: int, name: str) -> list[TokenizedExample]:

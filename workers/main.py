@@ -112,8 +112,8 @@ def run_worker(
 
 def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> None:
     """Load the tokenizers training needs now, not while a job's lease is running."""
-    from workers.fine_tuning import preload_tokenizer
     from workers.model_loader import ModelUnavailable
+    from workers.training_tokenizers import preload_tokenizer
 
     for model_id in model_ids:
         try:

@@ -143,3 +143,11 @@ def test_demo_prints_a_real_completion(tmp_path, model_cache_dir, redis_url):
 def test_gateway_module_imports_no_torch():
     code = "import sys, services.cli, services.gateway, services.stack; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_worker_start_path_imports_no_trainer():
+    # peft and transformers' Trainer (~0.5 s of a worker's start) wait for a fine-tune's first run.
+    code = ("import sys, services.cli, workers.main, workers.training_tokenizers; "
+            "assert 'peft' not in sys.modules and 'transformers.trainer' not in sys.modules, "
+            "[name for name in sys.modules if name.startswith(('peft', 'transformers.trainer'))]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
