@@ -67,11 +67,16 @@ def _load_prepared(prepared: Path) -> PreTrainedTokenizerBase:
     spec = json.loads((prepared / "wrapper.json").read_text())
     tokenizer_class = _tokenizer_class(spec["class"])
     kwargs = tokenizer_class.convert_added_tokens(spec["init_kwargs"], save=False)
-    if "added_tokens_decoder" in kwargs:  # JSON turned its integer keys into strings
-        kwargs["added_tokens_decoder"] = {int(index): token for index, token in kwargs["added_tokens_decoder"].items()}
+    # The backend file holds every added token already. Passed in, Gemma's 6,389 would be deep-
+    # copied and added to the backend once more (~0.2 s of a start): they go back into the
+    # arguments afterwards, so the wrapper is as transformers built it (`same_tokenizer` checks).
+    added_tokens = kwargs.pop("added_tokens_decoder", None)
     # TokenizersBackend loads tokenizer_file as the whole backend, so the class's own rebuild
     # from vocab and merges (the slow part) is skipped.
-    return tokenizer_class(tokenizer_file=str(prepared / "tokenizer.json"), **kwargs)
+    tokenizer = tokenizer_class(tokenizer_file=str(prepared / "tokenizer.json"), **kwargs)
+    if added_tokens is not None:  # JSON turned its integer keys into strings
+        tokenizer.init_kwargs["added_tokens_decoder"] = {int(index): token for index, token in added_tokens.items()}
+    return tokenizer
 
 
 def _tokenizer_class(name: str) -> type[TokenizersBackend]:
