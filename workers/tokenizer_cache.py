@@ -67,7 +67,7 @@ def _load_prepared(prepared: Path) -> PreTrainedTokenizerBase:
     spec = json.loads((prepared / "wrapper.json").read_text())
     tokenizer_class = _tokenizer_class(spec["class"])
     kwargs = tokenizer_class.convert_added_tokens(spec["init_kwargs"], save=False)
-    # The backend file holds every added token already. Passed in, Gemma's 6,389 would be deep-
+    # The backend file holds every added token already. Passed in, Gemma's ~6,400 would be deep-
     # copied and added to the backend once more (~0.2 s of a start): they go back into the
     # arguments afterwards, so the wrapper is as transformers built it (`same_tokenizer` checks).
     added_tokens = kwargs.pop("added_tokens_decoder", None)
