@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import inspect
 
 from services.gateway import create_app
-from shared.db import Database, SchemaOutOfDate
+from shared.db import SCHEMA_HEAD, Database, SchemaOutOfDate
 from shared.migrate import downgrade, head_revision, upgrade
 from shared.models import Base
 from shared.settings import load_settings
@@ -30,6 +30,23 @@ def test_down_to_base_and_up_again(database_url):
     db.dispose()
     upgrade(database_url)
     Database(database_url).check_schema()
+
+
+def test_the_recorded_head_is_alembics():
+    """The check at start-up compares with SCHEMA_HEAD: a new migration must move it."""
+    assert SCHEMA_HEAD == head_revision()
+
+
+def test_a_schema_one_migration_behind_is_refused(database_url):
+    downgrade(database_url, "-1")
+    db = Database(database_url)
+    previous = db.schema_revision()
+    assert previous is not None and previous != SCHEMA_HEAD
+    with pytest.raises(SchemaOutOfDate, match=f"at {previous}, the code needs {SCHEMA_HEAD}"):
+        db.check_schema()
+    upgrade(database_url)
+    db.check_schema()
+    db.dispose()
 
 
 def test_models_match_the_migrations(database_url):
