@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,12 @@ def lua_script(folder: Path, name: str, *, token: str | None = None, body: dict 
     path = folder / f"{name}.lua"
     path.write_text("\n".join(lines) + "\n" + LUA_DONE)
     return path
+
+
+def require_wrk() -> None:
+    """Stop at once, saying how to get it, where wrk is not installed (not a traceback minutes in)."""
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: `apt-get install wrk` (Debian, Ubuntu) or build it from github.com/wg/wrk")
 
 
 def run_wrk(url: str, script: Path, *, connections: int, threads: int, duration_s: int) -> WrkResult:
@@ -239,6 +246,7 @@ def main() -> None:
     if args.serve_trivial:
         serve_trivial(args.port, args.workers, args.threads)
         return
+    require_wrk()
     wrk = dict(connections=args.connections, threads=args.wrk_threads, duration_s=max(1, args.duration // args.rounds))
     broker = redis.Redis.from_url(args.redis_url)
     broker.flushdb()

@@ -27,7 +27,7 @@ import redis
 
 # Sibling scripts (bench/ is on sys.path when a script in it runs).
 from bench_processes import connect, fresh_postgres, new_key
-from gateway_http import SUBMIT_BODY, WrkResult, job_ids, lua_script, run_wrk, serving_gateway, spread
+from gateway_http import SUBMIT_BODY, WrkResult, job_ids, lua_script, require_wrk, run_wrk, serving_gateway, spread
 
 FLOOR = 1.2
 FILL_KEYS = 1000
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16, help="threads per process (gateway default)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = parser.parse_args()
+    require_wrk()
     broker = redis.Redis.from_url(args.redis_url)
     broker.flushdb()
     results: dict[str, dict[str, WrkResult]] = {"empty": {}, "full": {}}
