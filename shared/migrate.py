@@ -6,9 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
 
 import migrations
 
@@ -41,9 +39,3 @@ def head_revision() -> str:
     if len(heads) != 1:
         raise RuntimeError(f"migrations must have exactly one head, found {heads}")
     return heads[0]
-
-
-def current_revision(engine: Engine) -> str | None:
-    """Return the revision the database is at, or None for an empty database."""
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
