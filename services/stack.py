@@ -48,13 +48,14 @@ class Stack:
         self.redis_url = ""
         self.admin_key: str | None = None
         self._children: list[tuple[str, subprocess.Popen]] = []
+        self._stop_asked = False
 
     def __enter__(self) -> "Stack":
         # From here on Ctrl-C and SIGTERM stop the children in order, even during start-up.
         # Python leaves SIGINT ignored when started so (in the background of a script), and
         # Ctrl-C must still stop the stack.
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, self._interrupt)
+        signal.signal(signal.SIGINT, self._interrupt)
         try:
             self.start()
         except BaseException:
@@ -138,8 +139,18 @@ class Stack:
             time.sleep(0.2)
         raise StackError(f"gateway not ready at {self.base_url}/readyz after {READY_TIMEOUT_S}s")
 
+    def _interrupt(self, *_args) -> None:
+        """Treat SIGTERM like Ctrl-C: stop the children in order."""
+        # Remembered as well as raised: a KeyboardInterrupt raised while Python runs a finalizer
+        # (of a garbage-collected HTTP connection pool, say) is printed and dropped, and the
+        # stop with it; the waiting loops call check_alive, which raises it again.
+        self._stop_asked = True
+        raise KeyboardInterrupt
+
     def check_alive(self) -> None:
-        """Raise if any child process has exited."""
+        """Raise if any child process has exited; KeyboardInterrupt if a stop was asked for."""
+        if self._stop_asked:
+            raise KeyboardInterrupt
         for name, process in self._children:
             if process.poll() is not None:
                 raise StackError(f"{name} exited with code {process.returncode}")
@@ -173,11 +184,6 @@ class Stack:
                 process.kill()
                 process.wait()
         self._children.clear()
-
-
-def _interrupt(*_args) -> None:
-    """Treat SIGTERM like Ctrl-C: stop the children in order."""
-    raise KeyboardInterrupt
 
 
 def run_sample_job(stack: Stack, prompt: str, timeout_s: float = 900) -> int:
