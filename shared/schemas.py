@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from shared.jobs import QUEUE_POSITION_CAP
 
 MAX_STOP_SEQUENCES = 8
 MAX_INT32 = 2**31 - 1
 MAX_METADATA_KEYS = 16
+# Bounded strings are also checked to be valid Unicode (a JSON "\ud800" escape decodes to a lone
+# surrogate that no UTF-8 answer or PostgreSQL column can hold); unbounded ones were not.
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+StopSequence = Annotated[str, StringConstraints(max_length=512)]
 
 
 class StrictModel(BaseModel):
@@ -39,7 +44,7 @@ class GenerationRequest(StrictModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering")
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     timeout_s: float | None = Field(
         default=None, gt=0, description="execution time limit; past it the job fails with `timeout`"
@@ -47,7 +52,7 @@ class GenerationRequest(StrictModel):
     ttl_s: float | None = Field(
         default=None, gt=0, description="how long it may wait queued; past it the job fails with `expired`"
     )
-    metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
     stream: bool = Field(
         default=False,
         description="answer 200 with the job's Server-Sent Events (tokens as they are generated, "
@@ -108,7 +113,7 @@ class FineTuneRequest(StrictModel):
     """Body of POST /v1/fine-tunes."""
 
     base_model: str = Field(min_length=1, max_length=200, examples=["gemma-3-270m"])
-    training_file: str = Field(min_length=1, max_length=40, examples=["file_01j..."])
+    training_file: str = Field(min_length=1, max_length=40, examples=["file-01j..."])
     validation_file: str | None = Field(default=None, min_length=1, max_length=40)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     quantization: Literal["none", "8bit", "4bit"] = Field(
@@ -120,7 +125,7 @@ class FineTuneRequest(StrictModel):
     ttl_s: float | None = Field(
         default=None, gt=0, description="how long it may wait queued; past it the job fails with `expired`"
     )
-    metadata: dict[str, str] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=MAX_METADATA_KEYS)
 
 
 class FileInfo(BaseModel):

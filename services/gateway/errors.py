@@ -46,8 +46,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def invalid_body(exc: ValidationError):
         details = validation_details(exc)
-        fields = ", ".join(detail["field"] for detail in details)
-        return error_response(422, "invalid_field", f"invalid value for: {fields}", details)
+        # What is wrong with each field, in the message too: clients often show only the message.
+        problems = "; ".join(f"{detail['field']}: {detail['message']}" for detail in details)
+        return error_response(422, "invalid_field", f"invalid value for {problems}", details)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

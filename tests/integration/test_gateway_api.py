@@ -130,6 +130,17 @@ def test_bad_fields_are_422_naming_the_field(client, auth, overrides, field):
     assert field in error["message"]
 
 
+@pytest.mark.parametrize("part", ['"metadata": {"k": "\\ud800"}', '"metadata": {"\\udfff": "v"}', '"stop": ["\\ud800"]'])
+def test_a_lone_surrogate_is_422_and_records_no_job(client, auth, app, part):
+    """A JSON escape of half a UTF-16 pair is valid JSON but no text: once stored, the job could
+    not be answered (every poll and list page holding it failed)."""
+    raw = '{"model": "gemma-3-270m", "prompt": "Hello", ' + part + "}"
+    response = client.post("/v1/generations", data=raw, headers={**auth, "Content-Type": "application/json"})
+    error = assert_error(response, 422, "invalid_field")
+    assert "unicode" in error["message"].lower()
+    assert client.get("/v1/jobs", headers=auth).get_json()["data"] == []
+
+
 def test_prompt_and_messages_together_is_422(client, auth):
     response = submit(client, auth, messages=[{"role": "user", "content": "hi"}])
     error = assert_error(response, 422, "invalid_field")

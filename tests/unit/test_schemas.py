@@ -30,6 +30,14 @@ def test_a_single_stop_string_becomes_a_list():
         {"model": "m", "prompt": "Hi", "top_k": -1},
         {"model": "m", "prompt": "Hi", "unknown": 1},
         {"model": "m", "prompt": "Hi", "metadata": {"k": 1}},
+        # A JSON "\\ud800" escape decodes to a lone surrogate: no UTF-8 answer could hold it.
+        {"model": "m", "prompt": "Hi", "metadata": {"k": "\ud800"}},
+        {"model": "m", "prompt": "Hi", "metadata": {"\udc00": "v"}},
+        {"model": "m", "prompt": "Hi", "stop": ["\ud800"]},
+        {"model": "m", "prompt": "Hi", "metadata": {"": "v"}},
+        {"model": "m", "prompt": "Hi", "metadata": {"k" * 65: "v"}},
+        {"model": "m", "prompt": "Hi", "metadata": {"k": "v" * 513}},
+        {"model": "m", "prompt": "Hi", "stop": ["s" * 513]},
     ],
 )
 def test_invalid_requests(body):
