@@ -53,8 +53,8 @@ _CLOCK = _MonotonicClock()
 os.register_at_fork(after_in_child=_CLOCK.forget)
 
 
-def new_id(prefix: str) -> str:
-    """Return `prefix_` + a ULID-style id: 48-bit milliseconds then 80 random bits, increasing
-    within a process."""
+def new_id(prefix: str, separator: str = "_") -> str:
+    """Return prefix + separator + a ULID-style id: 48-bit milliseconds then 80 random bits,
+    increasing within a process."""
     millis, random = _CLOCK.next()
-    return f"{prefix}_{_base32(millis, 10)}{_base32(random, 16)}"
+    return f"{prefix}{separator}{_base32(millis, 10)}{_base32(random, 16)}"

@@ -58,7 +58,9 @@ def parse_training_file(data: bytes, *, max_rows: int) -> list[Example]:
         ) from None
     examples: list[Example] = []
     problems: list[Problem] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" (and "\r\n") only: JSON strings may hold U+2028, U+2029 or U+0085 raw,
+    # which `str.splitlines` would also break at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (a trailing newline, say) carry no row
         try:
@@ -84,6 +86,8 @@ def parse_row(line: str) -> Example:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(row, dict):
         raise ValueError("each line must be a JSON object")
     if "messages" in row:
@@ -96,8 +100,18 @@ def parse_row(line: str) -> Example:
             raise ValueError('"prompt" must be a non-empty string')
         if not isinstance(completion, str) or not completion:
             raise ValueError('"completion" must be a non-empty string')
+        _check_unicode(prompt, '"prompt"')
+        _check_unicode(completion, '"completion"')
         return Example(prompt=prompt, completion=completion)
     raise ValueError('a row needs "messages" (chat turns) or "prompt" and "completion"')
+
+
+def _check_unicode(text: str, name: str) -> None:
+    """Refuse half of a UTF-16 pair (a lone "\\ud800" escape): valid JSON, but no text to train on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff); send valid Unicode") from None
 
 
 def _no_other_keys(row: dict, allowed: set[str]) -> None:
@@ -118,6 +132,7 @@ def _parse_messages(messages: object) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"messages[{index}].role must be one of {', '.join(ROLES)}, not {role!r}")
         if not isinstance(content, str) or not content:
             raise ValueError(f"messages[{index}].content must be a non-empty string")
+        _check_unicode(content, f"messages[{index}].content")
         if role == "system" and index != 0:
             raise ValueError(f"messages[{index}]: a system message may only come first")
         turns.append((role, content))

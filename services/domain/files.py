@@ -47,7 +47,7 @@ def create_file(
     storage: Storage,
 ) -> TrainingFile:
     """Store a checked upload's bytes under a server id and record it."""
-    file_id = new_id("file")
+    file_id = new_id("file", "-")  # `file-…`, as the contract (DESIGN.md) shows it
     relative = Storage.file_relative(file_id)
     # The bytes are on disk before the row exists, so a committed row never names a missing file.
     storage.write_atomic(relative, data)

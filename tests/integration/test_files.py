@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 
 import pytest
 from sqlalchemy.exc import IntegrityError
@@ -51,7 +52,7 @@ def test_upload_records_rows_bytes_and_stores_under_the_id(client, auth, app):
         response = upload(client, auth, data, filename="my train.jsonl")
     assert response.status_code == 201, response.get_data(as_text=True)
     body = response.get_json()
-    assert body["id"].startswith("file_")
+    assert re.fullmatch(r"file-[0-9a-z]{26}", body["id"])
     assert body["object"] == "file"
     assert (body["rows"], body["bytes"], body["purpose"]) == (3, len(data), "fine-tune")
     assert body["filename"] == "my train.jsonl"
@@ -110,6 +111,30 @@ def test_invalid_rows_are_422_with_line_details(client, auth, row, words):
     assert words in error["message"]
     assert error["details"][0]["line"] == 2
     assert words in error["details"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (b"[" * 5000, "nested too deeply"),  # json.loads' RecursionError was a 500
+        (b'{"prompt": "\\ud800", "completion": "c"}', "surrogate"),
+        (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udfff"}]}',
+         "messages[1].content"),
+    ],
+)
+def test_unusable_text_is_422_naming_the_line(client, auth, app, line, words):
+    error = assert_error(upload(client, auth, jsonl(CHAT) + line + b"\n"), 422, "invalid_field")
+    assert error["message"].startswith("line 2:") and words in error["message"]
+    assert stored_files(app) == []
+
+
+def test_line_separators_inside_strings_do_not_split_rows(client, auth):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw; only "\\n" ends a row."""
+    rows = [{"prompt": "a\u2028b\u2029c\x85d", "completion": "e"}, CHAT]
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\r\n" for row in rows).encode()
+    response = upload(client, auth, data)
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert response.get_json()["rows"] == 2
 
 
 def test_every_bad_row_is_reported(client, auth):
