@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from shared.jobs import QUEUE_POSITION_CAP
 
@@ -18,6 +18,19 @@ MAX_METADATA_KEYS = 16
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 StopSequence = Annotated[str, StringConstraints(max_length=512)]
+
+
+def _storable(value: datetime) -> datetime:
+    """Refuse a time that falls outside years 1-9999 once moved to UTC (it is stored in UTC)."""
+    if value.tzinfo is not None:
+        try:
+            value.astimezone(timezone.utc)
+        except OverflowError:
+            raise ValueError("is out of range once converted to UTC (years 1-9999)") from None
+    return value
+
+
+Timestamp = Annotated[datetime, AfterValidator(_storable)]
 
 
 class StrictModel(BaseModel):
@@ -301,13 +314,11 @@ class KeyCreate(StrictModel):
     rpm: int | None = Field(default=None, ge=1, le=MAX_INT32, description="requests per minute")
     tpm: int | None = Field(default=None, ge=1, le=MAX_INT32, description="tokens per minute")
     max_concurrent: int | None = Field(default=None, ge=1, le=MAX_INT32, description="queued + running jobs")
-    expires_at: datetime | None = Field(default=None, description="the key stops working at this time")
+    expires_at: Timestamp | None = Field(default=None, description="the key stops working at this time")
 
     @field_validator("expires_at")
     @classmethod
     def _aware_and_future(cls, value: datetime | None) -> datetime | None:
-        from datetime import timezone
-
         if value is None:
             return None
         if value.tzinfo is None:
@@ -351,15 +362,15 @@ class UsageRange(StrictModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    start: datetime | None = Field(default=None, alias="from")
-    end: datetime | None = Field(default=None, alias="to")
+    start: Timestamp | None = Field(default=None, alias="from")
+    end: Timestamp | None = Field(default=None, alias="to")
 
 
 class UsageQuery(UsageRange):
     """Query of GET /v1/admin/usage: a range, a grouping and optionally one key."""
 
     group_by: Literal["key", "model", "day"] = "key"
-    key_id: str | None = Field(default=None, max_length=40)
+    key_id: str | None = Field(default=None, max_length=40, pattern=r"^[^\x00]*$")
 
 
 class UsageTotals(BaseModel):

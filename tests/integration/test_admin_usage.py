@@ -53,12 +53,30 @@ def test_user_keys_get_403_on_admin_routes(client, auth):
         ({"rpm": 0}, "rpm"),
         ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
         ({"expires_at": "2099-01-01T00:00:00"}, "expires_at"),
+        ({"expires_at": "9999-12-31T23:59:59-05:00"}, "expires_at"),  # past year 9999 in UTC: was a 500
         ({"colour": "red"}, "colour"),
     ],
 )
 def test_bad_key_requests_are_422(client, admin, body, field):
     error = assert_error(client.post("/v1/admin/keys", json=body, headers=admin), 422, "invalid_field")
     assert field in [detail["field"] for detail in error["details"]]
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/admin/usage?from=0001-01-01T00:00:00%2B01:00", "from"),  # before year 1 in UTC
+        ("/v1/usage?to=9999-12-31T23:00:00-05:00", "to"),
+        ("/v1/admin/usage?key_id=key_%00", "key_id"),  # PostgreSQL refuses NUL in text
+    ],
+)
+def test_unstorable_usage_queries_are_422(client, admin, path, field):
+    error = assert_error(client.get(path, headers=admin), 422, "invalid_field")
+    assert field in [detail["field"] for detail in error["details"]]
+
+
+def test_revoking_an_id_with_nul_is_404(client, admin):
+    assert_error(client.delete("/v1/admin/keys/key_%00", headers=admin), 404, "not_found")
 
 
 def test_an_expired_key_is_refused(client, admin, app):
