@@ -303,6 +303,7 @@ class Health(BaseModel):
 
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+    error: ErrorBody | None = Field(default=None, description="when unavailable: code `not_ready`")
 
 
 class KeyCreate(StrictModel):

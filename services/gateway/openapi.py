@@ -18,8 +18,8 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         "Create a generation job (with `stream: true`, answer with its Server-Sent Events)",
         schemas.GenerationRequest,
         {200: schemas.Job, 202: schemas.Job, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
-         409: schemas.ErrorResponse, 413: schemas.ErrorResponse, 422: schemas.ErrorResponse,
-         429: schemas.ErrorResponse},
+         404: schemas.ErrorResponse, 409: schemas.ErrorResponse, 413: schemas.ErrorResponse,
+         422: schemas.ErrorResponse, 429: schemas.ErrorResponse},
         True,
     ),
     ("post", "/v1/jobs/{job_id}/cancel"): (

@@ -248,7 +248,9 @@ def test_readiness_is_503_without_redis(database_url, tmp_path):
     settings = load_settings(database_url=database_url, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
     response = create_app(settings).test_client().get("/readyz")
     assert response.status_code == 503
-    assert response.get_json()["checks"]["redis"].startswith("error")
+    body = response.get_json()
+    assert body["checks"]["redis"].startswith("error")
+    assert body["error"]["code"] == "not_ready" and "redis" in body["error"]["message"]
 
 
 def test_submit_without_redis_keeps_the_job(database_url, tmp_path):

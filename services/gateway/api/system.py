@@ -34,10 +34,12 @@ def readyz():
         checks["redis"] = "ok"
     except redis.RedisError as exc:
         checks["redis"] = f"error: {exc.__class__.__name__}: {str(exc)[:200]}"
-    ready = all(value == "ok" for value in checks.values())
-    return jsonify({"status": "ok" if ready else "unavailable", "checks": checks}), (
-        200 if ready else 503
-    )
+    if all(value == "ok" for value in checks.values()):
+        return jsonify({"status": "ok", "checks": checks}), 200
+    failing = "; ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok")
+    # The contract's error shape as well, for clients that read every non-2xx as one.
+    error = {"code": "not_ready", "message": f"not ready: {failing}", "details": checks}
+    return jsonify({"status": "unavailable", "checks": checks, "error": error}), 503
 
 
 @blueprint.get("/openapi.json")
