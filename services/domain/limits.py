@@ -95,7 +95,9 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
             f"this key's {tpm} tokens per minute: lower max_new_tokens",
             details=[{"field": "max_new_tokens", "message": "over the key's tokens per minute"}],
         )
-    window = session.get(RateLimitWindow, (key_id, window_start), populate_existing=True)
+    # Locked as well: workers settle reservations into this row (tokens = tokens + used - reserved)
+    # without the key's lock, and an unlocked read here would write back a count that lost theirs.
+    window = session.get(RateLimitWindow, (key_id, window_start), populate_existing=True, with_for_update=True)
     if window is None:
         session.execute(
             delete(RateLimitWindow).where(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import select
@@ -75,6 +77,28 @@ def test_tokens_are_reserved_then_settled_to_what_was_used(client, app):
         assert session.scalars(select(RateLimitWindow.tokens)).one() == 10
     second = submit(client, headers, max_new_tokens=60)
     assert second.status_code == 202 and remaining(second, "tokens") == 27
+
+
+def test_a_settlement_during_a_submit_of_the_same_key_is_not_lost(client, app):
+    """A worker settles a reservation into the minute's row while a submit of the key is being
+    admitted: the submit must count on top of the settled tokens, not write back what it read
+    before (PostgreSQL: the window row was read unlocked and written back whole)."""
+    headers = key_with(app, tpm=1000)
+    first = submit(client, headers, max_new_tokens=60)  # reserves 63
+    db = app.extensions["gemma_jobs"].db
+    held = job_store.claim(db, first.get_json()["id"], "w", device="cpu", lease_s=30, max_attempts=3)
+    settling = db.session_scope()
+    session = settling.__enter__()
+    # A failure before any output releases all 63 (a success's usage row would lock the key row
+    # too, through its foreign key, and so wait for the submit anyway).
+    job_store.fail(session, held, "w", code="model_unavailable", message="no model")  # 63 -> 0, not committed
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(submit, client, headers, max_new_tokens=60)
+        time.sleep(0.5)  # the submit reaches the window row while the settlement holds it
+        settling.__exit__(None, None, None)  # commit
+        assert second.result(timeout=30).status_code == 202
+    with db.session_scope() as session:
+        assert session.scalars(select(RateLimitWindow.tokens)).one() == 0 + 63
 
 
 def test_cancelling_a_queued_job_releases_its_tokens_and_its_slot(client, app):
