@@ -465,7 +465,10 @@ def cancel(session: Session, job_id: str) -> bool:
     A queued job used nothing: its reservation is released now. A running job's worker
     stops, charges what it produced and settles then.
     """
-    for status in (JobStatus.QUEUED, JobStatus.RUNNING):
+    # Queued, then running, then each once more: on PostgreSQL each UPDATE sees the latest
+    # commit, and a running job handed back or requeued between the first two (running ->
+    # queued, committed as the second waited on its row) matched neither and was refused.
+    for status in (JobStatus.QUEUED, JobStatus.RUNNING) * 2:
         cancelled = session.execute(
             update(JOBS)
             .where(J.id == job_id, J.status == status)

@@ -122,6 +122,24 @@ def test_cancel_waits_for_a_concurrent_writer_instead_of_failing(client, auth, a
     assert response.get_json()["status"] == "cancelled"
 
 
+def test_cancel_of_a_job_being_handed_back_cancels_it(client, auth, app):
+    """A running job goes back to the queue (its worker stopping) while a cancel runs: the cancel
+    must find it queued, not answer 409 "already queued" and let it run."""
+    job_id = submit(client, auth).get_json()["id"]
+    held = job_store.claim(db_of(app), job_id, "w", device="cpu", lease_s=30, max_attempts=3)
+    handing_back = db_of(app).session_scope()
+    session = handing_back.__enter__()
+    assert job_store.hand_back(session, held, "w")  # running -> queued, not yet committed
+    results = []
+    cancelling = threading.Thread(target=lambda: results.append(client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)))
+    cancelling.start()
+    time.sleep(0.5)  # the cancel's UPDATEs meet the uncommitted hand-back
+    handing_back.__exit__(None, None, None)
+    cancelling.join(30)
+    assert results[0].status_code == 200, results[0].get_data(as_text=True)
+    assert results[0].get_json()["status"] == "cancelled"
+
+
 def test_deeply_nested_json_is_400(client, auth):
     response = client.post("/v1/generations", data="[" * 100_000, headers={**auth, "Content-Type": "application/json"})
     assert_error(response, 400, "malformed_request")
