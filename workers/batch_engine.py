@@ -151,26 +151,37 @@ class BatchEngine:
 
     def step(self) -> None:
         """One scheduling round: admit, decode one token for every row, retire finished rows."""
-        if self.cpu_threads is not None:
-            self.cpu_threads.apply()
-        self._drop_stopped_waiting()
-        joining = self._admit()
+        joining: list[Sequence] = []
         try:
+            if self.cpu_threads is not None:
+                self.cpu_threads.apply()
+            self._drop_stopped_waiting()
+            joining = self._admit()
             with torch.inference_mode(), self._model_for_group(joining) as model:
                 if joining:
                     self._prefill(model, joining)
                 self._retire()
                 if self.active:
                     self._decode(model)
+            self._retire()
         except Exception as exc:  # noqa: BLE001 - fail these jobs, keep the engine serving
-            log.exception("batch_step_failed", rows=len(self.active))
-            for sequence in self.active + joining:
-                if not sequence.done.is_set():
-                    self._complete(sequence, error=_as_generation_error(exc))
-            self.active = []
-            self.batch.keep([])
-            return
-        self._retire()
+            # All of the round is in here: an error that ended the engine's thread left every
+            # job thread waiting on its sequence for good, renewing its lease all the while.
+            self._fail_round(exc, joining)
+
+    def _fail_round(self, exc: Exception, joining: list[Sequence]) -> None:
+        """Fail the jobs of a round that raised; if none was in it, the waiting ones (else the
+        next round would raise again at once, and again)."""
+        log.exception("batch_step_failed", rows=len(self.active))
+        failing = self.active + joining
+        if not failing:
+            with self._wake:
+                failing, self.waiting = list(self.waiting), deque()
+        for sequence in failing:
+            if not sequence.done.is_set():
+                self._complete(sequence, error=_as_generation_error(exc))
+        self.active = []
+        self.batch.keep([])
 
     def _admit(self) -> list[Sequence]:
         """Take waiting sequences, oldest first, while there is room and they share the batch's adapter."""

@@ -1,0 +1,53 @@
+"""A job whose round raises fails alone, and the batching engine goes on serving the next."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
+from workers.batch_engine import BatchEngine
+from workers.generation import GenerationError
+from workers.model_loader import load_model
+
+pytestmark = pytest.mark.e2e
+
+
+def test_an_error_at_the_end_of_a_round_fails_its_job_and_the_engine_serves_on(model_cache_dir):
+    loaded = load_model(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), model_cache_dir, torch.device("cpu"),
+                        torch.float32)
+    engine = BatchEngine(loaded, max_batch=2)
+    checks = []
+
+    def stop_check_that_breaks() -> bool:
+        """A job's stop check raising on its third call: the check after the round's decode,
+        which ran outside the round's error handling and ended the engine's thread."""
+        checks.append(1)
+        if len(checks) == 3:
+            raise RuntimeError("the job's guard broke")
+        return False
+
+    broken = _generate(engine, {"prompt": "Hello", "max_new_tokens": 8, "temperature": 0},
+                       should_stop=stop_check_that_breaks)
+    assert isinstance(broken, GenerationError) and "the job's guard broke" in str(broken)
+    after = _generate(engine, {"prompt": "Hello", "max_new_tokens": 3, "temperature": 0})
+    assert len(after.token_ids) == 3
+
+
+def _generate(engine: BatchEngine, params: dict, **kwargs):
+    """Run a job as a task thread does; return its output or error (fail, not hang, if it never ends)."""
+    outcome = []
+
+    def job() -> None:
+        try:
+            outcome.append(engine.generate(params, **kwargs))
+        except GenerationError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert outcome, "the job never ended: the engine's thread is gone"
+    return outcome[0]
