@@ -56,13 +56,17 @@ def announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
         log.warning("announce_failed", error=str(exc))
 
 
-def fail_attempt(rt: WorkerRuntime, held: Claim, code: str, message: str) -> None:
-    """Record that the job failed (if this worker still holds it) and wake its waiters."""
+def fail_attempt(rt: WorkerRuntime, held: Claim, code: str, message: str, usage: dict[str, Any] | None = None) -> None:
+    """Record that the job failed (if this worker still holds it), charging what it produced
+    (`usage`), and wake its waiters. A job cancelled meanwhile is charged as cancelled instead,
+    and its reservation settled: its cancel left both to this attempt."""
     with rt.db.session_scope() as session:
-        stored = job_store.fail(session, held, rt.worker_id, code=code, message=message)
+        stored = job_store.fail(session, held, rt.worker_id, code=code, message=message, usage=usage)
     log.warning("job_failed", code=code, message=message)
     if stored:
         announce(rt, held.job_id, JobStatus.FAILED)
+    else:
+        settle_unfinished(rt, held, None, usage or {})
 
 
 _OUTCOME_STATUS = {"finished": JobStatus.SUCCEEDED, "timed_out": JobStatus.FAILED, "cancelled": JobStatus.CANCELLED}

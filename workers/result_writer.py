@@ -114,7 +114,7 @@ class ResultWriter:
         """Fail a job whose result the database refused (it would refuse it again)."""
         log.error("result_refused", error=str(error))
         try:
-            fail_attempt(self.rt, job.held, "internal_error", f"the result could not be stored: {error}")
+            fail_attempt(self.rt, job.held, "internal_error", f"the result could not be stored: {error}", job.usage)
         except SQLAlchemyError as exc:
             log.error("failure_not_stored", error=str(exc))  # left to the lease, as above
             return UNSTORED

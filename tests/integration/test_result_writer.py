@@ -21,10 +21,11 @@ from services.domain.jobs import cancel_job
 from services.domain.keys import Caller
 from shared import token_stream
 from shared.db import Database
-from shared.models import Job, UsageRecord
+from shared.models import Job, UsageRecord, utcnow
 from shared.notify import job_done_channel
 from tests.integration.helpers import USAGE, claim, queued_job
 from workers import result_process
+from workers.job_runs import fail_attempt
 from workers.result_writer import FinishedJob, ResultWriter
 from workers.runtime import WorkerRuntime
 from workers.token_publisher import StreamTail, TokenPublisher
@@ -137,7 +138,22 @@ def test_a_result_the_database_refuses_fails_its_job_alone(rt, writer, refused_j
     job, usage = stored(rt.db, refused_job)
     assert job.status == "failed" and job.error["code"] == "internal_error"
     assert "could not be stored" in job.error["message"] and "refused for the test" in job.error["message"]
-    assert usage == []
+    # The tokens were made all the same: charged once, as a failed job's are.
+    assert [(row.status, row.completion_tokens) for row in usage] == [("failed", USAGE["completion_tokens"])]
+
+
+def test_an_attempt_that_fails_after_its_job_was_cancelled_charges_and_settles_it(rt):
+    """The cancel of a running job leaves its charge and its reservation to the attempt; one that
+    then fails (a model that would not load, say) left both undone: the minute's tokens stayed reserved."""
+    job_id = queued_job(rt.db, reserved_tokens=50, rate_window_start=utcnow().replace(second=0, microsecond=0))
+    held = claim(rt.db, job_id, rt.worker_id)
+    with rt.db.session_scope() as session:
+        cancel_job(session, Caller(key_id=held.owner_key_id, role="user"), job_id)
+    fail_attempt(rt, held, "model_unavailable", "no such model")
+    job, usage = stored(rt.db, job_id)
+    assert job.status == "cancelled" and job.error is None
+    assert job.reserved_tokens == 0  # settled
+    assert [row.status for row in usage] == ["cancelled"]
 
 
 def test_first_each_runs_every_statement_in_one_transaction(database_url):
