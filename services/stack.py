@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from shared.settings import Settings
 
 READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 20
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies (Linux)
 
 
 class StackError(RuntimeError):
@@ -124,7 +126,9 @@ class Stack:
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
         # Own process group, so Ctrl-C in the terminal reaches only us and we stop children in
         # order; their output goes to stderr so stdout carries only what we print (the key).
-        process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=sys.stderr, start_new_session=True, preexec_fn=_stop_with_parent(os.getpid())
+        )
         self._children.append((name, process))
 
     def _wait_ready(self) -> None:
@@ -184,6 +188,26 @@ class Stack:
                 process.kill()
                 process.wait()
         self._children.clear()
+
+
+def _stop_with_parent(parent_pid: int):
+    """Return a `preexec_fn` that has the child sent SIGTERM when `up` dies, SIGKILL included.
+
+    In a session of its own a child gets no Ctrl-C from the terminal, and a killed `up` could
+    not stop it: gateway, worker and Redis went on running, holding the port. Linux only; a
+    no-op elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls into it
+
+    def in_child() -> None:
+        # Runs in the child between fork and exec; the setting survives the exec.
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # `up` died before the prctl: nobody would send it
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 def run_sample_job(stack: Stack, prompt: str, timeout_s: float = 900) -> int:

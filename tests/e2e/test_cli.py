@@ -127,6 +127,54 @@ def test_up_runs_everything_with_a_bundled_redis_and_stops_cleanly(tmp_path, mod
             second.kill()
 
 
+def test_a_killed_up_takes_its_children_with_it(tmp_path, model_cache_dir):
+    """SIGKILL gives `up` no chance to stop its children; they stop themselves (parent-death signal)."""
+    env = cli_env(tmp_path, model_cache_dir)  # the bundled redis-server too
+    with open(tmp_path / "up.log", "w") as log:
+        process = subprocess.Popen([*CLI, "up", "--port", str(free_port())], env=env, stdout=log, stderr=log)
+    children: list[psutil.Process] = []
+    try:
+        up = psutil.Process(process.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            children = up.children(recursive=True)
+            names = " ".join(" ".join(_cmdline(child)) for child in children)
+            if "redis-server" in names and " gateway " in names and " worker " in names:
+                break
+            time.sleep(0.1)
+        assert len(children) >= 3, (tmp_path / "up.log").read_text()[-3000:]
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 60
+        while _running(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(children), [_cmdline(child) for child in _running(children)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for child in _running(children):
+            child.kill()
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # exited meanwhile
+        return []
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes still running (an exited child of a dead parent may linger as a zombie)."""
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
 def test_demo_prints_a_real_completion(tmp_path, model_cache_dir, redis_url):
     env = cli_env(tmp_path, model_cache_dir, REDIS_URL=redis_url.rsplit("/", 1)[0] + "/12")
     result = subprocess.run(
