@@ -41,6 +41,7 @@ KEEP_ALIVE = ": keep-alive\n\n"
 REDIS_RETRY_S = 5.0
 EVENT_PAGE = 1000
 MAX_EVENT_ID = 2**63 - 1
+MAX_STREAM_ID_PART = 2**64 - 1
 _CURSOR = re.compile(r"^(\d{1,19}):(\d{1,20}(?:-\d{1,20})?)$")
 
 
@@ -65,7 +66,11 @@ class Cursor:
         if value is None:
             return cls()
         match = _CURSOR.match(value.strip())
-        if match is None or int(match.group(1)) > MAX_EVENT_ID:
+        # Redis stream ids are two unsigned 64-bit numbers: a larger one made every read fail,
+        # and the stream went on silently without tokens.
+        if match is None or int(match.group(1)) > MAX_EVENT_ID or any(
+            int(part) > MAX_STREAM_ID_PART for part in match.group(2).split("-")
+        ):
             raise InvalidField(
                 "Last-Event-ID must be an id this stream sends: <event id>:<stream entry id>",
                 details=[{"field": "Last-Event-ID", "message": "not an event id of this stream"}],

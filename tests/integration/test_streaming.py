@@ -236,8 +236,9 @@ def test_another_keys_job_is_404_before_any_stream(client, auth, app):
     assert_error(client.get(f"/v1/jobs/{job_id}/events", headers={**other, **STREAM}), 404, "not_found")
     assert_error(client.get("/v1/jobs/job_nope/events", headers={**auth, **STREAM}), 404, "not_found")
     assert_error(client.get(f"/v1/jobs/{job_id}/events", headers=STREAM), 401, "unauthenticated")
-    bad_id = client.get(f"/v1/jobs/{job_id}/events", headers={**auth, **STREAM, "Last-Event-ID": "12"})
-    assert_error(bad_id, 422, "invalid_field")
+    for bad in ("12", f"1:{2**64}-0", f"1:0-{2**64}"):  # not ours, or past Redis's 64-bit id parts
+        bad_id = client.get(f"/v1/jobs/{job_id}/events", headers={**auth, **STREAM, "Last-Event-ID": bad})
+        assert_error(bad_id, 422, "invalid_field")
 
 
 def test_without_asking_for_a_stream_the_events_are_the_json_list(client, auth, app, redis_client):
