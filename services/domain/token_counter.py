@@ -30,26 +30,28 @@ class TokenCounter:
         self._chat_templates: dict[str, bool] = {}
         self._lock = threading.Lock()
 
-    def at_submit(self, request: GenerationRequest, settings: Settings) -> int | None:
-        """Return the prompt count a submit checks and reserves with, or None to estimate.
+    def at_submit(self, request: GenerationRequest, settings: Settings, model_id: str | None = None) -> int | None:
+        """Return the prompt count a submit checks and reserves with, or None to estimate
+        (`model_id`: the model that runs it, when `request.model` is an adapter).
 
         `gateway_count_tokens`: True counts every prompt; False none; "auto" only prompts
         that might not fit the context (so the 422 stays exact), as a loaded tokenizer costs
         ~100 MB per process — and every prompt once one is loaded, as counting is then cheap.
         """
         mode = settings.gateway_count_tokens
-        entry = self.registry.get(request.model)
+        entry = self.registry.get(model_id or request.model)
         if mode is False or entry is None:
             return None
         if mode == "auto" and not self.is_loaded(entry.id):
             max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
             if prompt_token_bound(request) + max_new_tokens <= entry.context_length:
                 return None
-        return self.count(request)
+        return self.count(request, entry.id)
 
-    def count(self, request: GenerationRequest) -> int | None:
-        """Return the prompt's token count as the worker will see it, or None if unknown."""
-        entry = self.registry.get(request.model)
+    def count(self, request: GenerationRequest, model_id: str | None = None) -> int | None:
+        """Return the prompt's token count as the worker will see it (on `model_id`, else the
+        request's model), or None if unknown."""
+        entry = self.registry.get(model_id or request.model)
         folder = self._folder(entry) if entry is not None else None
         if folder is None or (request.prompt is None and self._has_chat_template(entry.id, folder)):
             return None

@@ -16,6 +16,9 @@ import pytest
 from services.domain.keys import create_key
 from services.domain.token_counter import TokenCounter, prompt_token_bound
 from services.gateway import create_app
+from shared.ids import new_id
+from shared.jobs import JobKind
+from shared.models import Adapter, Job, utcnow
 from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
 from shared.schemas import GenerationRequest
 from shared.settings import load_settings
@@ -90,6 +93,25 @@ def test_a_prompt_over_the_context_is_422_with_the_limit_named(counting_app, mod
     # 22 tokens + 8 fit, though the byte bound (101 + 8) did not: counted, not guessed.
     fits = {"model": "gemma-3-270m-short", "prompt": "word " * 20, "max_new_tokens": 8}
     assert client.post("/v1/generations", json=fits, headers=headers).status_code == 202
+
+
+@pytest.mark.parametrize("limits", [{}, {"tpm": 1000}])  # a submit without limits, and one admitted
+def test_an_adapters_prompt_over_its_base_models_context_is_422(counting_app, limits):
+    """An adapter's prompt is counted on its base model: it was let through (202), and failed in the worker."""
+    with counting_app.extensions["gemma_jobs"].db.session_scope() as session:
+        key, plaintext = create_key(session, role="user", **limits)
+        job = Job(id=new_id("job"), owner_key_id=key.id, kind=JobKind.FINE_TUNE, model="gemma-3-270m-short",
+                  queue="fine_tune.gemma-3-270m-short", status="succeeded", params={}, enqueued_at=utcnow())
+        session.add(job)
+        session.flush()
+        adapter_id = f"ft-short-{key.id[-8:]}"
+        session.add(Adapter(id=adapter_id, owner_key_id=key.id, base_model="gemma-3-270m-short", job_id=job.id,
+                            path=f"adapters/{adapter_id}", hyperparameters={}, metrics={}, size_bytes=10))
+    headers = {"Authorization": f"Bearer {plaintext}"}
+    body = {"model": adapter_id, "prompt": OVER_64, "max_new_tokens": 8}
+    error = assert_error(counting_app.test_client().post("/v1/generations", json=body, headers=headers), 422,
+                         "invalid_field")
+    assert "the prompt is 82 tokens" in error["message"] and "context of 64 tokens" in error["message"]
 
 
 def test_by_default_a_short_prompt_reserves_an_estimate_without_loading_the_tokenizer(counting_app):

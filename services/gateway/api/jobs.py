@@ -97,9 +97,10 @@ def _record_grouped(context: GatewayContext, body: GenerationRequest):
     No limits to count and no earlier submit to look up: the row is the submit's one write, so
     concurrent submits share their INSERT, commit and publish (`GroupedCalls`).
     """
+    adapter = _adapter(context, body.model)
     job = job_domain.plan_generation(
-        current_caller(), body, adapter=_adapter(context, body.model), registry=context.registry,
-        settings=context.settings, prompt_tokens=context.token_counter.at_submit(body, context.settings))
+        current_caller(), body, adapter=adapter, registry=context.registry, settings=context.settings,
+        prompt_tokens=_prompt_tokens(context, body, adapter))
     position = context.submits.run(job)
     announce_submitted(job)
     return job, position
@@ -111,6 +112,9 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
     Returns the job, its queue position, the limit headers and whether it was an earlier
     submit's job (a concurrent submit with the same Idempotency-Key won the insert).
     """
+    # Counted before the transaction (not while holding the key's lock); an adapter's prompt on
+    # its base model, so that one too long for the context is a 422 here, not a failed job.
+    prompt_tokens = _prompt_tokens(context, body, _adapter(context, body.model))
     try:
         with context.db.session_scope() as session:
             submission = job_domain.create_generation(
@@ -121,7 +125,7 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
                 registry=context.registry,
                 settings=context.settings,
                 idempotency_key=idempotency_key,
-                prompt_tokens=context.token_counter.at_submit(body, context.settings),
+                prompt_tokens=prompt_tokens,
             )
     except IntegrityError:
         if idempotency_key is None:
@@ -134,6 +138,11 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
     # Only now is the row committed: a worker that gets the message will find it.
     context.publisher.publish(submission.job.id, submission.job.queue)
     return submission.job, submission.queue_position, submission.admission.headers(), False
+
+
+def _prompt_tokens(context: GatewayContext, body: GenerationRequest, adapter: Adapter | None) -> int | None:
+    """The prompt count the submit checks and reserves with, on the model that will run it."""
+    return context.token_counter.at_submit(body, context.settings, adapter.base_model if adapter else None)
 
 
 def _adapter(context: GatewayContext, model: str) -> Adapter | None:
