@@ -268,20 +268,23 @@ class ModelList(BaseModel):
 
 
 class JobEventInfo(BaseModel):
-    """One event in a job's history: a status change, training progress, a log line."""
+    """One event in a job's history: a status change, training progress, a log line, or (while
+    the job's token stream is kept) generated tokens and the start of an attempt."""
 
-    id: int
+    id: int | None = Field(description="a recorded event's id (pass as `after`); null for `token` and `attempt`")
     type: str
     data: dict[str, Any]
     created_at: datetime
 
 
 class JobEventList(BaseModel):
-    """A job's events, oldest first; pass the last id as `after` for newer ones."""
+    """A job's events, oldest first; pass `next_after` (the page's last recorded event's id) as
+    `after` for newer ones."""
 
     object: Literal["list"] = "list"
     data: list[JobEventInfo]
     has_more: bool
+    next_after: int | None = Field(default=None, description="pass as `after` for the next page")
 
 
 class ErrorBody(BaseModel):

@@ -71,6 +71,15 @@ def read_entries(
     return [parse_entry(entry_id, fields) for entries in streams for entry_id, fields in entries]
 
 
+def read_between(client: Any, job_id: str, after_millis: int | None, until_millis: int | None,
+                 count: int = MAX_ENTRIES) -> list[dict[str, Any]]:
+    """Return the entries added after `after_millis` and up to `until_millis` (unix ms, whole
+    milliseconds, None: no bound), parsed, oldest first."""
+    start = "-" if after_millis is None else str(after_millis + 1)
+    end = "+" if until_millis is None else str(until_millis)  # "<ms>" ends at that ms's last entry
+    return [parse_entry(entry_id, fields) for entry_id, fields in client.xrange(stream_key(job_id), start, end, count)]
+
+
 def parse_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
     """Turn a raw stream entry into a dict with typed values and its `id`."""
     entry = {_text(key): _text(value) for key, value in fields.items()}

@@ -14,11 +14,14 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import redis
 import structlog
 from flask import Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from werkzeug.datastructures import MIMEAccept
 
 from services.domain import jobs as job_domain
@@ -27,6 +30,8 @@ from services.gateway.context import GatewayContext
 from shared import token_stream
 from shared.errors import InvalidField
 from shared.jobs import JobStatus
+from shared.models import JobEvent
+from shared.schemas import JobEventInfo
 
 log = structlog.get_logger(__name__)
 
@@ -185,6 +190,42 @@ def _job_body(context: GatewayContext, caller: Caller, job_id: str) -> dict[str,
     return job.model_dump(mode="json")
 
 
+def listed_events(
+    context: GatewayContext, session: Session, job_id: str, rows: list[JobEvent], after: int, has_more: bool
+) -> list[JobEventInfo]:
+    """Return a page of the JSON event list: its recorded events and, in time order among them,
+    the token stream's entries of the same span.
+
+    A page spans from the time of the `after` event (exclusive) to its last event's (inclusive);
+    the last page runs to the stream's end. As in the live stream, tokens are a convenience:
+    without Redis, or once the stream has expired, a page holds the recorded events alone.
+    """
+    since = session.scalar(select(JobEvent.created_at).where(JobEvent.id == after)) if after else None
+    until = rows[-1].created_at if has_more and rows else None
+    try:
+        entries = token_stream.read_between(context.redis, job_id, _millis(since), _millis(until))
+    except redis.RedisError as exc:
+        log.warning("token_stream_unavailable", job_id=job_id, error=str(exc))
+        entries = []
+    recorded = [JobEventInfo(id=row.id, type=row.type, data=row.data, created_at=row.created_at) for row in rows]
+    streamed = [_entry_event(entry) for entry in entries if entry["type"] in ("token", "attempt")]
+    # Whole milliseconds, a recorded event first on a tie: the order the live stream sends.
+    return list(heapq.merge(recorded, streamed, key=lambda event: _millis(event.created_at)))
+
+
+def _millis(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def _entry_event(entry: dict[str, Any]) -> JobEventInfo:
+    """A token stream entry as an event of the JSON list (one without an id)."""
+    data = {"attempt": entry["attempt"]}
+    if entry["type"] == "token":
+        data = {"text": entry["text"], "token_ids": entry["token_ids"], **data}
+    created_at = datetime.fromtimestamp(token_stream.entry_millis(entry["id"]) / 1000, timezone.utc)
+    return JobEventInfo(id=None, type=entry["type"], data=data, created_at=created_at)
+
+
 def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) -> Iterator[str]:
     """Yield frames of both sources in time order, each source in its own order, moving the cursor."""
     # Stream entry ids hold whole milliseconds, so events are compared at that precision; on a tie
@@ -197,12 +238,9 @@ def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) ->
     for _, item in timed:
         if isinstance(item, dict):
             cursor.entry_id = item["id"]
-            if item["type"] == "token":
-                data = {"text": item["text"], "token_ids": item["token_ids"], "attempt": item["attempt"]}
-                yield _frame("token", data, cursor)
-            elif item["type"] == "attempt":
-                yield _frame("attempt", {"attempt": item["attempt"]}, cursor)
             # An `end` entry only moves the cursor: `done` comes from the job row.
+            if item["type"] in ("token", "attempt"):
+                yield _frame(item["type"], _entry_event(item).data, cursor)
         else:
             cursor.event_id = item.id
             yield _frame(item.type, item.data, cursor)

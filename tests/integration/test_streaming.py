@@ -250,8 +250,47 @@ def test_without_asking_for_a_stream_the_events_are_the_json_list(client, auth, 
         assert response.status_code == 200, accept
         assert response.headers["Content-Type"] == "application/json"
         body = response.get_json()
-        assert [event["type"] for event in body["data"]] == ["status"] and body["has_more"] is False
+        # The claim's status, then the attempt its worker started on the token stream.
+        assert [event["type"] for event in body["data"]] == ["status", "attempt"] and body["has_more"] is False
         assert_error(client.get(f"/v1/jobs/{job_id}/events?limit=0", headers=headers), 422, "invalid_field")
+
+
+def test_the_json_list_holds_the_tokens_in_time_order_on_every_page(client, auth, app, redis_client):
+    job_id = job_id_of(client, auth)
+    worker = worker_for(app, redis_client, job_id)
+    held = worker.claim()
+    worker.tokens(held, ("Hel", [10]), ("lo", [11]))
+    worker.finish(held)
+    everything = client.get(f"/v1/jobs/{job_id}/events", headers=auth).get_json()
+    events = everything["data"]
+    assert [event["type"] for event in events] == ["status", "attempt", "token", "token", "status"]
+    assert [event["data"]["status"] for event in events if event["type"] == "status"] == ["running", "succeeded"]
+    tokens = [event for event in events if event["type"] == "token"]
+    assert [(event["data"]["text"], event["data"]["token_ids"], event["data"]["attempt"]) for event in tokens] == [
+        ("Hel", [10], 1), ("lo", [11], 1)]
+    assert all((event["id"] is None) == (event["type"] in ("attempt", "token")) for event in events)
+    assert [event["created_at"] for event in events] == sorted(event["created_at"] for event in events)
+    # One recorded event a page: the pages hold every event once, in the same order.
+    paged, after = [], 0
+    while True:
+        page = client.get(f"/v1/jobs/{job_id}/events?limit=1&after={after}", headers=auth).get_json()
+        paged += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["next_after"]
+    assert paged == events
+
+
+def test_the_json_list_without_redis_holds_the_recorded_events(database_url, tmp_path, redis_client):
+    settings = load_settings(database_url=database_url, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
+    app = create_app(settings)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {make_key(app)}"}
+    job_id = job_id_of(client, auth)
+    assert claim(app.extensions["gemma_jobs"].db, job_id, "worker-1") is not None
+    response = client.get(f"/v1/jobs/{job_id}/events", headers=auth)
+    assert response.status_code == 200
+    assert [event["type"] for event in response.get_json()["data"]] == ["status"]
 
 
 def test_submit_with_stream_answers_with_the_stream(client, auth, app, redis_client):

@@ -23,7 +23,7 @@ from shared.errors import InvalidField
 from shared.jobs import JobStatus
 from shared.models import Adapter, Job
 from shared.notify import publish_job_done
-from shared.schemas import GenerationRequest, JobEventInfo, JobEventList, JobList
+from shared.schemas import GenerationRequest, JobEventList, JobList
 from shared.schemas import Job as JobOut
 
 log = structlog.get_logger(__name__)
@@ -254,9 +254,10 @@ def list_jobs():
 @blueprint.get("/v1/jobs/<job_id>/events")
 @require_key()
 def list_job_events(job_id: str):
-    """Return a job's events oldest first: status changes and, for fine-tunes, each loss point.
+    """Return a job's events oldest first: status changes, for fine-tunes each loss point, and
+    while its token stream is kept, its tokens.
 
-    With `Accept: text/event-stream`, stream them live instead, with tokens, until the job ends.
+    With `Accept: text/event-stream`, stream them live instead, until the job ends.
     """
     if streaming.wants_event_stream(request.accept_mimetypes):
         return streaming.event_stream(gateway(), current_caller(), job_id, request.headers.get("Last-Event-ID"))
@@ -265,5 +266,6 @@ def list_job_events(job_id: str):
         rows, has_more = job_domain.list_events(
             session, current_caller(), job_id, after=query.after, limit=query.limit
         )
-        data = [JobEventInfo(id=row.id, type=row.type, data=row.data, created_at=row.created_at) for row in rows]
-    return JobEventList(data=data, has_more=has_more).model_dump(mode="json")
+        data = streaming.listed_events(gateway(), session, job_id, rows, query.after, has_more)
+    next_after = rows[-1].id if has_more else None
+    return JobEventList(data=data, has_more=has_more, next_after=next_after).model_dump(mode="json")
