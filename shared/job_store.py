@@ -392,8 +392,20 @@ def finish_each(db: Database, finished: Sequence[tuple[Claim, dict[str, Any], di
     """
     if db.engine.dialect.name != "postgresql":
         return [finish_alone(db, held, worker_id, result=result, usage=usage) for held, result, usage in finished]
-    params = [_finish_params(held, worker_id, result, usage) for held, result, usage in finished]
-    return [bool(row[0]) for row in db.first_each(_finish_statement(), params)]
+    # Shared rows are locked in one order by every writer, so that two groups never wait on each
+    # other: the writer's own outcome counter row (`_finish_params`), then the keys' minute
+    # windows in key order (groups in any order deadlocked, and fell back to a job at a time).
+    order = sorted(range(len(finished)), key=lambda index: _window_of(finished[index][0]))
+    params = [_finish_params(finished[index][0], worker_id, *finished[index][1:]) for index in order]
+    stored = [False] * len(finished)
+    for index, row in zip(order, db.first_each(_finish_statement(), params)):
+        stored[index] = bool(row[0])
+    return stored
+
+
+def _window_of(held: Claim) -> tuple[str, str]:
+    """The rate-limit window row a finish updates, as a sort key."""
+    return held.owner_key_id, held.rate_window_start.isoformat() if held.rate_window_start else ""
 
 
 def _finish_in_one_statement(
@@ -408,7 +420,8 @@ def _finish_params(held: Claim, worker_id: str, result: dict[str, Any], usage: d
     reserved = bool(held.reserved_tokens and held.rate_window_start is not None)
     return {
         **_held(held, worker_id), "p_status": JobStatus.SUCCEEDED, "p_result": result,
-        "p_kind": held.kind, "p_model": held.model, "p_shard": zlib.crc32(held.job_id.encode()) % OUTCOME_SHARDS,
+        # The worker's own counter row: its results are written by one process, one group at a time.
+        "p_kind": held.kind, "p_model": held.model, "p_shard": zlib.crc32(worker_id.encode()) % OUTCOME_SHARDS,
         "p_key_id": held.owner_key_id, "p_window_start": held.rate_window_start if reserved else None,
         "p_tokens": _used_tokens(usage) - held.reserved_tokens,
         **{f"u_{name}": usage.get(name, 0) for name in _USAGE_COUNTS},

@@ -243,7 +243,8 @@ class JobOutcomeCount(Base):
     """How many jobs ended in each status, per kind and model: the counters behind /metrics.
 
     Added to in the same transaction as the job's terminal update, so each end counts once.
-    Spread over shards (by job id) so that concurrent job ends rarely wait on one row.
+    Spread over shards (by job id; a worker's results by worker) so that concurrent job ends
+    rarely wait on one row.
     """
 
     __tablename__ = "job_outcome_counts"

@@ -83,7 +83,11 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
         # wait for the one before it to commit. No window is counted, so none is settled.
         return Admission((), None)
     key_id = caller.key_id
-    key = session.scalars(select(ApiKey).where(ApiKey.id == key_id).with_for_update()).one()
+    # Admissions of a key take turns on its row. FOR NO KEY UPDATE (key_share) on PostgreSQL: it
+    # does not wait for, nor block, the foreign-key checks of rows that name the key (a worker's
+    # usage row): a worker holding the minute's window row and checking the key, while a submit
+    # held the key and waited for the window, was a deadlock.
+    key = session.scalars(select(ApiKey).where(ApiKey.id == key_id).with_for_update(key_share=True)).one()
     rpm = key.rpm or settings.default_rpm
     tpm = key.tpm or settings.default_tpm
     max_concurrent = key.max_concurrent or settings.default_max_concurrent

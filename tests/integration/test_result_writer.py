@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.domain.jobs import cancel_job
 from services.domain.keys import Caller
-from shared import token_stream
+from shared import job_store, token_stream
 from shared.db import Database
 from shared.models import Job, UsageRecord, utcnow
 from shared.notify import job_done_channel
@@ -101,6 +101,16 @@ def test_a_job_cancelled_meanwhile_is_charged_as_cancelled_and_the_others_stored
     job, usage = stored(rt.db, cancelled.held.job_id)
     assert job.status == "cancelled" and job.result is None
     assert [row.status for row in usage] == ["cancelled"]  # what it produced, charged once
+
+
+def test_a_group_is_written_in_key_order_and_answered_in_its_own(rt):
+    """Groups lock the keys' window rows in key order (no two groups wait on each other); each
+    job's outcome still comes back in the place it was handed over in."""
+    first_key, second_key = (finished(rt, queued_job(rt.db), "words") for _ in range(2))  # keys made in order
+    with rt.db.session_scope() as session:
+        cancel_job(session, Caller(key_id=second_key.held.owner_key_id, role="user"), second_key.held.job_id)
+    group = [(job.held, job.result, job.usage) for job in (second_key, first_key)]
+    assert job_store.finish_each(rt.db, group, rt.worker_id) == [False, True]
 
 
 def test_a_result_handed_over_after_close_is_refused(rt):
