@@ -38,9 +38,12 @@ class ResultWriter:
 
     A task hands its job over and returns, so Celery acknowledges the message and takes the next
     one while the result is written. The database, not the message, is what keeps the job safe
-    meanwhile: its row stays `running` under this worker's lease until the result is stored, and
-    if the worker dies first the reaper requeues it when the lease runs out (a result is stored
-    at most once: the write is conditional on this attempt still holding the job).
+    meanwhile: its row stays `running` for this attempt until the result is stored, and if the
+    worker dies first the reaper requeues it when the lease runs out (a result is stored at most
+    once: the write is conditional on this attempt still holding the job). The lease is no
+    longer renewed once a job is handed over: a result that waited here past `lease_s` (a
+    database stalled that long) may find its job requeued by a reaper meanwhile, and is then
+    discarded for the new attempt's.
     """
 
     def __init__(self, rt):
