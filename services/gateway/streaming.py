@@ -20,7 +20,7 @@ from typing import Any
 import redis
 import structlog
 from flask import Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MIMEAccept
 
@@ -200,7 +200,10 @@ def listed_events(
     the last page runs to the stream's end. As in the live stream, tokens are a convenience:
     without Redis, or once the stream has expired, a page holds the recorded events alone.
     """
-    since = session.scalar(select(JobEvent.created_at).where(JobEvent.id == after)) if after else None
+    # The time of the last event up to `after` (an id need not be one of this job's events).
+    since = session.scalar(
+        select(func.max(JobEvent.created_at)).where(JobEvent.job_id == job_id, JobEvent.id <= after)
+    ) if after else None
     until = rows[-1].created_at if has_more and rows else None
     try:
         entries = token_stream.read_between(context.redis, job_id, _millis(since), _millis(until))

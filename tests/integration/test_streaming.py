@@ -279,6 +279,8 @@ def test_the_json_list_holds_the_tokens_in_time_order_on_every_page(client, auth
             break
         after = page["next_after"]
     assert paged == events
+    # An `after` past every event: nothing, not the tokens again.
+    assert client.get(f"/v1/jobs/{job_id}/events?after={2**40}", headers=auth).get_json()["data"] == []
 
 
 def test_the_json_list_without_redis_holds_the_recorded_events(database_url, tmp_path, redis_client):
