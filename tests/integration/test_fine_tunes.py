@@ -414,14 +414,15 @@ def test_events_are_listed_oldest_first_with_a_cursor(client, auth, app):
     assert ([event["id"] for event in last["data"]], last["has_more"]) == (ids[4:], False)
     exact = events(client, auth, job_id, "?limit=5").get_json()
     assert (len(exact["data"]), exact["has_more"]) == (5, False)
-    empty = {"object": "list", "data": [], "has_more": False}
+    empty = {"object": "list", "data": [], "has_more": False, "next_after": None}
     assert events(client, auth, job_id, f"?after={ids[-1]}").get_json() == empty
     assert events(client, auth, job_id, f"?after={2**63 - 1}&limit=1000").get_json() == empty
 
 
 def test_a_job_without_events_has_an_empty_list(client, auth):
     job_id = fine_tune(client, auth, upload(client, auth)).get_json()["id"]
-    assert events(client, auth, job_id).get_json() == {"object": "list", "data": [], "has_more": False}
+    empty = {"object": "list", "data": [], "has_more": False, "next_after": None}
+    assert events(client, auth, job_id).get_json() == empty
 
 
 def test_events_of_another_keys_job_or_an_unknown_job_are_404(client, auth, app):
