@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GEMMA_JOBS_"
@@ -19,7 +19,9 @@ class SettingsError(RuntimeError):
 class Settings(BaseSettings):
     """Everything gemma-jobs reads from the environment, with its defaults."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+    # No inf or nan: every float here is a size or a duration, and timedelta() refuses inf later.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True,
+                                      allow_inf_nan=False)
 
     data_dir: Path = Path("./var")
     # Unset means "SQLite under data_dir"; see `database_url_or_default`.
@@ -108,6 +110,20 @@ class Settings(BaseSettings):
             raise ValueError("must be a URL such as postgresql://host/db or redis://host:6379/0")
         return value
 
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "Settings":
+        """Refuse pairs that each pass alone but break together (every submit a 422, say)."""
+        pairs = [
+            ("default_max_new_tokens", "max_new_tokens", "at most"),
+            ("default_timeout_s", "max_timeout_s", "at most"),
+            ("worker_heartbeat_s", "worker_dead_after_s", "below"),
+        ]
+        for small, large, relation in pairs:
+            value, limit = getattr(self, small), getattr(self, large)
+            if value > limit or (relation == "below" and value == limit):
+                raise ValueError(f"{env_name(small)} ({value:g}) must be {relation} {env_name(large)} ({limit:g})")
+        return self
+
     @property
     def database_url_or_default(self) -> str:
         """Return the database URL, defaulting to a SQLite file under the data dir."""
@@ -141,7 +157,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a check of several settings: its message names them
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             name = env_name(field) if field in Settings.model_fields else field
             problems.append(f"{name}: {error['msg']}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -44,6 +44,25 @@ def test_bad_values_name_the_variable(monkeypatch, variable, value):
         load_settings()
 
 
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"GEMMA_JOBS_WORKER_DEAD_AFTER_S": "inf"}, "GEMMA_JOBS_WORKER_DEAD_AFTER_S"),
+        ({"GEMMA_JOBS_REPUBLISH_AFTER_S": "1e309"}, "GEMMA_JOBS_REPUBLISH_AFTER_S"),
+        ({"GEMMA_JOBS_MAX_TIMEOUT_S": "300"}, "DEFAULT_TIMEOUT_S (600) must be at most GEMMA_JOBS_MAX_TIMEOUT_S"),
+        ({"GEMMA_JOBS_MAX_NEW_TOKENS": "100"}, "GEMMA_JOBS_DEFAULT_MAX_NEW_TOKENS (256) must be at most"),
+        ({"GEMMA_JOBS_WORKER_HEARTBEAT_S": "30"}, "must be below GEMMA_JOBS_WORKER_DEAD_AFTER_S (30)"),
+    ],
+)
+def test_values_that_break_later_are_refused_at_start(monkeypatch, variables, named):
+    """Each was accepted, then made every submit a 422, workers flap dead and alive, or 500s."""
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert named in str(raised.value)
+
+
 def test_cli_exits_2_with_the_variable_named(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", "migrate"],
