@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from sqlalchemy import delete, event, select
+from sqlalchemy import delete, event, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
-from shared.errors import InvalidField, NotFound
+from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
-from shared.models import TrainingFile, utcnow
+from shared.jobs import JobKind, JobStatus
+from shared.models import Job, TrainingFile, utcnow
 from shared.schemas import FileInfo
 from shared.storage import Storage
 from shared.training_data import TrainingDataError, parse_training_file
@@ -81,10 +82,12 @@ def safe_filename(filename: str | None) -> str:
     return name[:MAX_FILENAME_CHARS]
 
 
-def get_file(session: Session, caller: Caller, file_id: str) -> TrainingFile:
-    """Return one of the caller's files; someone else's file is 'not found' too."""
+def get_file(session: Session, caller: Caller, file_id: str, *, lock: str | None = None) -> TrainingFile:
+    """Return one of the caller's files; someone else's file is 'not found' too. `lock`:
+    "share" (a fine-tune being created names it) or "update" (it is being deleted)."""
     # PostgreSQL refuses NUL in text outright (a 500); no id holds one, so it is simply not found.
-    row = session.get(TrainingFile, file_id) if "\x00" not in file_id else None
+    locking = {"share": {"read": True}, "update": True}.get(lock, False)
+    row = session.get(TrainingFile, file_id, with_for_update=locking) if "\x00" not in file_id else None
     if row is None or row.owner_key_id != caller.key_id:
         raise NotFound(f"no file {file_id!r}")
     return row
@@ -97,8 +100,27 @@ def list_files(session: Session, caller: Caller) -> list[TrainingFile]:
 
 
 def delete_file(session: Session, caller: Caller, file_id: str, storage: Storage) -> None:
-    """Delete one of the caller's files; its bytes go once the row's deletion is committed."""
-    path = get_file(session, caller, file_id).path
+    """Delete one of the caller's files; its bytes go once the row's deletion is committed.
+
+    A file a queued or running fine-tune names is kept (409): the job reads it when it starts,
+    and again if it is retried. Locked first, so a fine-tune created meanwhile waits, then finds
+    it gone (a 422 naming the field).
+    """
+    path = get_file(session, caller, file_id, lock="update").path
+    user = session.scalar(
+        select(Job.id).where(
+            Job.owner_key_id == caller.key_id,
+            Job.kind == JobKind.FINE_TUNE,
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            or_(Job.params["training_file"].as_string() == file_id,
+                Job.params["validation_file"].as_string() == file_id),
+        ).limit(1)
+    )
+    if user is not None:
+        raise Conflict(
+            f"file {file_id!r} is used by fine-tune {user}, which has not ended; cancel it or wait for it to end",
+            code="file_in_use",
+        )
     # Conditional, so that of two concurrent deletes one wins and the other is a 404.
     result = session.execute(
         delete(TrainingFile).where(TrainingFile.id == file_id, TrainingFile.owner_key_id == caller.key_id)

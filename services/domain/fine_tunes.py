@@ -93,7 +93,7 @@ def create_fine_tune(
 def _own_file(session: Session, caller: Caller, file_id: str, field: str) -> TrainingFile:
     """Return one of the caller's files for a field; anything else is a 422 on that field."""
     try:
-        return get_file(session, caller, file_id)
+        return get_file(session, caller, file_id, lock="share")  # a delete waits for this job's commit
     except NotFound:
         raise _invalid(field, f"{field} {file_id!r} is not one of your files; upload it with POST /v1/files") from None
 

@@ -81,9 +81,10 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         True,
     ),
     ("delete", "/v1/files/{file_id}"): (
-        "Delete one of your files",
+        "Delete one of your files (409 while a fine-tune that has not ended names it)",
         None,
-        {200: schemas.FileDeleted, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse},
+        {200: schemas.FileDeleted, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse,
+         409: schemas.ErrorResponse},
         True,
     ),
     ("post", "/v1/fine-tunes"): (

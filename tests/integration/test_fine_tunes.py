@@ -258,6 +258,23 @@ def test_a_deleted_training_file_is_no_longer_yours(client, auth):
 
 
 @pytest.mark.parametrize("field", ["training_file", "validation_file"])
+def test_a_file_a_fine_tune_still_needs_is_kept_409(client, auth, app, field):
+    """Deleted while its fine-tune was queued, the file was gone when the job started (or was
+    retried), and the job failed `training_file_missing`."""
+    other = upload(client, auth)
+    needed = upload(client, auth)
+    files = {"training_file": needed, "validation_file": other}
+    if field == "validation_file":
+        files = {"training_file": other, "validation_file": needed}
+    job_id = fine_tune(client, auth, files["training_file"], validation_file=files["validation_file"]).get_json()["id"]
+    error = assert_error(client.delete(f"/v1/files/{needed}", headers=auth), 409, "file_in_use")
+    assert job_id in error["message"] and "cancel" in error["message"]
+    assert client.get(f"/v1/files/{needed}", headers=auth).status_code == 200
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 200
+    assert client.delete(f"/v1/files/{needed}", headers=auth).status_code == 200  # nothing needs it now
+
+
+@pytest.mark.parametrize("field", ["training_file", "validation_file"])
 def test_a_file_id_with_nul_is_422_not_a_server_error(client, auth, field):
     body = {"training_file": upload(client, auth), field: "file_\x00x"}
     error = assert_error(fine_tune(client, auth, **body), 422, "invalid_field")
