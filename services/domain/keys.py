@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Row, bindparam, select
+from sqlalchemy import Connection, Row, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidField, NotFound, Unauthenticated
@@ -163,10 +163,11 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
 
 
 def has_active_admin(session: Session) -> bool:
-    """Return whether any unrevoked admin key exists."""
+    """Return whether any admin key works now: not revoked, not expired."""
+    usable = or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > utcnow())
     return (
         session.scalars(
-            select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None))
+            select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked_at.is_(None), usable)
         ).first()
         is not None
     )

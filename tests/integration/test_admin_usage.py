@@ -75,6 +75,28 @@ def test_unstorable_usage_queries_are_422(client, admin, path, field):
     assert field in [detail["field"] for detail in error["details"]]
 
 
+def test_only_a_working_admin_key_counts_as_one_for_up(settings, redis_client):
+    """`up` creates (and prints) an admin key when none works; an expired one counted."""
+    from datetime import timedelta
+
+    from services.domain.keys import create_key, has_active_admin
+    from shared.db import Database
+    from shared.models import ApiKey, utcnow
+
+    db = Database(settings.database_url_or_default)
+    with db.session_scope() as session:
+        assert not has_active_admin(session)
+        key, _ = create_key(session, role="admin")
+        session.flush()
+        key.expires_at = utcnow() - timedelta(minutes=1)
+    with db.session_scope() as session:
+        assert not has_active_admin(session)
+        session.get(ApiKey, key.id).expires_at = utcnow() + timedelta(days=1)
+    with db.session_scope() as session:
+        assert has_active_admin(session)
+    db.dispose()
+
+
 def test_revoking_an_id_with_nul_is_404(client, admin):
     assert_error(client.delete("/v1/admin/keys/key_%00", headers=admin), 404, "not_found")
 
