@@ -78,7 +78,9 @@ def _record_progress(rt: WorkerRuntime, held: Claim, report: TrainingReport, poi
     """Store progress and one loss point as an event; a failed write only costs that point."""
     try:
         with rt.db.session_scope() as session:
-            job_store.record_progress(session, held, rt.worker_id, report.progress(), event=point)
+            # The attempt too: a retried run's loss curve starts again at step 0.
+            event = {**point, "attempt": held.attempt}
+            job_store.record_progress(session, held, rt.worker_id, report.progress(), event=event)
     except SQLAlchemyError as exc:
         log.warning("progress_not_recorded", error=str(exc))
     log.info("training_progress", **point)

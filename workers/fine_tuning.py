@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -246,7 +247,8 @@ def _training_arguments(
 
 
 def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 5)
+    """A loss to store; NaN or infinity (a diverged run) as None, which JSON on PostgreSQL can hold."""
+    return None if value is None or not math.isfinite(value) else round(float(value), 5)
 
 
 class _JobCallback(TrainerCallback):

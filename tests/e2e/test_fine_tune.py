@@ -237,8 +237,14 @@ def test_worker_killed_mid_training_retries_cleanly_elsewhere(ft):
     assert not partial.exists()
     (usage,) = ft.rows(UsageRecord, job["id"])
     assert usage.train_tokens == done["result"]["train_tokens"]
-    statuses = [e["data"].get("status") for e in ft.events(owner, job["id"]) if e["type"] == "status"]
+    events = ft.events(owner, job["id"])
+    statuses = [e["data"].get("status") for e in events if e["type"] == "status"]
     assert statuses == ["running", "queued", "running", "succeeded"]
+    # Each loss point names its attempt: the second attempt's curve starts again from its start.
+    progress = [e["data"] for e in events if e["type"] == "progress"]
+    assert {point["attempt"] for point in progress} <= {1, 2}
+    second = [point["step"] for point in progress if point["attempt"] == 2]
+    assert second and second == sorted(second)
 
 
 def test_a_generate_only_worker_never_receives_fine_tunes(ft, redis_url):

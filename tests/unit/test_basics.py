@@ -100,3 +100,12 @@ def test_gemma_turn_format_folds_system_into_the_first_user_turn():
         "<start_of_turn>user\nBye<end_of_turn>\n"
         "<start_of_turn>model\n"
     )
+
+
+def test_a_diverged_loss_is_stored_as_null():
+    """NaN or infinity in a loss made PostgreSQL refuse the adapter's row (its JSON has neither),
+    and the job was retried until it failed `worker_lost`."""
+    from workers.fine_tuning import _rounded
+
+    assert [_rounded(value) for value in (float("nan"), float("inf"), -float("inf"), None)] == [None] * 4
+    assert _rounded(0.1234567) == 0.12346
