@@ -27,9 +27,11 @@ UNACKED_INDEX_KEY = "unacked_index"
 SCAN_PAGE = 10_000
 
 
-def publish_job(celery: Celery, job_id: str, queue: str) -> bool:
-    """Send the job's message (its task id is the job id); False if Redis is unreachable."""
-    return _sent(lambda: celery.send_task(task_for_queue(queue), args=[job_id], queue=queue, task_id=job_id),
+def publish_job(celery: Celery, job_id: str, queue: str, countdown: float | None = None) -> bool:
+    """Send the job's message (its task id is the job id), to run no sooner than `countdown`
+    seconds from now if given; False if Redis is unreachable."""
+    return _sent(lambda: celery.send_task(task_for_queue(queue), args=[job_id], queue=queue, task_id=job_id,
+                                          countdown=countdown),
                  job_id, queue)
 
 

@@ -11,9 +11,12 @@ import structlog
 from celery import Celery
 
 from shared.celery_app import FINE_TUNE_TASK, GENERATE_TASK
+from shared.publish import publish_job
 from workers.generation_job import run_generation_job
 from workers.metrics import JOB_DURATION, JOBS_IN_FLIGHT
 from workers.runtime import WorkerRuntime, runtime
+
+log = structlog.get_logger(__name__)
 
 
 def register_tasks(app: Celery) -> None:
@@ -25,14 +28,40 @@ def register_tasks(app: Celery) -> None:
         with _running(job_id, "generation") as rt:
             run_generation_job(rt, job_id)
 
-    @app.task(name=FINE_TUNE_TASK)
-    def fine_tune_task(job_id: str) -> None:
-        """Run one fine-tuning job."""
+    @app.task(name=FINE_TUNE_TASK, bind=True)
+    def fine_tune_task(task, job_id: str) -> None:
+        """Run one fine-tuning job; one training run at a time, even with --concurrency."""
         # Imported here: peft and the Trainer add seconds to every worker's start-up otherwise.
         from workers.fine_tune_job import run_fine_tune_job
 
-        with _running(job_id, "fine_tune") as rt, rt.training_slot:
-            _in_own_thread(rt, run_fine_tune_job, job_id)  # one training run at a time, even with --concurrency
+        rt = runtime()
+        if not rt.training_slot.acquire(blocking=False):
+            _defer(rt, job_id, task.request.delivery_info.get("routing_key"))
+            return
+        try:
+            with _running(job_id, "fine_tune") as rt:
+                _in_own_thread(rt, run_fine_tune_job, job_id)
+        finally:
+            rt.training_slot.release()
+
+
+# A fine-tune that finds this worker training already comes back this much later (here or on
+# another worker): well within the reaper's republish_after_s, so its message is never taken for lost.
+TRAINING_BUSY_RETRY_S = 5.0
+
+
+def _defer(rt: WorkerRuntime, job_id: str, queue: str | None) -> None:
+    """Send a fine-tune's message again for later, and free this thread now.
+
+    Waiting for the training slot held a pool thread and the message: a few fine-tunes took
+    every thread of a worker that also generates, and the reaper took the held messages for
+    lost and sent them again, each taking one more thread. If the message cannot be sent, the
+    job stays queued and the reaper republishes it.
+    """
+    if queue and publish_job(rt.celery, job_id, queue, countdown=TRAINING_BUSY_RETRY_S):
+        log.info("fine_tune_deferred", job_id=job_id, retry_in_s=TRAINING_BUSY_RETRY_S)
+    else:
+        log.warning("fine_tune_deferral_not_sent", job_id=job_id, note="the reaper republishes it")
 
 
 def _in_own_thread(rt: WorkerRuntime, run: Callable[[WorkerRuntime, str], None], job_id: str) -> None:

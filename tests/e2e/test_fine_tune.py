@@ -261,3 +261,26 @@ def test_a_generate_only_worker_never_receives_fine_tunes(ft, redis_url):
     time.sleep(1)
     assert requests.get(f"{ft.base_url}/v1/jobs/{job['id']}", headers=owner).json()["status"] == "queued"
     assert redis.Redis.from_url(redis_url).llen(f"fine_tune.{DEFAULT_MODEL_ID}") == 1
+
+
+def test_a_fine_tune_waiting_for_the_training_slot_holds_no_thread(ft):
+    """Two pool threads, one training: a second fine-tune waited for the slot in the other thread
+    (holding its message, which the reaper then sent again), and generations found no thread."""
+    for worker in list(ft.workers):
+        worker.stop(signal.SIGTERM)
+        ft.workers.remove(worker)
+    ft.started.start_worker(DEFAULT_MODEL_ID, "--concurrency", "2", role="all")
+    owner = ft.new_key()
+    training = ft.upload(owner, "fine_tune_train.jsonl")
+    long_run = {**HYPERPARAMETERS, "max_steps": 500}
+    first = ft.fine_tune(owner, base_model=DEFAULT_MODEL_ID, training_file=training, hyperparameters=long_run)
+    ft.wait_for_step(owner, first["id"], 1)
+    second = ft.fine_tune(owner, base_model=DEFAULT_MODEL_ID, training_file=training, hyperparameters=HYPERPARAMETERS)
+    time.sleep(2)  # its message reaches the worker while the first one trains
+    generated = ft.generate(owner, DEFAULT_MODEL_ID)
+    assert generated["status"] == "succeeded", generated
+    assert requests.get(f"{ft.base_url}/v1/jobs/{first['id']}", headers=owner).json()["status"] == "running"
+    assert requests.get(f"{ft.base_url}/v1/jobs/{second['id']}", headers=owner).json()["status"] == "queued"
+    requests.post(f"{ft.base_url}/v1/jobs/{first['id']}/cancel", headers=owner, timeout=10)
+    done = wait_for_job(ft.base_url, owner, second["id"], timeout_s=300)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
