@@ -52,7 +52,9 @@ def configure_logging(level: str = "info", fmt: str = "json", process: str = "ge
     renderer = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        # Plain tracebacks: with rich installed the default draws every frame's locals (slow
+        # with a model in a frame, and it writes prompts and keys held in locals to the log).
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -60,6 +62,9 @@ def configure_logging(level: str = "info", fmt: str = "json", process: str = "ge
             foreign_pre_chain=shared_processors,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # Records of other libraries (Celery's task errors, say) carry exc_info too: as
+                # text, or JSON showed "<traceback object at …>" and the traceback was lost.
+                structlog.processors.format_exc_info,
                 renderer,
             ],
         )
