@@ -36,11 +36,18 @@ class AdapterCache:
         # (base id, adapter id) in least- to most-recently used order.
         self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
+        # The adapter of the last batch step, and deleted adapters left loaded until the batch
+        # that runs them moves on (see `forget`).
+        self._in_use: str | None = None
+        self._forgotten: set[str] = set()
 
     @contextmanager
     def applied(self, loaded: LoadedModel, adapter_id: str | None, path: Path | None = None) -> Iterator[LoadedModel]:
         """Yield the model to generate with: the base alone, or the base with one adapter active."""
         with self._lock:
+            self._in_use = adapter_id
+            for gone in self._forgotten - {adapter_id}:
+                self._forget(gone)
             wrapped = self._wrapped.get(loaded.entry.id)
             if adapter_id is None:
                 if wrapped is None:
@@ -64,7 +71,9 @@ class AdapterCache:
             self._lru.move_to_end(key)
             return wrapped
         if path is None or not (path / "adapter_config.json").is_file():
-            raise AdapterUnavailable(f"adapter {adapter_id!r}: no adapter files at {path}")
+            # The path stays in the worker's log: the job's error is shown to its client.
+            log.error("adapter_files_missing", adapter=adapter_id, path=str(path))
+            raise AdapterUnavailable(f"adapter {adapter_id!r} has no files in this worker's storage (deleted?)")
         from peft import PeftModel  # only workers that serve adapters pay for importing peft
 
         try:
@@ -75,7 +84,8 @@ class AdapterCache:
             else:
                 wrapped.load_adapter(path, adapter_name=adapter_id, is_trainable=False)
         except (OSError, ValueError, KeyError) as exc:
-            raise AdapterUnavailable(f"adapter {adapter_id!r}: cannot load from {path}: {exc}") from exc
+            log.error("adapter_load_failed", adapter=adapter_id, path=str(path), error=str(exc))
+            raise AdapterUnavailable(f"adapter {adapter_id!r} could not be loaded ({exc.__class__.__name__})") from exc
         self._lru[key] = None
         log.info("adapter_loaded", adapter=adapter_id, base=loaded.entry.id, cached=len(self._lru))
         self._evict(keep=key)
@@ -89,10 +99,19 @@ class AdapterCache:
             log.info("adapter_evicted", adapter=victim[1], base=victim[0])
 
     def forget(self, adapter_id: str) -> None:
-        """Unload an adapter that was deleted, so its memory goes at once."""
+        """Unload an adapter that was deleted, so its memory goes: at once, or if the batch
+        running now uses it, once the batch moves on (its files may be gone already, and its
+        rows were admitted before the delete: they finish)."""
         with self._lock:
-            for key in [key for key in self._lru if key[1] == adapter_id]:
-                self._drop(*key)
+            if adapter_id == self._in_use:
+                self._forgotten.add(adapter_id)
+            else:
+                self._forget(adapter_id)
+
+    def _forget(self, adapter_id: str) -> None:
+        self._forgotten.discard(adapter_id)
+        for key in [key for key in self._lru if key[1] == adapter_id]:
+            self._drop(*key)
 
     def _drop(self, base_id: str, adapter_id: str) -> None:
         """Remove one adapter; with the last one gone, take the LoRA layers out of the base."""

@@ -3,6 +3,7 @@ beyond capacity, and the base's own output back once adapters are off or gone.""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,12 +57,36 @@ def test_adapters_swap_on_one_base_and_evict_beyond_capacity(loaded, tmp_path):
         assert generate_alone(model, PARAMS).text == text_a  # reloaded from its files, same output
     assert cache.loaded_ids() == ["ft-a"]
 
-    cache.forget("ft-a")  # deleted: with no adapter left the base gets its own modules back
+    cache.forget("ft-a")  # deleted: the last step used it, so it goes with the next step without it
+    assert cache.loaded_ids() == ["ft-a"]
+    with cache.applied(loaded, None) as model:
+        assert generate_alone(model, PARAMS).text == base_text
     assert cache.loaded_ids() == []
-    assert generate_alone(loaded, PARAMS).text == base_text
-    with pytest.raises(AdapterUnavailable):
+    assert generate_alone(loaded, PARAMS).text == base_text  # no adapter left: the base has its own modules back
+    with pytest.raises(AdapterUnavailable) as raised:
         with cache.applied(loaded, "ft-gone", tmp_path / "missing"):
             pass
+    assert "ft-gone" in str(raised.value) and str(tmp_path) not in str(raised.value)  # clients see it
+
+
+def test_an_adapter_deleted_while_its_batch_runs_serves_that_batch_to_the_end(loaded, tmp_path):
+    """The next job of a deleted adapter unloads it (`forget`); a job already in the batch ran
+    on, reloaded from files the delete had removed, and failed."""
+    from workers.batch_engine import BatchEngine
+
+    adapter = _random_adapter(loaded, tmp_path / "a", seed=4)
+    engine = BatchEngine(loaded, max_batch=2, adapters=AdapterCache(capacity=2))
+    running = engine.submit({**PARAMS, "max_new_tokens": 10}, adapter_id="ft-a", adapter_path=adapter)
+    engine.step()
+    shutil.rmtree(adapter)  # what the delete does to its files
+    engine.adapters.forget("ft-a")  # what a later job of the deleted adapter does
+    while not running.done.is_set():
+        engine.step()
+    assert len(running.result().token_ids) == 10
+    after = engine.submit(PARAMS)  # the batch moves on to the base: the adapter goes
+    while not after.done.is_set():
+        engine.step()
+    assert engine.adapters.loaded_ids() == []
 
 
 def test_a_job_waiting_for_another_adapter_stops_at_once_when_cancelled(loaded, tmp_path):
