@@ -24,6 +24,12 @@ SCHEMA_HEAD = "0007"
 VERSION_TABLE = "alembic_version"
 
 
+def get_by_id(session: Session, model: type, row_id: str, **options: Any) -> Any:
+    """`session.get` by a client-given text id: one holding NUL names no row (PostgreSQL refuses
+    NUL in text outright, a 500, where no id holds one)."""
+    return session.get(model, row_id, **options) if "\x00" not in row_id else None
+
+
 class SchemaOutOfDate(RuntimeError):
     """The database schema is not at the migrations' head."""
 

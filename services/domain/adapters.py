@@ -6,6 +6,7 @@ from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
+from shared.db import get_by_id
 from shared.errors import InvalidField, NotFound
 from shared.models import Adapter, utcnow
 from shared.registry import ModelRegistry
@@ -28,7 +29,7 @@ def adapter_id_for(job_id: str, suffix: str | None) -> str:
 
 def get_adapter(session: Session, caller: Caller, adapter_id: str) -> Adapter:
     """Return one of the caller's live adapters; another key's, or a deleted one, is not found."""
-    row = session.get(Adapter, adapter_id) if "\x00" not in adapter_id else None
+    row = get_by_id(session, Adapter, adapter_id)
     if row is None or row.owner_key_id != caller.key_id or row.deleted_at is not None:
         raise NotFound(f"no model {adapter_id!r}; GET /v1/models lists yours")
     return row

@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
+from shared.db import get_by_id
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
@@ -85,9 +86,8 @@ def safe_filename(filename: str | None) -> str:
 def get_file(session: Session, caller: Caller, file_id: str, *, lock: str | None = None) -> TrainingFile:
     """Return one of the caller's files; someone else's file is 'not found' too. `lock`:
     "share" (a fine-tune being created names it) or "update" (it is being deleted)."""
-    # PostgreSQL refuses NUL in text outright (a 500); no id holds one, so it is simply not found.
     locking = {"share": {"read": True}, "update": True}.get(lock, False)
-    row = session.get(TrainingFile, file_id, with_for_update=locking) if "\x00" not in file_id else None
+    row = get_by_id(session, TrainingFile, file_id, with_for_update=locking)
     if row is None or row.owner_key_id != caller.key_id:
         raise NotFound(f"no file {file_id!r}")
     return row

@@ -24,7 +24,7 @@ from services.domain.operations import LiveQueues, waiting_for
 from services.domain.queue_positions import QueuePositions
 from shared import job_store
 from shared.celery_app import queue_for
-from shared.db import Database
+from shared.db import Database, get_by_id
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import QUEUE_POSITION_CAP, JobKind, JobStatus
@@ -287,8 +287,7 @@ def cancel_job(session: Session, caller: Caller, job_id: str) -> Job:
 
 def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     """Return one of the caller's jobs; someone else's job is 'not found' too."""
-    # PostgreSQL refuses NUL in text outright; no id holds one, so it is simply not found.
-    job = session.get(Job, job_id) if "\x00" not in job_id else None
+    job = get_by_id(session, Job, job_id)
     return _owned(job, caller, job_id)
 
 

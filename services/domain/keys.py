@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import Connection, Row, bindparam, or_, select
 from sqlalchemy.orm import Session
 
+from shared.db import get_by_id
 from shared.errors import InvalidField, NotFound, Unauthenticated
 from shared.ids import new_id
 from shared.keys import SHOWN_PREFIX_CHARS, generate_key, hash_key, looks_like_key
@@ -153,8 +154,7 @@ def list_keys(session: Session) -> list[ApiKey]:
 
 def revoke_key(session: Session, key_id: str) -> ApiKey:
     """Revoke a key; revoking twice is fine."""
-    # PostgreSQL refuses NUL in text: such an id names no key.
-    row = session.get(ApiKey, key_id, with_for_update=True) if "\x00" not in key_id else None
+    row = get_by_id(session, ApiKey, key_id, with_for_update=True)
     if row is None:
         raise NotFound(f"no API key {key_id!r}")
     if row.revoked_at is None:
