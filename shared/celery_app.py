@@ -14,6 +14,15 @@ def queue_for(kind: str, model: str) -> str:
     return f"{kind}.{model}"
 
 
+def model_of_queue(queue: str) -> str:
+    """Return the model a queue serves: the base model, also for an adapter's jobs.
+
+    Metrics label by it: a label per adapter id would grow without bound and show every
+    adapter id on the unauthenticated /metrics pages.
+    """
+    return queue.split(".", 1)[1]
+
+
 def task_for_queue(queue: str) -> str:
     """Return the task name that runs the jobs of a queue."""
     return TASK_FOR_KIND[queue.split(".", 1)[0]]

@@ -22,6 +22,7 @@ from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, tupl
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from shared.celery_app import model_of_queue
 from shared.db import Database
 from shared.jobs import JobStatus
 from shared.models import Job, JobEvent, JobOutcomeCount, RateLimitWindow, UsageRecord, utcnow
@@ -266,9 +267,9 @@ def _upserts(dialect_name: str) -> tuple[Any, Any]:
 
 
 def count_ended(session: Session, ended: list[tuple[str, str, str, str]]) -> None:
-    """Add jobs that this transaction ended, as (job id, kind, model, status), to the outcome counters."""
-    counts = Counter((kind, model, status, zlib.crc32(job_id.encode()) % OUTCOME_SHARDS)
-                     for job_id, kind, model, status in ended)
+    """Add jobs that this transaction ended, as (job id, kind, queue, status), to the outcome counters."""
+    counts = Counter((kind, model_of_queue(queue), status, zlib.crc32(job_id.encode()) % OUTCOME_SHARDS)
+                     for job_id, kind, queue, status in ended)
     _, count = _upserts(session.get_bind().dialect.name)
     # Sorted: transactions that end several jobs lock counter rows in one order (no deadlock).
     for (kind, model, status, shard), jobs in sorted(counts.items()):
@@ -308,7 +309,7 @@ def _end(
     if error is not None:
         data["code"] = error["code"]
     add_event(session, held.job_id, "status", data)
-    count_ended(session, [(held.job_id, held.kind, held.model, status)])
+    count_ended(session, [(held.job_id, held.kind, held.queue, status)])
     # Only the holder ends a running job, once: the reservation read at claim is still the job's.
     if held.reserved_tokens and held.rate_window_start is not None:
         _add_to_window(session, held.owner_key_id, held.rate_window_start, used_tokens - held.reserved_tokens)
@@ -344,7 +345,8 @@ def _finish_statement() -> Any:
     count = postgresql.insert(OUTCOMES).from_select(
         ["kind", "model", "status", "shard", "jobs"],
         select(
-            bindparam("p_kind", type_=OUTCOMES.c.kind.type), bindparam("p_model", type_=OUTCOMES.c.model.type),
+            bindparam("p_kind", type_=OUTCOMES.c.kind.type),
+            bindparam("p_counted_model", type_=OUTCOMES.c.model.type),
             succeeded, bindparam("p_shard", type_=OUTCOMES.c.shard.type), literal(1, OUTCOMES.c.jobs.type),
         ).select_from(ended),
     )
@@ -421,7 +423,8 @@ def _finish_params(held: Claim, worker_id: str, result: dict[str, Any], usage: d
     return {
         **_held(held, worker_id), "p_status": JobStatus.SUCCEEDED, "p_result": result,
         # The worker's own counter row: its results are written by one process, one group at a time.
-        "p_kind": held.kind, "p_model": held.model, "p_shard": zlib.crc32(worker_id.encode()) % OUTCOME_SHARDS,
+        "p_kind": held.kind, "p_shard": zlib.crc32(worker_id.encode()) % OUTCOME_SHARDS,
+        "p_model": held.model, "p_counted_model": model_of_queue(held.queue),  # usage: the adapter's id
         "p_key_id": held.owner_key_id, "p_window_start": held.rate_window_start if reserved else None,
         "p_tokens": _used_tokens(usage) - held.reserved_tokens,
         **{f"u_{name}": usage.get(name, 0) for name in _USAGE_COUNTS},
@@ -486,11 +489,11 @@ def cancel(session: Session, job_id: str) -> bool:
             update(JOBS)
             .where(J.id == job_id, J.status == status)
             .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
-            .returning(J.kind, J.model)
+            .returning(J.kind, J.queue)
         ).one_or_none()
         if cancelled is not None:
             add_event(session, job_id, "status", {"status": JobStatus.CANCELLED})
-            count_ended(session, [(job_id, cancelled.kind, cancelled.model, JobStatus.CANCELLED)])
+            count_ended(session, [(job_id, cancelled.kind, cancelled.queue, JobStatus.CANCELLED)])
             if status == JobStatus.QUEUED:
                 settle_reservation(session, job_id, 0)
             return True
@@ -500,13 +503,13 @@ def cancel(session: Session, job_id: str) -> bool:
 def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str]:
     """Fail queued jobs past their TTL with `expired`; return their ids."""
     candidates = session.execute(
-        select(J.id, J.kind, J.model)
+        select(J.id, J.kind, J.queue)
         .where(J.status == JobStatus.QUEUED, J.expires_at <= now)
         .order_by(J.id)  # one lock order for every reaper: no deadlocks between them
         .limit(limit)
     ).all()
     expired, ended = [], []
-    for job_id, kind, model in candidates:
+    for job_id, kind, queue in candidates:
         changed = session.execute(
             update(JOBS)
             .where(J.id == job_id, J.status == JobStatus.QUEUED, J.expires_at <= now)
@@ -520,7 +523,7 @@ def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "expired"})
             settle_reservation(session, job_id, 0)
             expired.append(job_id)
-            ended.append((job_id, kind, model, JobStatus.FAILED))
+            ended.append((job_id, kind, queue, JobStatus.FAILED))
     count_ended(session, ended)
     return expired
 
@@ -533,13 +536,13 @@ def recover_lapsed(
     Returns (requeued (id, queue) pairs to publish after commit, ids failed `worker_lost`).
     """
     lapsed = session.execute(
-        select(J.id, J.queue, J.attempts, J.kind, J.model)
+        select(J.id, J.queue, J.attempts, J.kind)
         .where(J.status == JobStatus.RUNNING, J.lease_expires_at < now)
         .order_by(J.id)
         .limit(limit)
     ).all()
     requeued, failed, ended = [], [], []
-    for job_id, queue, attempts, kind, model in lapsed:
+    for job_id, queue, attempts, kind in lapsed:
         still_lapsed = (
             J.id == job_id,
             J.status == JobStatus.RUNNING,
@@ -565,7 +568,7 @@ def recover_lapsed(
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "worker_lost"})
             settle_reservation(session, job_id, 0)
             failed.append(job_id)
-            ended.append((job_id, kind, model, JobStatus.FAILED))
+            ended.append((job_id, kind, queue, JobStatus.FAILED))
         else:
             add_event(session, job_id, "status", {"status": JobStatus.QUEUED, "reason": "worker_lost"})
             requeued.append((job_id, queue))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import structlog
 
+from shared.celery_app import model_of_queue
 from shared.models import Adapter
 from workers.generation import GenerationError, GenerationOutput
 from workers.job_guard import JobGuard
@@ -85,8 +86,8 @@ def _store_outcome(
     }
     result = {"text": output.text, "finish_reason": output.finish_reason, "token_ids": output.token_ids}
     tokens_per_s = round(output.completion_tokens / max(output.seconds, 1e-9), 1)
-    TOKENS_GENERATED.labels(held.model).inc(output.completion_tokens)
-    TOKENS_PER_SECOND.labels(held.model).observe(tokens_per_s)
+    TOKENS_GENERATED.labels(model_of_queue(held.queue)).inc(output.completion_tokens)
+    TOKENS_PER_SECOND.labels(model_of_queue(held.queue)).observe(tokens_per_s)
     log_fields = {"reason": reason, "tokens_per_s": tokens_per_s, **usage}
     if reason is None:
         tail = StreamTail()  # the stream's last writes go with the result, in the writer's round trip

@@ -8,6 +8,7 @@ import structlog
 from redis import RedisError
 
 from shared import job_store
+from shared.celery_app import model_of_queue
 from shared.job_store import Claim
 from shared.jobs import JobStatus
 from shared.models import utcnow
@@ -34,7 +35,7 @@ def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
         log.info("job_not_claimed")
     else:
         waited_s = (utcnow() - held.created_at).total_seconds() if held.created_at else 0.0
-        QUEUE_WAIT.labels(held.kind, held.model).observe(waited_s)
+        QUEUE_WAIT.labels(held.kind, model_of_queue(held.queue)).observe(waited_s)
         log.info("job_started", kind=held.kind, model=held.model, attempt=held.attempt, queue_wait_s=round(waited_s, 3))
     return held
 

@@ -42,11 +42,11 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 1, "gpu_seconds": 0.1}
 def queued_job(db: Database, **values) -> str:
     with db.session_scope() as session:
         key, _ = create_key(session, role="user")
-        job = Job(
-            id=new_id("job"), owner_key_id=key.id, kind="generation", model="gemma-3-270m",
-            queue="generation.gemma-3-270m", status="queued", params={"prompt": "x"},
-            enqueued_at=utcnow(), **values,
-        )
+        job = Job(**{
+            "id": new_id("job"), "owner_key_id": key.id, "kind": "generation", "model": "gemma-3-270m",
+            "queue": "generation.gemma-3-270m", "status": "queued", "params": {"prompt": "x"},
+            "enqueued_at": utcnow(), **values,
+        })
         session.add(job)
     return job.id
 

@@ -552,6 +552,9 @@ def test_generations_on_adapters(client, auth, app, redis_client):
     assert (row.queue, row.model, row.adapter_id) == (GEN_QUEUE, adapter_id, adapter_id)
     assert row.params["base_model"] == DEFAULT_MODEL_ID
     assert queued_ids(redis_client, GEN_QUEUE) == [job["id"]]
+    # /metrics (no key needed) counts it under its base model, never by the adapter's id.
+    page = client.get("/metrics").get_data(as_text=True)
+    assert f'kind="generation",model="{DEFAULT_MODEL_ID}"' in page and adapter_id not in page
     # A generation on the base model carries no adapter.
     plain = submit(client, auth).get_json()
     assert plain["adapter_id"] is None

@@ -206,6 +206,8 @@ def test_finish_each_stores_a_group_once_as_finish_alone_stores_each(database_ur
     with db.session_scope() as session:
         session.get(Job, second).owner_key_id = key_id
         session.execute(update(RateLimitWindow).where(RateLimitWindow.key_id == key_id).values(tokens=100))
+    with db.session_scope() as session:
+        session.get(Job, second).model = "ft-mine-1"  # counted under its queue's base model
     others = queued_job(db)
     held = [claim(db, job_id, "worker-a") for job_id in (first, second)] + [claim(db, others, "worker-b")]
     group = [(claim_, RESULT, USAGE) for claim_ in [*held, held[0]]]  # the last one: handed over twice
@@ -221,7 +223,7 @@ def test_finish_each_stores_a_group_once_as_finish_alone_stores_each(database_ur
             events = session.scalars(select(JobEvent.data).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
             assert [event["status"] for event in events] == ["running", "succeeded"]
             charge = session.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id)).one()
-            assert (charge.key_id, charge.status) == (key_id, "succeeded")
+            assert (charge.key_id, charge.status, charge.model) == (key_id, "succeeded", row.model)
             assert {name: getattr(charge, name) for name in USAGE} == USAGE
         assert session.get(Job, others).status == "running"  # worker-b's: not worker-a's to end
         assert job_store.ended_counts(session) == [("generation", "gemma-3-270m", "succeeded", 2)]
@@ -286,9 +288,10 @@ def test_the_ttl_bounds_only_the_first_wait(database_url):
 
 
 def test_every_job_end_is_counted_once_by_kind_model_and_status(database_url):
+    """Counted by base model: an adapter's jobs count under the model of their queue."""
     db = Database(database_url)
-    finished, failed, cancelled_running = (claim(db, queued_job(db), "worker-a") for _ in range(3))
-    cancelled_queued = queued_job(db)
+    finished, failed, cancelled_running = (claim(db, queued_job(db, model="ft-mine-1"), "worker-a") for _ in range(3))
+    cancelled_queued = queued_job(db, model="ft-mine-1")
     with db.session_scope() as session:
         assert job_store.finish(session, finished, "worker-a", result=RESULT, usage=USAGE)
         assert job_store.fail(session, failed, "worker-a", code="timeout", message="slow")
@@ -299,8 +302,8 @@ def test_every_job_end_is_counted_once_by_kind_model_and_status(database_url):
         assert not job_store.fail(session, failed, "worker-a", code="timeout", message="slow")
         assert not job_store.cancel(session, cancelled_running.job_id)
         assert job_store.charge_cancelled(session, cancelled_running, "worker-a", USAGE)
-    expired = queued_job(db, expires_at=utcnow() - timedelta(seconds=1))
-    lost = queued_job(db)
+    expired = queued_job(db, model="ft-mine-1", expires_at=utcnow() - timedelta(seconds=1))
+    lost = queued_job(db, model="ft-mine-1")
     claim(db, lost, "worker-a", max_attempts=1)
     lapse_lease(db, lost)
     with db.session_scope() as session:
@@ -312,6 +315,8 @@ def test_every_job_end_is_counted_once_by_kind_model_and_status(database_url):
             ("generation", "gemma-3-270m", "failed", 3),  # timeout, expired, worker_lost
             ("generation", "gemma-3-270m", "succeeded", 1),
         ]
+        charge = session.scalars(select(UsageRecord).where(UsageRecord.job_id == finished.job_id)).one()
+        assert charge.model == "ft-mine-1"  # usage is by what the caller asked for
 
 
 def test_the_lease_keeper_renews_watched_jobs_and_stops_only_those_it_lost(database_url):

@@ -12,6 +12,7 @@ from services.gateway.auth import current_caller, require_key
 from services.gateway.context import gateway
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.requests import parse_body
+from shared.celery_app import model_of_queue
 from shared.schemas import FineTuneRequest
 
 log = structlog.get_logger(__name__)
@@ -31,7 +32,7 @@ def submit_fine_tune():
     job = submission.job
     structlog.contextvars.bind_contextvars(job_id=job.id)
     log.info("job_submitted", model=job.model, kind=job.kind, adapter_id=job.adapter_id)
-    JOBS_SUBMITTED.labels(job.kind, job.model).inc()
+    JOBS_SUBMITTED.labels(job.kind, model_of_queue(job.queue)).inc()
     # Read back before publishing: once published, a worker may claim it before the answer.
     described = job_domain.poll_job(context.db, current_caller(), job.id, context.live_queues)
     context.publisher.publish(job.id, job.queue)

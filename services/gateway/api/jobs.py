@@ -19,6 +19,7 @@ from services.gateway.context import GatewayContext, gateway
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.requests import json_response, parse_body, parse_query, prefer_wait_seconds
 from services.gateway.waiting import wait_until_done
+from shared.celery_app import model_of_queue
 from shared.errors import InvalidField
 from shared.jobs import JobStatus
 from shared.models import Adapter, Job
@@ -156,7 +157,7 @@ def _adapter(context: GatewayContext, model: str) -> Adapter | None:
 def announce_submitted(job) -> None:
     """Log and count a job just recorded."""
     log.info("job_submitted", job_id=job.id, model=job.model, kind=job.kind)
-    JOBS_SUBMITTED.labels(job.kind, job.model).inc()
+    JOBS_SUBMITTED.labels(job.kind, model_of_queue(job.queue)).inc()
 
 
 def _idempotency_key() -> str | None:
