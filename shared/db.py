@@ -20,7 +20,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # The migrations' head revision, checked against Alembic's by a test (a new migration must move
 # it): the schema check at start-up then needs neither Alembic nor its scan of the migration
 # scripts (0.15-0.2 s of a worker's or gateway's start, docs/benchmarks.md).
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 VERSION_TABLE = "alembic_version"
 
 

@@ -64,7 +64,7 @@ _CLAIM = (
             and_(
                 J.status == JobStatus.RUNNING,
                 J.lease_expires_at < bindparam("p_now"),
-                J.attempts < bindparam("p_max_attempts"),
+                J.attempts - J.hand_backs < bindparam("p_max_attempts"),
             ),
         ),
     )
@@ -123,7 +123,7 @@ _RENEW_ALL = (
 _RECORD_PROGRESS = update(JOBS).where(_HELD).values(progress=bindparam("p_progress"))
 _HAND_BACK = update(JOBS).where(_HELD).values(
     status=JobStatus.QUEUED, worker_id=None, worker_device=None, heartbeat_at=None, lease_expires_at=None,
-    enqueued_at=bindparam("p_now"),
+    enqueued_at=bindparam("p_now"), hand_backs=J.hand_backs + 1,
 )
 _END = dict(status=bindparam("p_status"), finished_at=bindparam("p_now"), lease_expires_at=None, reserved_tokens=0)
 _FINISH = update(JOBS).where(_HELD).values(**_END, result=bindparam("p_result"))
@@ -536,23 +536,24 @@ def recover_lapsed(
     Returns (requeued (id, queue) pairs to publish after commit, ids failed `worker_lost`).
     """
     lapsed = session.execute(
-        select(J.id, J.queue, J.attempts, J.kind)
+        select(J.id, J.queue, J.attempts, J.hand_backs, J.kind)
         .where(J.status == JobStatus.RUNNING, J.lease_expires_at < now)
         .order_by(J.id)
         .limit(limit)
     ).all()
     requeued, failed, ended = [], [], []
-    for job_id, queue, attempts, kind in lapsed:
+    for job_id, queue, attempts, hand_backs, kind in lapsed:
         still_lapsed = (
             J.id == job_id,
             J.status == JobStatus.RUNNING,
             J.attempts == attempts,
             J.lease_expires_at < now,
         )
-        if attempts >= max_attempts:
+        lost = attempts - hand_backs  # a worker that shut down handed its attempt back: not lost
+        if lost >= max_attempts:
             error = {
                 "code": "worker_lost",
-                "message": f"the worker running this job was lost {attempts} times; giving up",
+                "message": f"the worker running this job was lost {lost} times; giving up",
             }
             values: dict[str, Any] = {"status": JobStatus.FAILED, "finished_at": now, "error": error}
         else:
@@ -564,7 +565,7 @@ def recover_lapsed(
         ).rowcount
         if not changed:
             continue
-        if attempts >= max_attempts:
+        if lost >= max_attempts:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "worker_lost"})
             settle_reservation(session, job_id, 0)
             failed.append(job_id)

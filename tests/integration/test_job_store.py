@@ -261,6 +261,31 @@ def test_recover_lapsed_requeues_then_gives_up(database_url):
         assert row.status == "failed" and row.error["code"] == "worker_lost" and row.attempts == 2
 
 
+def test_hand_backs_do_not_use_up_attempts(database_url):
+    """Rolling restarts hand a job back; only workers lost count toward max_attempts."""
+    db = Database(database_url)
+    job_id = queued_job(db)
+    for worker in ("worker-a", "worker-b", "worker-c"):  # three shutdowns: attempts 1-3 handed back
+        held = claim(db, job_id, worker, max_attempts=2)
+        with db.session_scope() as session:
+            assert job_store.hand_back(session, held, worker)
+    assert claim(db, job_id, "worker-d", max_attempts=2).attempt == 4  # the fence still grows
+    lapse_lease(db, job_id)  # worker-d lost: the first loss
+    assert claim(db, job_id, "worker-e", max_attempts=2).attempt == 5  # a lapsed lease is claimable
+    lapse_lease(db, job_id)  # worker-e lost: the second
+    assert claim(db, job_id, "worker-f", max_attempts=2) is None
+    with db.session_scope() as session:
+        assert job_store.recover_lapsed(session, utcnow(), max_attempts=3)[0] == [(job_id, "generation.gemma-3-270m")]
+    claim(db, job_id, "worker-g", max_attempts=3)
+    lapse_lease(db, job_id)
+    with db.session_scope() as session:
+        assert job_store.recover_lapsed(session, utcnow(), max_attempts=3) == ([], [job_id])
+    with db.session_scope() as session:
+        row = session.get(Job, job_id)
+        assert (row.status, row.attempts, row.hand_backs) == ("failed", 6, 3)
+        assert row.error["message"] == "the worker running this job was lost 3 times; giving up"
+
+
 def test_expire_queued_fails_only_jobs_past_their_ttl(database_url):
     db = Database(database_url)
     stale = queued_job(db, expires_at=utcnow() - timedelta(seconds=1))
