@@ -98,7 +98,7 @@ class Job(Base):
     # Number of times a worker has claimed the job; also the fencing token of its writes.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Claims that ended in a hand-back (worker shutting down): not counted against max_attempts.
-    hand_backs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    hand_backs: Mapped[int] = mapped_column(Integer, server_default="0")
     worker_id: Mapped[str | None] = mapped_column(String(200))
     worker_device: Mapped[str | None] = mapped_column(String(64))
     heartbeat_at: Mapped[datetime | None]
