@@ -325,8 +325,15 @@ def test_submit_with_stream_answers_with_the_stream(client, auth, app, redis_cli
         json={"model": "gemma-3-270m", "prompt": "Hi", "max_new_tokens": 4},
         headers={**auth, "Idempotency-Key": "stream-1"},
     )
-    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
-    assert replay.get_json()["id"] == job_id
+    # The contract's submit answer: 202 (200 only when `Prefer: wait` held it), the job finished.
+    assert replay.status_code == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.get_json()["id"] == job_id and replay.get_json()["status"] == "succeeded"
+    waited = client.post(
+        "/v1/generations",
+        json={"model": "gemma-3-270m", "prompt": "Hi", "max_new_tokens": 4},
+        headers={**auth, "Idempotency-Key": "stream-1", "Prefer": "wait=5"},
+    )
+    assert waited.status_code == 200 and waited.get_json()["id"] == job_id
 
 
 def test_without_redis_the_stream_still_ends_with_done(database_url, tmp_path):

@@ -184,14 +184,15 @@ def _is_finished(context: GatewayContext, job_id: str) -> bool:
 
 
 def job_response(context: GatewayContext, job_id: str, wait_s: float, body: JobOut | None = None):
-    """Answer with a job just submitted, read unless given: 200 if it finished, else 202."""
+    """Answer with a job just submitted, read unless given: 202, or 200 if it finished while
+    `Prefer: wait` held the request (a replayed submit of a finished job is a 202, as it was)."""
     if body is None:
         body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues)
     finished = JobStatus(body.status).is_terminal
     headers = {"Location": job_path(job_id)}
     if wait_s > 0:
         headers["Preference-Applied"] = f"wait={wait_s:g}"
-    return json_response(body, 200 if finished else 202, headers)
+    return json_response(body, 200 if finished and wait_s > 0 else 202, headers)
 
 
 @blueprint.post("/v1/jobs/<job_id>/cancel")
