@@ -228,7 +228,9 @@ class Job(BaseModel):
     error: JobError | None = None
     progress: dict[str, Any] | None = None
     usage: Usage | None = None
-    adapter_id: str | None = None
+    adapter_id: str | None = Field(
+        default=None, description="the adapter a generation runs with; a fine-tune's adapter once it succeeded"
+    )
     waiting_for: str | None = Field(
         default=None, description="while queued with no live worker consuming its queue: what it waits for"
     )

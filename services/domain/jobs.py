@@ -564,10 +564,18 @@ def _to_response(job, usage: dict | None, position: int | None, consumers: dict[
         error=job.error,
         progress=job.progress,
         usage=usage,
-        adapter_id=job.adapter_id,
+        adapter_id=shown_adapter_id(job.kind, job.status, job.adapter_id),
         waiting_for=waiting_for(job, consumers) if consumers is not None else None,
         metadata=job.metadata_,
     )
+
+
+def shown_adapter_id(kind: str, status: str, adapter_id: str | None) -> str | None:
+    """A generation shows the adapter it runs with; a fine-tune its adapter once it exists (on
+    success): before, the id names nothing a generation could use, and may never."""
+    if kind == JobKind.FINE_TUNE and status != JobStatus.SUCCEEDED:
+        return None
+    return adapter_id
 
 
 def list_events(

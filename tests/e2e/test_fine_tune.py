@@ -117,10 +117,11 @@ def test_fine_tune_trains_registers_and_serves_an_adapter(ft):
         suffix="zorb",
     )
     assert job["kind"] == "fine_tune" and job["status"] == "queued"
-    adapter_id = job["adapter_id"]
-    assert adapter_id.startswith("ft-zorb-")
+    assert job["adapter_id"] is None  # carried on success (DESIGN.md)
     done = wait_for_job(ft.base_url, owner, job["id"], timeout_s=300)
     assert done["status"] == "succeeded", done
+    adapter_id = done["adapter_id"]
+    assert adapter_id.startswith("ft-zorb-")
     result = done["result"]
     assert result["adapter_id"] == adapter_id and result["steps"] == 8
     assert done["progress"]["step"] == done["progress"]["total_steps"] == 8
@@ -210,7 +211,9 @@ def test_cancel_stops_training_within_a_step_and_leaves_no_adapter(ft):
     (usage,) = ft.rows(UsageRecord, job["id"])
     assert usage.status == "cancelled" and usage.train_tokens > 0
     assert ft.rows(Adapter, job["id"]) == []
-    assert not any((ft.storage / "adapters" / job["adapter_id"]).glob("attempt-*"))
+    with ft.db.session_scope() as session:
+        adapter_id = session.get(Job, job["id"]).adapter_id
+    assert not any((ft.storage / "adapters" / adapter_id).glob("attempt-*"))
     assert requests.get(f"{ft.base_url}/v1/jobs/{job['id']}", headers=owner).json()["status"] == "cancelled"
 
 
@@ -223,11 +226,11 @@ def test_worker_killed_mid_training_retries_cleanly_elsewhere(ft):
     )
     ft.wait_for_step(owner, job["id"], 1)
     with ft.db.session_scope() as session:
-        holder = session.get(Job, job["id"]).worker_id
+        holder, adapter_id = session.get(Job, job["id"]).worker_id, session.get(Job, job["id"]).adapter_id
     victim = next(worker for worker in ft.workers if worker.pid == int(holder.split(":")[1]))
     victim.stop(signal.SIGKILL)
     ft.workers.remove(victim)
-    partial = ft.storage / "adapters" / job["adapter_id"] / "attempt-1"
+    partial = ft.storage / "adapters" / adapter_id / "attempt-1"
 
     done = wait_for_job(ft.base_url, owner, job["id"], timeout_s=300)
     assert done["status"] == "succeeded", done

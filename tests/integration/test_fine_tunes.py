@@ -99,7 +99,7 @@ def test_submit_records_a_queued_fine_tune_and_enqueues_it_on_its_own_queue(clie
     job = response.get_json()
     assert job["id"].startswith("job_")
     assert (job["kind"], job["status"], job["model"]) == ("fine_tune", "queued", DEFAULT_MODEL_ID)
-    assert job["adapter_id"] == "ft-" + job["id"].split("_", 1)[1]
+    assert job["adapter_id"] is None  # DESIGN: carried on success; until then it names nothing usable
     assert job["queue_position"] == 0
     assert job["metadata"] == {"team": "search"}
     assert job["result"] is None and job["error"] is None
@@ -110,7 +110,7 @@ def test_submit_records_a_queued_fine_tune_and_enqueues_it_on_its_own_queue(clie
 
     row = job_row(app, job["id"])
     assert (row.kind, row.queue, row.model) == ("fine_tune", FT_QUEUE, DEFAULT_MODEL_ID)
-    assert row.adapter_id == job["adapter_id"]
+    assert row.adapter_id == "ft-" + job["id"].split("_", 1)[1]
     assert row.reserved_tokens == 0
     assert row.expires_at is None
     expected_hp = {**Hyperparameters().model_dump(), "lora_r": 16, "lora_alpha": 32}
@@ -147,8 +147,7 @@ def test_suffix_goes_into_the_adapter_id(client, auth, app):
     response = fine_tune(client, auth, upload(client, auth), suffix="abc")
     assert response.status_code == 202, response.get_data(as_text=True)
     job = response.get_json()
-    assert job["adapter_id"] == "ft-abc-" + job["id"].split("_", 1)[1]
-    assert job_row(app, job["id"]).adapter_id == job["adapter_id"]
+    assert job_row(app, job["id"]).adapter_id == "ft-abc-" + job["id"].split("_", 1)[1]
 
 
 def test_queued_fine_tunes_have_queue_positions_of_their_own(client, auth):
@@ -559,3 +558,15 @@ def test_generations_on_adapters(client, auth, app, redis_client):
     plain = submit(client, auth).get_json()
     assert plain["adapter_id"] is None
     assert "base_model" not in job_row(app, plain["id"]).params
+
+
+def test_a_fine_tune_shows_its_adapter_id_only_once_it_succeeded(client, auth, app):
+    cancelled = fine_tune(client, auth, upload(client, auth)).get_json()["id"]
+    assert client.post(f"/v1/jobs/{cancelled}/cancel", headers=auth).get_json()["adapter_id"] is None
+    finished = fine_tune(client, auth, upload(client, auth)).get_json()["id"]
+    adapter_id = add_adapter(app, finished)
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        session.get(Job, finished).status = "succeeded"  # as the worker's finish writes it
+    assert client.get(f"/v1/jobs/{finished}", headers=auth).get_json()["adapter_id"] == adapter_id
+    listed = client.get("/v1/jobs?kind=fine_tune", headers=auth).get_json()["data"]
+    assert {job["id"]: job["adapter_id"] for job in listed} == {finished: adapter_id, cancelled: None}
