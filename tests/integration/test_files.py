@@ -230,6 +230,16 @@ def test_upload_over_the_json_body_limit_is_accepted(client, auth, app):
     big = {"model": "gemma-3-270m", "prompt": "x" * (settings.max_body_bytes + 10)}
     error = assert_error(client.post("/v1/generations", json=big, headers=auth), 413, "payload_too_large")
     assert str(settings.max_body_bytes) in error["message"]
+    # Sent chunked (no Content-Length, as gunicorn passes it on), it is the same 413, not a body
+    # cut at the limit and parsed (400); one byte under the limit is read whole.
+    chunked = {"Transfer-Encoding": "chunked", **auth}
+    terminated = {"wsgi.input_terminated": True}
+    response = client.post("/v1/generations", data=json.dumps(big), headers=chunked, environ_overrides=terminated)
+    assert_error(response, 413, "payload_too_large")
+    fits = json.dumps({**big, "prompt": "x"}).encode()
+    fits = fits[:-1] + b" " * (settings.max_body_bytes - len(fits) - 1) + b"}"
+    response = client.post("/v1/generations", data=fits, headers=chunked, environ_overrides=terminated)
+    assert response.status_code == 202, response.get_data(as_text=True)
 
 
 def test_list_get_and_delete(client, auth, app):
