@@ -28,6 +28,10 @@ class MalformedRequest(DomainError):
 class Unauthenticated(DomainError):
     status, code = 401, "unauthenticated"
 
+    def __init__(self, message: str, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.headers["WWW-Authenticate"] = 'Bearer realm="gemma-jobs"'  # RFC 9110: a 401 names its scheme
+
 
 class Forbidden(DomainError):
     status, code = 403, "forbidden"

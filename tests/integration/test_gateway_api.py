@@ -92,6 +92,9 @@ def test_missing_and_bad_keys_are_401(client, app):
     assert_error(client.get("/v1/jobs", headers={"Authorization": "Bearer gj_not-a-real-key-at-all"}), 401, "unauthenticated")
     assert_error(client.get("/v1/jobs", headers={"Authorization": "Basic abc"}), 401, "unauthenticated")
     assert_error(client.get("/v1/models"), 401, "unauthenticated")
+    submitted = client.post("/v1/generations", json={"model": "gemma-3-270m", "prompt": "hi"})
+    assert_error(submitted, 401, "unauthenticated")
+    assert submitted.headers["WWW-Authenticate"] == 'Bearer realm="gemma-jobs"'  # what scheme to send
 
 
 def test_keys_are_stored_only_as_hashes(app):
