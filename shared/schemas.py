@@ -440,6 +440,7 @@ class QueueInfo(BaseModel):
     model: str
     queued: int
     running: int
+    oldest_job_id: str | None = Field(default=None, description="the job that has waited longest")
     oldest_queued_at: datetime | None = None
     oldest_wait_s: float | None = None
     live_workers: int = Field(description="live workers consuming this queue")

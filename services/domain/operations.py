@@ -93,16 +93,18 @@ def queue_stats(session: Session, now: datetime, dead_after_s: float) -> list[Qu
             func.count().filter(Job.status == JobStatus.QUEUED),
             func.count().filter(Job.status == JobStatus.RUNNING),
             func.min(Job.created_at).filter(Job.status == JobStatus.QUEUED),
+            # Ids are time-ordered: the least is the job that has waited longest.
+            func.min(Job.id).filter(Job.status == JobStatus.QUEUED),
         )
         .where(or_(Job.status == JobStatus.QUEUED, Job.status == JobStatus.RUNNING))
         .group_by(Job.queue)
     ).all()
     consumers = live_queues(session, now, dead_after_s)
-    stats = {queue: (queued, running, oldest) for queue, queued, running, oldest in rows}
+    stats = {queue: (queued, running, oldest, oldest_id) for queue, queued, running, oldest, oldest_id in rows}
     for queue in consumers:
-        stats.setdefault(queue, (0, 0, None))
+        stats.setdefault(queue, (0, 0, None, None))
     result = []
-    for queue, (queued, running, oldest) in sorted(stats.items()):
+    for queue, (queued, running, oldest, oldest_id) in sorted(stats.items()):
         kind, model = queue.split(".", 1)
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=now.tzinfo)  # an aggregate skips the column's type
@@ -113,6 +115,7 @@ def queue_stats(session: Session, now: datetime, dead_after_s: float) -> list[Qu
                 model=model,
                 queued=queued,
                 running=running,
+                oldest_job_id=oldest_id,
                 oldest_queued_at=oldest,
                 oldest_wait_s=round((now - oldest).total_seconds(), 1) if oldest else None,
                 live_workers=consumers.get(queue, 0),

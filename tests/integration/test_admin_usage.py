@@ -11,7 +11,7 @@ from sqlalchemy import update
 from services.domain.keys import create_key
 from shared import job_store
 from shared.models import UsageRecord
-from tests.integration.helpers import assert_error, make_key
+from tests.integration.helpers import assert_error, make_key, submit
 from tests.processes import CLI
 
 
@@ -169,3 +169,13 @@ def test_usage_is_summed_in_sql_by_key_model_and_day(client, admin, app):
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["model", "jobs"]
     assert lines[2].split()[:4] == ["gemma-3-270m", "2", "11", "22"]
+
+
+def test_queues_name_the_job_that_waited_longest(client, auth, admin):
+    first, second = (submit(client, auth).get_json()["id"] for _ in range(2))
+    queues = {queue["name"]: queue for queue in client.get("/v1/admin/queues", headers=admin).get_json()["data"]}
+    queue = queues["generation.gemma-3-270m"]
+    assert (queue["queued"], queue["oldest_job_id"]) == (2, first)
+    assert client.post(f"/v1/jobs/{first}/cancel", headers=auth).status_code == 200
+    queues = {queue["name"]: queue for queue in client.get("/v1/admin/queues", headers=admin).get_json()["data"]}
+    assert (queues["generation.gemma-3-270m"]["queued"], queues["generation.gemma-3-270m"]["oldest_job_id"]) == (1, second)
