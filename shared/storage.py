@@ -55,6 +55,14 @@ class Storage:
         else:
             path.unlink(missing_ok=True)
 
+    def remove_attempt(self, adapter_id: str, attempt: int) -> None:
+        """Delete one training attempt's folder, and the adapter's folder if that leaves it empty."""
+        self.remove(self.adapter_relative(adapter_id, attempt))
+        try:
+            self.resolve(f"adapters/{adapter_id}").rmdir()  # only ever removes an empty folder
+        except OSError:
+            pass  # another attempt's folder is there, or it was never made
+
     def remove_adapter(self, adapter_id: str) -> None:
         """Delete every attempt's folder of an adapter."""
         shutil.rmtree(self.root / "adapters" / adapter_id, ignore_errors=True)

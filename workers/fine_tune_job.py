@@ -29,20 +29,22 @@ def run_fine_tune_job(rt: WorkerRuntime, job_id: str) -> None:
     # Folders left by earlier attempts (a worker died mid-training) are partial: a retry
     # starts over from the base model.
     for attempt in range(1, held.attempt):
-        rt.storage.remove(Storage.adapter_relative(held.adapter_id, attempt))
+        rt.storage.remove_attempt(held.adapter_id, attempt)
     relative = Storage.adapter_relative(held.adapter_id, held.attempt)
     timeout_s = held.params.get("timeout_s", rt.settings.fine_tune_timeout_s)
-    report: TrainingReport | None = None
+    report, trained = TrainingReport(), False
     with JobGuard(rt, held, timeout_s) as guard:
         try:
-            report = train_adapter(
+            train_adapter(
                 _spec(rt, held),
                 rt.settings.model_cache_path,
                 rt.device,
                 rt.storage.resolve(relative),
                 should_stop=guard.should_stop,
                 on_log=lambda progress, point: _record_progress(rt, held, progress, point),
+                report=report,
             )
+            trained = True
         except FineTuneError as exc:
             code, message = exc.code, exc.message
         except ModelUnavailable as exc:
@@ -51,9 +53,9 @@ def run_fine_tune_job(rt: WorkerRuntime, job_id: str) -> None:
             log.exception("job_crashed")
             code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
     gc.collect()  # the training copy of the base model is garbage now; free it before the next job
-    if report is None:
-        rt.storage.remove(relative)
-        fail_attempt(rt, held, code, message)
+    if not trained:
+        rt.storage.remove_attempt(held.adapter_id, held.attempt)
+        fail_attempt(rt, held, code, message, report.usage())  # what it trained before it failed
         return
     _store_outcome(rt, held, report, relative, guard.reason, timeout_s)
 
@@ -90,7 +92,7 @@ def _store_outcome(
     rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, reason: str | None, timeout_s: float
 ) -> None:
     """Register the adapter (success) or record why not; partial output is always removed."""
-    usage = {"train_tokens": report.train_tokens, "gpu_seconds": round(report.seconds, 4)}
+    usage = report.usage()
     outcome = store_attempt(
         rt,
         held,
@@ -100,7 +102,7 @@ def _store_outcome(
         finish=lambda: _register_adapter(rt, held, report, relative, usage),
     )
     if outcome != "finished":
-        rt.storage.remove(relative)
+        rt.storage.remove_attempt(held.adapter_id, held.attempt)
     log.info(f"job_{outcome or 'result_discarded'}", reason=reason, steps=report.step, **usage)
 
 

@@ -72,6 +72,14 @@ class TrainingReport:
     seconds: float = 0.0
     stopped: bool = False
     losses: list[float] = field(default_factory=list)
+    # The last step the progress hook was told of.
+    reported_step: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def usage(self) -> dict[str, Any]:
+        """Return what the run used so far: its charge, also when it failed midway."""
+        seconds = self.seconds or time.monotonic() - self.started
+        return {"train_tokens": self.train_tokens, "gpu_seconds": round(seconds, 4)}
 
     def progress(self) -> dict[str, Any]:
         """Return the job's `progress` view."""
@@ -96,9 +104,14 @@ def train_adapter(
     *,
     should_stop: Callable[[], bool],
     on_log: ProgressHook,
+    report: TrainingReport | None = None,
 ) -> TrainingReport:
-    """Train a LoRA adapter and save it to output_dir (unless stopped); return the report."""
-    started = time.monotonic()
+    """Train a LoRA adapter and save it to output_dir (unless stopped); return the report.
+
+    `report` (the caller's) is kept up to date as training runs, so that a run that raises
+    midway can still be charged what it used.
+    """
+    report = report or TrainingReport()
     if spec.quantization != "none" and device.type != "cuda":
         raise FineTuneError(
             "quantization_unavailable",
@@ -116,7 +129,7 @@ def train_adapter(
     )
     set_seed(hp["seed"])  # before the LoRA weights are initialised, so a seed reproduces a run
     model = _peft_model(folder, device, spec)
-    report = TrainingReport(total_steps=optimizer_steps(len(train_rows), Hyperparameters(**hp)))
+    report.total_steps = optimizer_steps(len(train_rows), Hyperparameters(**hp))
     trainer = Trainer(
         model=model,
         args=_training_arguments(output_dir, device, hp, report.total_steps, has_eval=eval_rows is not None),
@@ -130,7 +143,7 @@ def train_adapter(
     trainer.train()
     if eval_rows and not report.stopped and report.eval_step != report.step:
         report.eval_loss = _rounded(trainer.evaluate()["eval_loss"])
-    report.seconds = time.monotonic() - started
+    report.seconds = time.monotonic() - report.started
     if not report.stopped:
         model.save_pretrained(output_dir, safe_serialization=True)
     # Keep only adapter_model.safetensors and adapter_config.json: no model card, no trainer state.
@@ -285,4 +298,12 @@ class _JobCallback(TrainerCallback):
             self.report.eval_loss = point["eval_loss"] = _rounded(logs["eval_loss"])
             self.report.eval_step = state.global_step
         if len(point) > 2:
+            self.report.reported_step = state.global_step
             self.on_log_hook(self.report, point)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Losses are logged every `logging_steps`: steps after the last such log would be missing
+        # from the job's progress, which must end at the step the result names.
+        if self.report.reported_step != state.global_step:
+            self.report.reported_step = state.global_step
+            self.on_log_hook(self.report, {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)})

@@ -1,0 +1,60 @@
+"""The training report a run keeps up to date: its progress ends at the last step, and a run
+that fails midway still says what it used (its charge)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
+from shared.schemas import Hyperparameters
+from workers import fine_tuning
+from workers.fine_tuning import FineTuneSpec, TrainingReport, train_adapter
+
+pytestmark = pytest.mark.e2e
+
+DATA = Path(__file__).parents[1] / "data" / "fine_tune_train.jsonl"
+
+
+def spec(max_steps: int) -> FineTuneSpec:
+    hyperparameters = Hyperparameters(max_steps=max_steps, batch_size=2, max_seq_length=32).model_dump()
+    return FineTuneSpec(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), DATA, None, hyperparameters)
+
+
+class Crash(Exception):
+    """What a run that dies midway raises (an out-of-memory error, a broken row)."""
+
+
+def test_a_run_that_fails_midway_leaves_what_it_used_in_the_callers_report(model_cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fine_tuning, "LOSS_POINTS", 4)  # a loss point every step
+
+    def crash_at_step_two(report: TrainingReport, point: dict) -> None:
+        if point["step"] == 2:
+            raise Crash
+
+    report = TrainingReport()
+    with pytest.raises(Crash):
+        train_adapter(spec(4), model_cache_dir, torch.device("cpu"), tmp_path / "out",
+                      should_stop=lambda: False, on_log=crash_at_step_two, report=report)
+    assert report.step == 2 and report.train_tokens > 0
+    usage = report.usage()
+    assert usage["train_tokens"] == report.train_tokens and usage["gpu_seconds"] > 0
+
+
+def test_progress_ends_at_the_last_step_between_loss_points(model_cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fine_tuning, "LOSS_POINTS", 2)  # 5 steps: losses at steps 2 and 4, not at 5
+    points: list[dict] = []
+    progress: list[dict] = []
+
+    def record(report: TrainingReport, point: dict) -> None:
+        points.append(point)
+        progress.append(report.progress())
+
+    report = train_adapter(spec(5), model_cache_dir, torch.device("cpu"), tmp_path / "out",
+                           should_stop=lambda: False, on_log=record)
+    assert report.step == 5
+    assert [point["step"] for point in points] == [2, 4, 5]
+    assert progress[-1]["step"] == 5
+    assert progress[-1]["train_tokens"] == report.train_tokens
