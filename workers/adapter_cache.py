@@ -36,17 +36,17 @@ class AdapterCache:
         # (base id, adapter id) in least- to most-recently used order.
         self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
-        # The adapter of the last batch step, and deleted adapters left loaded until the batch
-        # that runs them moves on (see `forget`).
-        self._in_use: str | None = None
+        # The adapter of each base model's last batch step (each base has its own engine), and
+        # deleted adapters left loaded until the batch that runs them moves on (see `forget`).
+        self._in_use: dict[str, str | None] = {}
         self._forgotten: set[str] = set()
 
     @contextmanager
     def applied(self, loaded: LoadedModel, adapter_id: str | None, path: Path | None = None) -> Iterator[LoadedModel]:
         """Yield the model to generate with: the base alone, or the base with one adapter active."""
         with self._lock:
-            self._in_use = adapter_id
-            for gone in self._forgotten - {adapter_id}:
+            self._in_use[loaded.entry.id] = adapter_id
+            for gone in self._forgotten - set(self._in_use.values()):
                 self._forget(gone)
             wrapped = self._wrapped.get(loaded.entry.id)
             if adapter_id is None:
@@ -69,6 +69,7 @@ class AdapterCache:
         wrapped = self._wrapped.get(loaded.entry.id)
         if key in self._lru:
             self._lru.move_to_end(key)
+            self._evict(keep=key)  # loads while other batches ran their adapters may have gone over
             return wrapped
         if path is None or not (path / "adapter_config.json").is_file():
             # The path stays in the worker's log: the job's error is shown to its client.
@@ -93,8 +94,11 @@ class AdapterCache:
 
     def _evict(self, keep: tuple[str, str]) -> None:
         """Drop least recently used adapters beyond capacity (never the one about to run)."""
+        in_use = set(self._in_use.items())  # another base's batch may be running on its adapter
         while len(self._lru) > self.capacity:
-            victim = next(key for key in self._lru if key != keep)
+            victim = next((key for key in self._lru if key != keep and key not in in_use), None)
+            if victim is None:
+                return  # every other adapter is in use: over capacity until a batch moves on
             self._drop(*victim)
             log.info("adapter_evicted", adapter=victim[1], base=victim[0])
 
@@ -103,7 +107,7 @@ class AdapterCache:
         running now uses it, once the batch moves on (its files may be gone already, and its
         rows were admitted before the delete: they finish)."""
         with self._lock:
-            if adapter_id == self._in_use:
+            if adapter_id in self._in_use.values():
                 self._forgotten.add(adapter_id)
             else:
                 self._forget(adapter_id)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.registry import DEFAULT_MODEL_ID, ModelRegistry
+from shared.registry import DEFAULT_MODEL_ID, ModelEntry, ModelRegistry
 from workers.adapter_cache import AdapterCache, AdapterUnavailable
 from workers.batch_engine import generate_alone
 from workers.model_loader import load_model
@@ -67,6 +67,36 @@ def test_adapters_swap_on_one_base_and_evict_beyond_capacity(loaded, tmp_path):
         with cache.applied(loaded, "ft-gone", tmp_path / "missing"):
             pass
     assert "ft-gone" in str(raised.value) and str(tmp_path) not in str(raised.value)  # clients see it
+
+
+def test_each_base_models_batch_keeps_its_adapter_in_use(loaded, model_cache_dir, tmp_path):
+    """A worker with two base models runs an engine per base: a step of one must not release
+    (to a delete or to eviction) the adapter that the other's batch is running on."""
+    entry = ModelEntry(id="second-base", path=model_cache_dir / DEFAULT_MODEL_ID)
+    other = load_model(entry, model_cache_dir, torch.device("cpu"))  # the same weights, its own copy
+    first = _random_adapter(loaded, tmp_path / "a", seed=1)
+    second = _random_adapter(other, tmp_path / "b", seed=2)
+    cache = AdapterCache(capacity=1)
+    with cache.applied(loaded, "ft-a", first):
+        pass
+    with cache.applied(other, None):
+        pass
+    cache.forget("ft-a")  # deleted while the first base's batch runs on it
+    assert cache.loaded_ids() == ["ft-a"]
+    with cache.applied(loaded, None):  # that batch moved on
+        pass
+    assert cache.loaded_ids() == []
+
+    with cache.applied(loaded, "ft-a", first):
+        pass
+    with cache.applied(other, "ft-b", second):  # capacity 1, but ft-a's batch still runs on it
+        pass
+    assert sorted(cache.loaded_ids()) == ["ft-a", "ft-b"]
+    with cache.applied(loaded, None):  # ft-a's batch moved on: the next load evicts down to capacity
+        pass
+    with cache.applied(other, "ft-b", second) as model:
+        assert generate_alone(model, PARAMS).text
+    assert cache.loaded_ids() == ["ft-b"]
 
 
 def test_an_adapter_deleted_while_its_batch_runs_serves_that_batch_to_the_end(loaded, tmp_path):
