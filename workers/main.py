@@ -9,7 +9,7 @@ import structlog
 import torch
 from celery import signals
 
-from shared.celery_app import queue_for
+from shared.celery_app import model_of_queue, queue_for
 from shared.jobs import JobKind
 from shared.logging import configure_logging, quiet_celery_task_lines
 from shared.reaper import Reaper
@@ -67,12 +67,23 @@ def run_worker(
     queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
     registration = Registration(rt, role, queues)
     registration.register()  # before loading: CPU workers that start together split the cores
+    registration.start_heartbeat()  # a slow load is a worker starting, not a dead one
     if rt.cpu_threads is not None:
         rt.cpu_threads.apply()  # model loading runs in this thread
+    unusable: set[str] = set()
     if JobKind.GENERATION in ROLE_KINDS[role]:
         rt.models.preload(model_ids)  # a fine-tune loads its own training copy per job
+        unusable.update(set(model_ids) - set(rt.models.loaded_ids()))
     if JobKind.FINE_TUNE in ROLE_KINDS[role]:
-        _preload_tokenizers(rt, model_ids)
+        unusable.update(_preload_tokenizers(rt, model_ids))
+    # A model this worker cannot load is left to workers that can: taking its jobs only to fail
+    # them would drain its queue beside a healthy worker. Its jobs wait, and say so.
+    queues = [queue for queue in queues if model_of_queue(queue) not in unusable]
+    if not queues:
+        registration.stop()
+        rt.results.close(10)
+        raise SystemExit(f"no model of --models could be loaded ({', '.join(sorted(unusable))}; "
+                         "see model_unavailable above): this worker would take no job")
     if reaper:
         # Every worker reaps; passes are conditional updates, so they never conflict.
         Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
@@ -80,9 +91,9 @@ def run_worker(
     if not rt.results.wait_ready(WRITER_READY_TIMEOUT_S):
         # Go on: a hand-over starts a new writer if this one died, and results wait in the pipe.
         log.warning("result_writer_not_ready", timeout_s=WRITER_READY_TIMEOUT_S)
-    registration.mark("ready")
-    registration.start_heartbeat()
-    log.info("worker_ready", queues=queues, models=rt.models.loaded_ids(), concurrency=concurrency)
+    registration.serve(queues)
+    log.info("worker_ready", queues=queues, models=rt.models.loaded_ids(), concurrency=concurrency,
+             unusable=sorted(unusable))
     # What start-up loaded (torch, transformers and the rest: ~430,000 objects) lives as long
     # as the worker: keep it out of the garbage collector's full passes, each of which walked it
     # all (~210 ms on a 2-core machine, bench/gc_pause.py), stalling the batch engine's steps.
@@ -110,18 +121,22 @@ def run_worker(
         registration.stop()
 
 
-def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> None:
-    """Load the tokenizers training needs now, not while a job's lease is running."""
+def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> set[str]:
+    """Load the tokenizers training needs now, not while a job's lease is running; return the
+    models whose tokenizer could not be loaded."""
     from workers.model_loader import ModelUnavailable
     from workers.training_tokenizers import preload_tokenizer
 
+    failed = set()
     for model_id in model_ids:
         try:
             # A worker that also generates has this tokenizer loaded already: share it.
             loaded = rt.models.get(model_id).tokenizer if model_id in rt.models.loaded_ids() else None
             preload_tokenizer(rt.models.registry.get(model_id), rt.settings.model_cache_path, loaded)
         except (ModelUnavailable, OSError, ValueError) as exc:
-            log.error("tokenizer_unavailable", model=model_id, error=str(exc))  # its fine-tunes fail clearly
+            log.error("tokenizer_unavailable", model=model_id, error=str(exc))
+            failed.add(model_id)
+    return failed
 
 
 def _hand_back_on_shutdown(rt: WorkerRuntime) -> None:

@@ -60,6 +60,11 @@ class Registration:
         self.state = state
         self.beat()
 
+    def serve(self, queues: list[str]) -> None:
+        """Record the queues it consumes, of the models it could load, and that it is ready."""
+        self.queues = queues
+        self.mark("ready")
+
     def beat(self) -> None:
         """Write the heartbeat; a failed write is retried by the next beat."""
         rt = self.rt
@@ -68,6 +73,7 @@ class Registration:
             "state": state,
             "heartbeat_at": utcnow(),
             "models": rt.models.loaded_ids(),
+            "queues": self.queues,
             "jobs_in_flight": rt.jobs_in_flight,
             "jobs_done": rt.jobs_done,
         }

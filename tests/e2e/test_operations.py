@@ -92,18 +92,31 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_registry_queues_waiting_hint_status_and_metrics(ops):
+    # A worker that can load none of its models would take no job: it says why and exits.
+    useless = subprocess.run([*CLI, "worker", "--device", "cpu", "--models", "broken-model"],
+                             env=ops.env, capture_output=True, text=True, timeout=180)
+    assert useless.returncode == 1, useless.stderr[-2000:]
+    assert "no model of --models could be loaded (broken-model" in useless.stderr
+    (gone,) = ops.get("/v1/admin/workers")["data"]
+    assert (gone["state"], gone["alive"]) == ("stopped", False)
+
     metrics_port = free_port()
     worker = ops.worker(f"{DEFAULT_MODEL_ID},broken-model", "generate", "--metrics-port", str(metrics_port))
     listed = ops.wait_worker(worker.pid, state="ready", alive=True)
     assert listed["role"] == "generate" and listed["device"] == "cpu"
-    assert listed["models"] == [DEFAULT_MODEL_ID]  # broken-model failed to load
-    assert sorted(listed["queues"]) == ["generation.broken-model", f"generation.{DEFAULT_MODEL_ID}"]
+    # broken-model failed to load: the worker leaves its queue to workers that can load it.
+    assert listed["models"] == [DEFAULT_MODEL_ID]
+    assert listed["queues"] == [f"generation.{DEFAULT_MODEL_ID}"]
     assert requests.get(f"{ops.base_url}/v1/admin/workers", headers=ops.user).status_code == 403
 
     assert wait_for_job(ops.base_url, ops.user, ops.submit(SHORT))["status"] == "succeeded"
-    failed = wait_for_job(ops.base_url, ops.user, ops.submit({**SHORT, "model": "broken-model"}))
-    assert failed["error"]["code"] == "model_unavailable"
+    failed = wait_for_job(ops.base_url, ops.user, ops.submit({**SHORT, "max_new_tokens": 64, "timeout_s": 0.001}))
+    assert failed["error"]["code"] == "timeout"
     ops.wait_worker(worker.pid, jobs_done=2, jobs_in_flight=0)
+    unserved = ops.submit({**SHORT, "model": "broken-model"})
+    shown = ops.get(f"/v1/jobs/{unserved}", headers=ops.user)
+    assert shown["status"] == "queued" and "generation jobs for broken-model" in shown["waiting_for"]
+    assert requests.post(f"{ops.base_url}/v1/jobs/{unserved}/cancel", headers=ops.user, timeout=10).ok
 
     # No live worker takes fine-tunes: the job stays queued and says what it waits for.
     upload = requests.post(
@@ -133,26 +146,28 @@ def test_registry_queues_waiting_hint_status_and_metrics(ops):
     assert status.returncode == 0, status.stderr
     assert "WORKERS (1 live)" in status.stdout and f"{worker.pid}" in status.stdout
     assert f"fine_tune.{DEFAULT_MODEL_ID}" in status.stdout
-    assert failed["id"] in status.stdout and "model_unavailable" in status.stdout
+    assert failed["id"] in status.stdout and "timeout" in status.stdout
 
     # Metrics: the gateway's merged over its two processes, the worker's on its own port.
     for _ in range(10):
         assert requests.get(f"{ops.base_url}/healthz", timeout=5).status_code == 200
     page = requests.get(f"{ops.base_url}/metrics", timeout=10).text
     assert metric(page, "gemma_jobs_http_requests_total", method="GET", route="/healthz", status="200") == 10
-    assert metric(page, "gemma_jobs_http_requests_total", method="POST", route="/v1/generations", status="202") == 2
-    assert metric(page, "gemma_jobs_http_request_duration_seconds_count", method="POST", route="/v1/generations") == 2
-    assert metric(page, "gemma_jobs_jobs_submitted_total", kind="generation", model=DEFAULT_MODEL_ID) == 1
+    assert metric(page, "gemma_jobs_http_requests_total", method="POST", route="/v1/generations", status="202") == 3
+    assert metric(page, "gemma_jobs_http_request_duration_seconds_count", method="POST", route="/v1/generations") == 3
+    assert metric(page, "gemma_jobs_jobs_submitted_total", kind="generation", model=DEFAULT_MODEL_ID) == 2
+    assert metric(page, "gemma_jobs_jobs_submitted_total", kind="generation", model="broken-model") == 1
     assert metric(page, "gemma_jobs_jobs_submitted_total", kind="fine_tune", model=DEFAULT_MODEL_ID) == 1
     assert metric(page, "gemma_jobs_queue_depth", queue=f"fine_tune.{DEFAULT_MODEL_ID}") == 1
     ended = {"kind": "generation", "model": DEFAULT_MODEL_ID}
     assert metric(page, "gemma_jobs_jobs_finished_total", **ended, status="succeeded") == 1
-    assert metric(page, "gemma_jobs_jobs_finished_total", **{**ended, "model": "broken-model"}, status="failed") == 1
+    assert metric(page, "gemma_jobs_jobs_finished_total", **ended, status="failed") == 1
+    assert metric(page, "gemma_jobs_jobs_finished_total", **{**ended, "model": "broken-model"}, status="cancelled") == 1
     worker_page = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     assert metric(worker_page, "gemma_jobs_worker_job_duration_seconds_count", kind="generation") == 2
     assert metric(worker_page, "gemma_jobs_worker_tokens_generated_total", model=DEFAULT_MODEL_ID) > 0
-    waits = metric(worker_page, "gemma_jobs_worker_queue_wait_seconds_count", kind="generation", model="broken-model")
-    assert waits == 1
+    waits = metric(worker_page, "gemma_jobs_worker_queue_wait_seconds_count", kind="generation", model=DEFAULT_MODEL_ID)
+    assert waits == 2
     assert metric(worker_page, "gemma_jobs_worker_model_load_seconds", model=DEFAULT_MODEL_ID) > 0
 
     # SIGTERM: the worker drains and records itself stopped; SIGKILL: it goes silent and is shown dead.
