@@ -425,8 +425,14 @@ class WorkerInfo(BaseModel):
     stopped_at: datetime | None = None
 
 
+class WorkerQuery(StrictModel):
+    """Query of GET /v1/admin/workers."""
+
+    include_gone: bool = Field(default=False, description="also workers that stopped or died in the last hour")
+
+
 class WorkerList(BaseModel):
-    """Live workers, then those that stopped or died in the last hour."""
+    """Live workers (with `include_gone`, then those that stopped or died in the last hour)."""
 
     object: Literal["list"] = "list"
     data: list[WorkerInfo]

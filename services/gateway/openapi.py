@@ -127,9 +127,10 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         True,
     ),
     ("get", "/v1/admin/workers"): (
-        "Workers: live ones, then those gone in the last hour (admin)",
+        "Live workers; with include_gone, then those gone in the last hour (admin)",
         None,
-        {200: schemas.WorkerList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse},
+        {200: schemas.WorkerList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse,
+         422: schemas.ErrorResponse},
         True,
     ),
     ("get", "/v1/admin/queues"): (
@@ -165,6 +166,7 @@ QUERY_PARAMETERS = {
         {"name": "group_by", "in": "query", "schema": {"type": "string", "enum": ["key", "model", "day"]}},
         {"name": "key_id", "in": "query", "schema": {"type": "string", "maxLength": 40}},
     ],
+    "/v1/admin/workers": [{"name": "include_gone", "in": "query", "schema": {"type": "boolean"}}],
     "/v1/jobs/{job_id}/events": [
         {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},

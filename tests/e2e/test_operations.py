@@ -67,7 +67,7 @@ def ops(redis_url, model_cache_dir, registry_file, tmp_path, postgres_admin_url)
         def wait_worker(self, pid: int, **expected) -> dict:
             deadline = time.monotonic() + 15
             while True:
-                worker = next(w for w in self.get("/v1/admin/workers")["data"] if w["pid"] == pid)
+                worker = next(w for w in self.get("/v1/admin/workers?include_gone=true")["data"] if w["pid"] == pid)
                 if all(worker[key] == value for key, value in expected.items()):
                     return worker
                 assert time.monotonic() < deadline, (expected, worker)
@@ -97,7 +97,8 @@ def test_registry_queues_waiting_hint_status_and_metrics(ops):
                              env=ops.env, capture_output=True, text=True, timeout=180)
     assert useless.returncode == 1, useless.stderr[-2000:]
     assert "no model of --models could be loaded (broken-model" in useless.stderr
-    (gone,) = ops.get("/v1/admin/workers")["data"]
+    assert ops.get("/v1/admin/workers")["data"] == []  # live workers only
+    (gone,) = ops.get("/v1/admin/workers?include_gone=true")["data"]
     assert (gone["state"], gone["alive"]) == ("stopped", False)
 
     metrics_port = free_port()

@@ -179,3 +179,24 @@ def test_queues_name_the_job_that_waited_longest(client, auth, admin):
     assert client.post(f"/v1/jobs/{first}/cancel", headers=auth).status_code == 200
     queues = {queue["name"]: queue for queue in client.get("/v1/admin/queues", headers=admin).get_json()["data"]}
     assert (queues["generation.gemma-3-270m"]["queued"], queues["generation.gemma-3-270m"]["oldest_job_id"]) == (1, second)
+
+
+@pytest.mark.parametrize("query", ["include_gone=maybe", "alive=1"])
+def test_bad_worker_queries_are_422(client, admin, query):
+    assert_error(client.get(f"/v1/admin/workers?{query}", headers=admin), 422, "invalid_field")
+
+
+def test_workers_are_the_live_ones_unless_gone_ones_are_asked_for(client, admin, app):
+    from shared.models import WorkerRecord, utcnow
+
+    now = utcnow()
+    row = {"host": "h", "device": "cpu", "role": "all", "models": [], "queues": [], "started_at": now}
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        session.add(WorkerRecord(id="h:1:cpu", pid=1, state="ready", heartbeat_at=now, **row))
+        session.add(WorkerRecord(id="h:2:cpu", pid=2, state="stopped", heartbeat_at=now, stopped_at=now, **row))
+        session.add(WorkerRecord(id="h:3:cpu", pid=3, state="ready", heartbeat_at=now - timedelta(minutes=5), **row))
+    listed = client.get("/v1/admin/workers", headers=admin).get_json()["data"]
+    assert [(worker["id"], worker["alive"]) for worker in listed] == [("h:1:cpu", True)]
+    listed = client.get("/v1/admin/workers?include_gone=true", headers=admin).get_json()["data"]
+    assert sorted((worker["id"], worker["alive"]) for worker in listed) == [
+        ("h:1:cpu", True), ("h:2:cpu", False), ("h:3:cpu", False)]

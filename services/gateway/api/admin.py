@@ -11,7 +11,9 @@ from services.gateway.auth import require_key
 from services.gateway.context import gateway
 from services.gateway.requests import parse_body, parse_query
 from shared.models import ApiKey, utcnow
-from shared.schemas import KeyCreate, KeyCreated, KeyInfo, KeyList, QueueList, UsageQuery, UsageReport, WorkerList
+from shared.schemas import (
+    KeyCreate, KeyCreated, KeyInfo, KeyList, QueueList, UsageQuery, UsageReport, WorkerList, WorkerQuery,
+)
 
 blueprint = Blueprint("admin", __name__)
 
@@ -66,10 +68,13 @@ def admin_usage():
 @blueprint.get("/v1/admin/workers")
 @require_key(role="admin")
 def list_workers():
-    """Live workers, then those that stopped or died in the last hour."""
+    """Live workers; with `?include_gone=true`, then those that stopped or died in the last hour."""
+    query = parse_query(WorkerQuery)
     context = gateway()
     with context.db.session_scope(read_only=True) as session:
         workers = operations.list_workers(session, utcnow(), context.settings.worker_dead_after_s)
+    if not query.include_gone:
+        workers = [worker for worker in workers if worker.alive]
     return WorkerList(data=workers).model_dump(mode="json")
 
 
