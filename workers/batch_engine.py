@@ -360,6 +360,13 @@ class BatchEngine:
                 seconds=time.monotonic() - sequence.submitted,
                 gpu_seconds=sequence.gpu_seconds,
             )
+        if isinstance(error, GenerationError):
+            # The tokens it produced before its round failed are charged, as a timeout's are.
+            error = GenerationError(error.code, error.message, usage={
+                "prompt_tokens": len(sequence.prompt_ids) if sequence.tokens else 0,
+                "completion_tokens": len(sequence.tokens),
+                "gpu_seconds": round(sequence.gpu_seconds, 4),
+            })
         sequence.error = error
         sequence.done.set()
 

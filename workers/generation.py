@@ -10,12 +10,16 @@ from workers.prompts import input_ids_for
 
 
 class GenerationError(RuntimeError):
-    """A job's input cannot be generated from; the message tells the client what to fix."""
+    """A job's input cannot be generated from; the message tells the client what to fix.
 
-    def __init__(self, code: str, message: str):
+    `usage` is what the job had used when it failed (its batch failed midway): it is charged.
+    """
+
+    def __init__(self, code: str, message: str, usage: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.usage = usage
 
 
 @dataclass

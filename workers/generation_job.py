@@ -28,6 +28,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     timeout_s = held.params.get("timeout_s", rt.settings.default_timeout_s)
     output: GenerationOutput | None = None
     publisher: TokenPublisher | None = None
+    usage = None  # what a failed attempt had used (its charge)
     with JobGuard(rt, held, timeout_s) as guard:
         try:
             engine = rt.engine(held.params.get("base_model", held.model))
@@ -48,7 +49,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
                 adapter_path=adapter_path,
             )
         except GenerationError as exc:
-            code, message = exc.code, exc.message
+            code, message, usage = exc.code, exc.message, exc.usage
         except ModelUnavailable as exc:
             code, message = "model_unavailable", str(exc)
         except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
@@ -57,7 +58,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     if output is None:
         if publisher is not None:
             publisher.ensure_started()  # readers drop what an earlier attempt streamed
-        fail_attempt(rt, held, code, message)
+        fail_attempt(rt, held, code, message, usage)
         return
     _store_outcome(rt, held, output, publisher, guard.reason, timeout_s)
 

@@ -36,6 +36,9 @@ def test_an_error_at_the_end_of_a_round_fails_its_job_and_the_engine_serves_on(m
         broken = _generate(engine, {"prompt": "Hello", "max_new_tokens": 8, "temperature": 0},
                            should_stop=stop_check_that_breaks)
     assert isinstance(broken, GenerationError) and "the job's guard broke" in str(broken)
+    # What it produced before its round failed is charged (the job fails with this usage).
+    assert broken.usage["prompt_tokens"] > 0 and broken.usage["completion_tokens"] == 2
+    assert broken.usage["gpu_seconds"] > 0
     assert [entry["event"] for entry in logs] == ["batch_step_failed"]
     after = _generate(engine, {"prompt": "Hello", "max_new_tokens": 3, "temperature": 0})
     assert len(after.token_ids) == 3
