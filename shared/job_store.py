@@ -577,8 +577,10 @@ def recover_lapsed(
     return requeued, failed
 
 
-def stale_queued(session: Session, published_before: datetime, limit: int = 1000) -> list[tuple[str, str]]:
-    """Return (id, queue) of queued jobs last published before a time."""
+def stale_queued(
+    session: Session, published_before: datetime, limit: int = 1000, after: str = ""
+) -> list[tuple[str, str]]:
+    """Return (id, queue) of queued jobs last published before a time, by id, after `after`."""
     return [
         (job_id, queue)
         for job_id, queue in session.execute(
@@ -586,6 +588,7 @@ def stale_queued(session: Session, published_before: datetime, limit: int = 1000
             .where(
                 J.status == JobStatus.QUEUED,
                 or_(J.enqueued_at.is_(None), J.enqueued_at < published_before),
+                J.id > after,
             )
             .order_by(J.id)
             .limit(limit)

@@ -21,6 +21,11 @@ log = structlog.get_logger(__name__)
 
 # Held for republish_after_s by the reaper that last looked for lost messages.
 SCAN_TURN_KEY = "gemma-jobs:reaper:scan-turn"
+# Stale queued jobs are read (and the lost ones republished) this many at a time; one turn goes
+# through up to STALE_PER_TURN of them, so that a Redis that lost a large backlog has it back
+# within a turn or two, not at a page per turn.
+STALE_PAGE = 1000
+STALE_PER_TURN = 200_000
 
 
 class Reaper:
@@ -57,12 +62,12 @@ class Reaper:
         """Republish queued jobs whose message is in no Redis queue (never sent, or Redis lost it)."""
         published_before = now - timedelta(seconds=self.settings.republish_after_s)
         with self.db.session_scope() as session:
-            stale = job_store.stale_queued(session, published_before)
-        if not stale:
-            return 0
+            if not job_store.stale_queued(session, published_before, limit=1):
+                return 0
         try:
             if not self._take_scan_turn():
                 return 0  # another reaper looked within this period; a lost message waits one more at most
+            stale = self._stale_queued(published_before)
             present = job_ids_in_redis(
                 self.redis,
                 {queue for _, queue in stale},
@@ -71,11 +76,26 @@ class Reaper:
         except redis.RedisError as exc:
             log.warning("reaper_redis_unavailable", error=str(exc))
             return 0
+        # Those still in Redis are just waiting their turn: only the lost ones are sent again.
         lost = [(job_id, queue) for job_id, queue in stale if job_id not in present]
-        # Reset the clock for all of them: those still in Redis are just waiting their turn.
-        with self.db.session_scope() as session:
-            job_store.mark_published(session, [job_id for job_id, _ in stale], now)
-        return sum(publish_job(self.celery, job_id, queue) for job_id, queue in lost)
+        republished = 0
+        for start in range(0, len(lost), STALE_PAGE):
+            page = lost[start:start + STALE_PAGE]
+            with self.db.session_scope() as session:
+                job_store.mark_published(session, [job_id for job_id, _ in page], now)
+            republished += sum(publish_job(self.celery, job_id, queue) for job_id, queue in page)
+        return republished
+
+    def _stale_queued(self, published_before) -> list[tuple[str, str]]:
+        """Read up to STALE_PER_TURN stale queued jobs, a page (one short query) at a time."""
+        stale: list[tuple[str, str]] = []
+        while len(stale) < STALE_PER_TURN:
+            with self.db.session_scope(read_only=True) as session:
+                page = job_store.stale_queued(session, published_before, STALE_PAGE, after=stale[-1][0] if stale else "")
+            stale += page
+            if len(page) < STALE_PAGE:
+                break
+        return stale
 
     def _take_scan_turn(self) -> bool:
         """Return whether this reaper may look for lost messages now: one reaper in the cluster

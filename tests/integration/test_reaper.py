@@ -7,9 +7,10 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from shared import publish
+from shared import reaper as reaper_module
 from shared.celery_app import make_celery
 from shared.db import Database
 from shared.models import Job, utcnow
@@ -48,6 +49,25 @@ def test_a_job_whose_message_never_reached_redis_is_republished(reaper, redis_cl
     next_scan_period(redis_client)
     assert reaper.run_once()["republished"] == 0  # stale but its message is waiting
     assert redis_client.llen(QUEUE) == 1
+
+
+def test_one_turn_republishes_every_lost_message_page_by_page(reaper, redis_client):
+    """Redis lost a backlog larger than a page (1,000): one turn sends all of it again, once."""
+    template = queued_job(reaper.db)
+    with reaper.db.session_scope() as session:
+        owner = session.get(Job, template).owner_key_id
+        session.execute(insert(Job), [
+            {"id": f"job_lost{index:05d}", "owner_key_id": owner, "kind": "generation", "model": "gemma-3-270m",
+             "queue": QUEUE, "status": "queued", "params": {"prompt": "x"}, "enqueued_at": utcnow() - timedelta(minutes=5)}
+            for index in range(reaper_module.STALE_PAGE + 4)
+        ])
+    publish_job(reaper.celery, template, QUEUE)  # stale too, but its message is in Redis
+    published_long_ago(reaper.db, template)
+    assert reaper.run_once()["republished"] == reaper_module.STALE_PAGE + 4
+    assert redis_client.llen(QUEUE) == reaper_module.STALE_PAGE + 5
+    next_scan_period(redis_client)
+    assert reaper.run_once()["republished"] == 0  # the republished ones are fresh; the other waits
+    assert redis_client.llen(QUEUE) == reaper_module.STALE_PAGE + 5
 
 
 def test_one_reaper_in_the_cluster_looks_for_lost_messages_per_period(reaper, redis_client):
