@@ -140,9 +140,12 @@ def train_adapter(
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; we log JSON
     log.info("training_started", rows=len(train_rows), total_steps=report.total_steps, device=str(device))
-    trainer.train()
-    if eval_rows and not report.stopped and report.eval_step != report.step:
-        report.eval_loss = _rounded(trainer.evaluate()["eval_loss"])
+    try:
+        trainer.train()
+        if eval_rows and not report.stopped and report.eval_step != report.step:
+            report.eval_loss = _rounded(trainer.evaluate()["eval_loss"])
+    except _EvaluationStopped:
+        pass  # the report says stopped: nothing is saved
     report.seconds = time.monotonic() - report.started
     if not report.stopped:
         model.save_pretrained(output_dir, safe_serialization=True)
@@ -264,6 +267,10 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 5)
 
 
+class _EvaluationStopped(Exception):
+    """Raised out of a validation pass when the job must stop (the Trainer has no way to end one)."""
+
+
 class _JobCallback(TrainerCallback):
     """Reports losses as the Trainer logs them and stops training when the job must stop."""
 
@@ -287,6 +294,12 @@ class _JobCallback(TrainerCallback):
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._check(control)  # with gradient accumulation, stop between micro-batches too
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        # A validation pass has no step end: a cancel, timeout or shutdown waited for all of it.
+        if self.should_stop():
+            self.report.stopped = True
+            raise _EvaluationStopped
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

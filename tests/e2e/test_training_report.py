@@ -18,9 +18,9 @@ pytestmark = pytest.mark.e2e
 DATA = Path(__file__).parents[1] / "data" / "fine_tune_train.jsonl"
 
 
-def spec(max_steps: int) -> FineTuneSpec:
+def spec(max_steps: int, validation: Path | None = None) -> FineTuneSpec:
     hyperparameters = Hyperparameters(max_steps=max_steps, batch_size=2, max_seq_length=32).model_dump()
-    return FineTuneSpec(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), DATA, None, hyperparameters)
+    return FineTuneSpec(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), DATA, validation, hyperparameters)
 
 
 class Crash(Exception):
@@ -58,3 +58,18 @@ def test_progress_ends_at_the_last_step_between_loss_points(model_cache_dir, tmp
     assert [point["step"] for point in points] == [2, 4, 5]
     assert progress[-1]["step"] == 5
     assert progress[-1]["train_tokens"] == report.train_tokens
+
+
+def test_a_stop_during_a_validation_pass_ends_it_at_the_next_batch(model_cache_dir, tmp_path):
+    """One step, then a validation pass of 5 batches; the stop comes at its first batch."""
+    calls: list[int] = []
+
+    def stop_after_the_training_step() -> bool:
+        calls.append(1)
+        return len(calls) > 1  # the first check is the step's end; the next ones are the pass's
+
+    report = train_adapter(spec(1, validation=DATA), model_cache_dir, torch.device("cpu"), tmp_path / "out",
+                           should_stop=stop_after_the_training_step, on_log=lambda report, point: None)
+    assert report.stopped and report.step == 1
+    assert len(calls) == 2  # not one per remaining batch: the pass ended there
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()  # a stopped run saves nothing
