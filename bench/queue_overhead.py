@@ -146,6 +146,7 @@ def serve_noop_worker(args) -> None:
 
     engine = NoopEngine()
     ModelCache.preload = lambda self, model_ids: None  # the stand-in needs no weights
+    ModelCache.loaded_ids = lambda self: [DEFAULT_MODEL_ID]  # ... and serves the model's queue
     WorkerRuntime.engine = lambda self, model_id: engine
     stages = install_stage_timers() if args.profile else None
     install_clock(args.expect, args.result, stages)
