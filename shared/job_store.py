@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from shared.celery_app import model_of_queue
 from shared.db import Database
-from shared.jobs import JobStatus
+from shared.jobs import JobKind, JobStatus
 from shared.models import Job, JobEvent, JobOutcomeCount, RateLimitWindow, UsageRecord, utcnow
 
 JOBS, EVENTS, USAGE, WINDOWS = Job.__table__, JobEvent.__table__, UsageRecord.__table__, RateLimitWindow.__table__
@@ -575,6 +575,13 @@ def recover_lapsed(
             requeued.append((job_id, queue))
     count_ended(session, ended)
     return requeued, failed
+
+
+def fine_tune_adapter_ids(session: Session, job_ids: list[str]) -> list[str]:
+    """Return the adapter ids of those of these jobs that are fine-tunes."""
+    return list(session.scalars(
+        select(J.adapter_id).where(J.id.in_(job_ids), J.kind == JobKind.FINE_TUNE, J.adapter_id.is_not(None))
+    ))
 
 
 def stale_queued(

@@ -16,6 +16,7 @@ from shared.models import utcnow
 from shared.notify import publish_job_done
 from shared.publish import job_ids_in_redis, publish_job
 from shared.settings import Settings
+from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +37,7 @@ class Reaper:
         self.db = db
         self.celery = celery
         self.redis = client
+        self.storage = Storage(settings.storage_path)
 
     def run_once(self) -> dict[str, int]:
         """Do one pass; return how many jobs each step touched."""
@@ -47,6 +49,7 @@ class Reaper:
             publish_job(self.celery, job_id, queue)
         for job_id in [*lost, *expired]:
             self._announce(job_id, "failed")
+        self._remove_lost_training(lost)
         republished = self._republish_lost(now)
         counts = {
             "requeued": len(requeued),
@@ -57,6 +60,16 @@ class Reaper:
         if any(counts.values()):
             log.info("reaper_pass", **counts)
         return counts
+
+    def _remove_lost_training(self, lost: list[str]) -> None:
+        """Delete what fine-tunes that failed `worker_lost` left on storage: their attempts'
+        partial adapters, which no later attempt will now clean up (a failed job has no adapter)."""
+        if not lost:
+            return
+        with self.db.session_scope(read_only=True) as session:
+            adapter_ids = job_store.fine_tune_adapter_ids(session, lost)
+        for adapter_id in adapter_ids:
+            self.storage.remove_adapter(adapter_id)  # not mounted on this machine: nothing there to remove
 
     def _republish_lost(self, now) -> int:
         """Republish queued jobs whose message is in no Redis queue (never sent, or Redis lost it)."""

@@ -16,6 +16,7 @@ from shared.db import Database
 from shared.models import Job, utcnow
 from shared.publish import UNACKED_INDEX_KEY, UNACKED_KEY, job_ids_in_redis, publish_job
 from shared.reaper import SCAN_TURN_KEY, Reaper
+from shared.storage import Storage
 from tests.integration.helpers import claim, lapse_lease, queued_job
 
 QUEUE = "generation.gemma-3-270m"
@@ -128,6 +129,24 @@ def test_a_lost_worker_s_job_is_requeued_then_failed_after_the_cap(reaper, redis
     assert reaper.run_once()["worker_lost"] == 1
     with reaper.db.session_scope() as session:
         assert session.get(Job, job_id).error["code"] == "worker_lost"
+
+
+def test_a_fine_tune_failed_worker_lost_leaves_no_partial_adapter(reaper):
+    """Its attempts' folders would otherwise stay: no later attempt runs to remove them."""
+    lost, running = (
+        queued_job(reaper.db, kind="fine_tune", queue="fine_tune.gemma-3-270m", adapter_id=adapter_id)
+        for adapter_id in ("ft-lost", "ft-running")
+    )
+    storage = Storage(reaper.settings.storage_path)
+    for adapter_id in ("ft-lost", "ft-running"):
+        storage.write_atomic(f"{storage.adapter_relative(adapter_id, 1)}/adapter_model.safetensors", b"partial")
+    claim(reaper.db, lost, "worker-a", max_attempts=1)
+    claim(reaper.db, running, "worker-b", max_attempts=1)
+    lapse_lease(reaper.db, lost)
+    reaper.settings = reaper.settings.model_copy(update={"max_attempts": 1})
+    assert reaper.run_once()["worker_lost"] == 1
+    assert not storage.resolve("adapters/ft-lost").exists()
+    assert storage.resolve(storage.adapter_relative("ft-running", 1)).is_dir()  # still training: kept
 
 
 def test_queued_jobs_past_ttl_expire(reaper):
