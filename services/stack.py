@@ -162,6 +162,10 @@ class Stack:
     def announce(self) -> None:
         """Print where the stack listens and, on first start, the admin key."""
         print(f"gemma-jobs is up at {self.base_url} (data in {self.data_dir})", file=sys.stderr)
+        if self.redis_url != os.environ.get("REDIS_URL"):
+            # The bundled Redis has a port of its own: more workers beside this stack need it.
+            print(f"Redis (bundled) at {self.redis_url}: set REDIS_URL={self.redis_url} for other "
+                  "gemma-jobs commands (another worker, a reaper) to join this stack", file=sys.stderr)
         if self.admin_key:
             print("First start: an admin key was created. It is shown only this once:", file=sys.stderr)
             print(self.admin_key, flush=True)

@@ -11,6 +11,7 @@ import time
 
 import psutil
 import pytest
+import redis
 import requests
 
 from services.gateway import create_app
@@ -92,6 +93,9 @@ def test_up_runs_everything_with_a_bundled_redis_and_stops_cleanly(tmp_path, mod
         children = psutil.Process(process.pid).children(recursive=True)
         names = " ".join(" ".join(child.cmdline()) for child in children)
         assert "redis-server" in names and " gateway " in names and " worker " in names
+        # Where the bundled Redis listens is printed: another worker needs it to join.
+        bundled = re.search(r"set REDIS_URL=(redis://127\.0\.0\.1:\d+/0) ", (tmp_path / "up.log").read_text())
+        assert bundled and redis.Redis.from_url(bundled.group(1)).ping()
         headers = {"Authorization": f"Bearer {admin_key}", "Prefer": "wait=60"}
         body = {"model": "gemma-3-270m", "prompt": "Hello", "max_new_tokens": 3}
         job = requests.post(f"{base}/v1/generations", json=body, headers=headers, timeout=90).json()
