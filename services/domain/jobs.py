@@ -161,18 +161,22 @@ def plan_generation(
     return NewGeneration(row)
 
 
-def insert_generations(db: Database, jobs: list[NewGeneration], within: Connection | None = None) -> list[int]:
+def insert_generations(
+    db: Database, jobs: list[NewGeneration], within: Connection | None = None, committed: dict[str, int] | None = None
+) -> list[int]:
     """Insert planned jobs of one or more queues, each statement committing by itself (or in
     `within`'s transaction); return each one's queue position, in `jobs`' order.
 
     One INSERT per queue holds all of its rows and counts the queued jobs ahead of them once
     (an uncorrelated subquery is evaluated once per statement): a group of submits costs the
     database about what one did. A job's position is that count plus the group's jobs before it.
+    `committed` (without `within`) gets each job's position as its statement commits, so that a
+    caller whose later statement failed knows which jobs are recorded already.
     """
     by_queue: dict[str, list[NewGeneration]] = defaultdict(list)
     for job in sorted(jobs, key=lambda job: job.id):  # ids are time-ordered: queue order
         by_queue[job.queue].append(job)
-    positions = {}
+    positions = committed if committed is not None else {}
     for queue, queued in by_queue.items():
         if db.engine.dialect.name == "postgresql":
             statement, params = _INSERT_JSON_ROWS, {"rows": _rows_json(queued)}
@@ -192,12 +196,15 @@ def record_generations(db: Database, publisher: JobPublisher, jobs: list[NewGene
     If the group's insert fails, each job is inserted alone, so that one bad row fails only its own
     submit. A job whose message cannot be published stays queued: the reaper publishes it later.
     """
+    committed: dict[str, int] = {}
     try:
-        outcomes: list[int | Exception] = insert_generations(db, jobs)
+        outcomes: list[int | Exception] = insert_generations(db, jobs, committed=committed)
     except DBAPIError as exc:
         if len(jobs) == 1:
             return [exc]
-        outcomes = [_insert_alone(db, job) for job in jobs]
+        # A statement for another queue may have committed before this one failed: its jobs are
+        # recorded (inserted again, each would fail as a duplicate, and its submit with it).
+        outcomes = [committed[job.id] if job.id in committed else _insert_alone(db, job) for job in jobs]
     publisher.publish_many([(job.id, job.queue) for job, outcome in zip(jobs, outcomes)
                             if not isinstance(outcome, Exception)])
     return outcomes

@@ -64,6 +64,21 @@ def test_a_bad_row_fails_only_its_own_submit(app, auth, redis_client):
         assert all(session.get(Job, job.id).status == "queued" for job in good)
 
 
+def test_a_queue_whose_insert_fails_leaves_another_queues_committed_jobs_recorded(app, auth, redis_client):
+    """A group spans two queues, one INSERT each: the first commits, the second fails. The
+    first queue's job is recorded and published once; it used to be inserted again alone,
+    failing as a duplicate: a 500 for a job that runs, and a retry that made a second one."""
+    context = app.extensions["gemma_jobs"]
+    good = _plan(app, client_key_id(app, auth))
+    orphan = _plan(app, "key_that_does_not_exist")  # breaks the foreign key to api_keys
+    orphan.row.update(model="gemma-3-270m-other", queue="generation.gemma-3-270m-other")  # an INSERT of its own
+    outcomes = job_domain.record_generations(context.db, context.publisher, [good, orphan])
+    assert outcomes[0] == 0 and isinstance(outcomes[1], IntegrityError)
+    assert _queued_messages(redis_client) == [good.id]
+    with context.db.session_scope(read_only=True) as session:
+        assert session.get(Job, good.id).status == "queued" and session.get(Job, orphan.id) is None
+
+
 def test_jobs_stay_recorded_when_redis_is_unreachable(app, auth):
     context = app.extensions["gemma_jobs"]
     jobs = [_plan(app, client_key_id(app, auth)) for _ in range(2)]
