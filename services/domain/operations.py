@@ -5,13 +5,17 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta
 
+import structlog
 from sqlalchemy import Connection, func, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from shared.db import Database
 from shared.jobs import JobStatus
 from shared.models import Job, WorkerRecord, utcnow
 from shared.schemas import QueueInfo, WorkerInfo
+
+log = structlog.get_logger(__name__)
 
 # Dead or stopped workers stay listed this long, so an operator sees what just went away.
 KEEP_GONE_WORKERS = timedelta(hours=1)
@@ -77,6 +81,15 @@ class LiveQueues:
             with db.read_connection() as connection:
                 counts = self.get(connection)
         return counts
+
+    def after_commit(self, db: Database) -> dict[str, int] | None:
+        """`current`, or None if it cannot be read: a submit that committed answers 202 without
+        `waiting_for`, not a 500 whose retry would record the job twice."""
+        try:
+            return self.current(db)
+        except SQLAlchemyError as exc:
+            log.warning("live_queues_unreadable", error=str(exc))
+            return None
 
     def _fresh(self) -> dict[str, int] | None:
         read = self._read

@@ -110,7 +110,7 @@ class FastSubmits:
             position = context.submits.run(job)
             announce_submitted(job)
             structlog.contextvars.bind_contextvars(job_id=job.id)
-            described = job_domain.describe_new_job(job, position, context.live_queues.current(context.db))
+            described = job_domain.describe_new_job(job, position, context.live_queues.after_commit(context.db))
         except Exception:  # noqa: BLE001 - as the app's last error handler answers
             log.exception("unhandled_error")
             return "500 INTERNAL SERVER ERROR", json.dumps(INTERNAL_ERROR).encode(), []

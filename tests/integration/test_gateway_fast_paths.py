@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 import redis
+from sqlalchemy import func, select, text
 from werkzeug.test import Client
 
 from services.domain import jobs as job_domain
@@ -303,3 +304,21 @@ def test_a_submit_the_database_refuses_is_a_500_from_either_path_and_records_not
     assert fast.get_json() == slow.get_json() == INTERNAL_ERROR
     assert _jobs(app) == 0
     assert client.get("/healthz").status_code == 200  # the gateway goes on
+
+
+def test_a_committed_submit_answers_202_when_the_worker_registry_cannot_be_read(app, auth, redis_client):
+    """The live-queues read comes after the commit: failing, it used to answer 500 for a job that
+    runs, and the client's retry made a second one. Both paths (plain, and a key with limits)."""
+    context = app.extensions["gemma_jobs"]
+    with context.db.session_scope() as session:
+        _, limited = create_key(session, role="user", rpm=100)
+        session.execute(text("DROP TABLE workers"))  # the registry unreadable (a real database error)
+    context.live_queues.max_age_s = 0
+    client = app.test_client()
+    for headers in (auth, {"Authorization": f"Bearer {limited}"}):
+        response = submit(client, headers)
+        assert response.status_code == 202, response.get_data(as_text=True)
+        assert response.get_json()["waiting_for"] is None  # not known this time
+    with context.db.session_scope(read_only=True) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 2
+    assert redis_client.llen(QUEUE) == 2

@@ -85,7 +85,7 @@ def create_generation():
     elif not replayed:
         # Nothing can have changed the job but a worker claiming it: answer with it as recorded,
         # rather than read it back.
-        queued = context.live_queues.current(context.db)
+        queued = context.live_queues.after_commit(context.db)
         described = job_domain.describe_new_job(job, position, queued)
     response = job_response(context, job.id, wait_s, described)
     response.headers.update(headers)
