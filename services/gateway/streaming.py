@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -61,6 +61,8 @@ class Cursor:
 
     event_id: int = 0
     entry_id: str = "0"
+    # The latest attempt this connection has seen begin (not part of the id).
+    attempt: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
         return f"{self.event_id}:{self.entry_id}"
@@ -91,9 +93,10 @@ class TokenFeed:
         self.retry_at = 0.0
         self.down = False
 
-    def read(self, block_ms: int | None) -> list[dict[str, Any]]:
-        """Return every entry after the last one read, waiting up to block_ms for a first one."""
-        if time.monotonic() < self.retry_at:
+    def read(self, block_ms: int | None, last: bool = False) -> list[dict[str, Any]]:
+        """Return every entry after the last one read, waiting up to block_ms for a first one
+        (`last`: the read before the stream ends, which tries Redis even while backing off)."""
+        if not last and time.monotonic() < self.retry_at:
             if block_ms:
                 time.sleep(block_ms / 1000)  # keep the caller's pace without Redis to block on
             return []
@@ -155,7 +158,7 @@ def _frames(context: GatewayContext, caller: Caller, job_id: str, cursor: Cursor
                 last_poll = time.monotonic()
                 if finished:
                     # Workers write every token before committing the end: this drain is complete.
-                    entries += tokens.read(None)
+                    entries += tokens.read(None, last=True)  # one failed read earlier must not cut its end
             for frame in _merged(events, entries, cursor):
                 yield frame
                 last_write = time.monotonic()
@@ -241,8 +244,11 @@ def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) ->
     for _, item in timed:
         if isinstance(item, dict):
             cursor.entry_id = item["id"]
-            # An `end` entry only moves the cursor: `done` comes from the job row.
-            if item["type"] in ("token", "attempt"):
+            # An `end` entry only moves the cursor: `done` comes from the job row. A worker that
+            # lost its lease may write a little more of its attempt after the next one began:
+            # that text is not the job's, and its client has already started over.
+            if item["type"] in ("token", "attempt") and item["attempt"] >= cursor.attempt:
+                cursor.attempt = item["attempt"]
                 yield _frame(item["type"], _entry_event(item).data, cursor)
         else:
             cursor.event_id = item.id

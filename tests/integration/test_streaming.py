@@ -17,6 +17,7 @@ import redis
 from structlog.testing import capture_logs
 
 from services.gateway import create_app, streaming
+from services.gateway.streaming import TokenFeed
 from shared import job_store, token_stream
 from shared.db import Database
 from shared.job_store import Claim
@@ -194,9 +195,14 @@ def test_a_new_attempt_tells_the_client_to_start_over(client, auth, app, redis_c
     # The first worker vanishes; its lease lapses and another worker claims attempt 2.
     lapse_lease(app.extensions["gemma_jobs"].db, job_id)
     retry = worker_for(app, redis_client, job_id, "worker-2")
+    first = held
     held = retry.claim()
     assert held.attempt == 2
     retry.tokens(held, ("The capital", [7, 9]))
+    # The lost worker was only cut off from the database: it writes a little more of attempt 1,
+    # its start marker too, which the stream must not pass on (the client started over).
+    lost.tokens(first, ("ital of", [9, 10]))
+    token_stream.start_attempt(redis_client, job_id, 1)
     retry.finish(held, {**RESULT, "text": "The capital", "token_ids": [7, 9]})
     events = read_until_done(stream(client, auth, job_id))
     assert [(event.name, event.data.get("attempt")) for event in events if event.name in ("attempt", "token")] == [
@@ -402,3 +408,14 @@ def test_token_stream_writers_and_reader(redis_client):
     assert end["type"] == "end" and end["status"] == "succeeded"
     with pytest.raises(ValueError):
         token_stream.read_entries(redis_client, "job_x", block_ms=0)
+
+
+def test_the_last_read_tries_redis_even_while_backing_off(redis_client):
+    """One failed read (a dropped connection) starts a back-off; the read before `done` must
+    still fetch the end of the text, or the stream ended without its last tokens."""
+    token_stream.append_tokens(redis_client, "job_blip", 1, "Hello", [1])
+    feed = TokenFeed(redis.Redis(port=1, socket_connect_timeout=0.2), "job_blip", "0")
+    assert feed.read(None) == [] and feed.down  # the failed read
+    feed.client = redis_client  # the connection is back
+    assert feed.read(None) == []  # backing off
+    assert [entry["text"] for entry in feed.read(None, last=True)] == ["Hello"]
