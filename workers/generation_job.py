@@ -9,7 +9,7 @@ import structlog
 from shared.celery_app import model_of_queue
 from shared.models import Adapter
 from workers.generation import GenerationError, GenerationOutput
-from workers.job_guard import JobGuard
+from workers.job_guard import JobGuard, StopReason
 from workers.job_runs import claim_job, fail_attempt, settle_unfinished
 from workers.metrics import TOKENS_GENERATED, TOKENS_PER_SECOND
 from workers.model_loader import ModelUnavailable
@@ -95,7 +95,8 @@ def _store_outcome(
         publisher.finish(output.text, output.token_ids, tail)
         rt.results.put(FinishedJob(held, tail.writes, result, usage, log_fields))
         return
-    publisher.finish(output.text, output.token_ids)
+    if reason != StopReason.LEASE_LOST:  # a later attempt owns the job's stream now
+        publisher.finish(output.text, output.token_ids)
     outcome = settle_unfinished(
         rt, held, reason, usage, timeout_message=f"the job ran past its timeout_s of {timeout_s:g} s and was stopped")
     log.info(f"job_{outcome or 'result_discarded'}", **log_fields)

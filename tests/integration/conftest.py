@@ -1,4 +1,5 @@
-"""Fixtures for the gateway's integration tests: the app on a real database and Redis."""
+"""Fixtures for the integration tests: the gateway app, and a worker's runtime, on a real
+database and Redis."""
 
 from __future__ import annotations
 
@@ -24,3 +25,16 @@ def client(app):
 @pytest.fixture()
 def auth(app) -> dict[str, str]:
     return {"Authorization": f"Bearer {make_key(app)}"}
+
+
+@pytest.fixture()
+def rt(settings, redis_client):
+    """A CPU worker's runtime (no model loaded), with its result writer process."""
+    import torch  # here, not at the top: the gateway's tests must run without torch imported
+
+    from workers.runtime import WorkerRuntime
+
+    runtime = WorkerRuntime.create(settings, torch.device("cpu"))
+    yield runtime
+    runtime.results.close()
+    runtime.db.dispose()

@@ -13,7 +13,6 @@ import time
 import psutil
 import psycopg
 import pytest
-import torch
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -31,14 +30,6 @@ from workers.runtime import WorkerRuntime
 from workers.token_publisher import StreamTail, TokenPublisher
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture()
-def rt(settings, redis_client):
-    runtime = WorkerRuntime.create(settings, torch.device("cpu"))
-    yield runtime
-    runtime.results.close()
-    runtime.db.dispose()
 
 
 @pytest.fixture()
