@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
     gateway.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
-    gateway.add_argument("--threads", type=int, default=16, help="threads per process")
+    gateway.add_argument("--threads", type=_whole_number(1, 1024), default=16,
+                         help="threads per process; streams and waits hold at most all but 4 (GEMMA_JOBS_MAX_HELD_REQUESTS)")
     gateway.set_defaults(run=cmd_gateway)
 
     worker = commands.add_parser("worker", help="run a worker on one GPU or the CPU")
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     worker.add_argument(
         "--concurrency",
-        type=_concurrency,
+        type=_whole_number(1, 64),
         help="generation jobs batched together (default GEMMA_JOBS_WORKER_CONCURRENCY, 1)",
     )
     worker.add_argument(
@@ -134,6 +135,7 @@ def cmd_gateway(args) -> int:
     from services.server import serve_gateway
     from shared.logging import configure_logging
 
+    os.environ["GEMMA_JOBS_GATEWAY_THREADS"] = str(args.threads)  # its processes' cap on held requests
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format, process="gateway")
     _checked_database().dispose()
@@ -142,11 +144,15 @@ def cmd_gateway(args) -> int:
     return 0
 
 
-def _concurrency(value: str) -> int:
-    """Parse --concurrency: a whole number of jobs from 1 to 64."""
-    if not value.isdigit() or not 1 <= int(value) <= 64:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, not {value!r}")
-    return int(value)
+def _whole_number(low: int, high: int):
+    """Return an argparse type: a whole number from low to high."""
+
+    def parse(value: str) -> int:
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, not {value!r}")
+        return int(value)
+
+    return parse
 
 
 def _cpu_threads(value: str) -> str:

@@ -51,3 +51,7 @@ class InvalidField(DomainError):
 
 class TooManyRequests(DomainError):
     status, code = 429, "rate_limited"
+
+
+class ServiceBusy(DomainError):
+    status, code = 503, "busy"

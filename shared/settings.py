@@ -10,6 +10,8 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GEMMA_JOBS_"
+# Threads of a gateway process that held requests (streams, waits) never take by default.
+HELD_REQUESTS_SPARE_THREADS = 4
 
 
 class SettingsError(RuntimeError):
@@ -38,6 +40,12 @@ class Settings(BaseSettings):
     storage_dir: Path | None = None
 
     max_wait_s: float = Field(default=60.0, gt=0, le=600)
+    # Requests one gateway process holds open at once (event streams, `Prefer: wait`): past it a
+    # wait is skipped and a stream refused with a 503. Unset: the process's threads less four,
+    # so that polls, submits and health checks always find a thread.
+    max_held_requests: int | None = Field(default=None, ge=1)
+    # Threads of each gateway process; `gemma-jobs gateway --threads` sets it for its processes.
+    gateway_threads: int = Field(default=16, ge=1, le=1024)
     max_new_tokens: int = Field(default=2048, ge=1, le=32768)
     default_max_new_tokens: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -130,6 +138,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'gemma-jobs.db').resolve()}"
+
+    @property
+    def held_requests_cap(self) -> int:
+        """Return how many requests a gateway process may hold open at once."""
+        return self.max_held_requests or max(1, self.gateway_threads - HELD_REQUESTS_SPARE_THREADS)
 
     @property
     def model_cache_path(self) -> Path:

@@ -1,4 +1,5 @@
-"""Per-process resources of the gateway: database, Redis, job publisher, grouped submits and polls, registry, key cache."""
+"""Per-process resources of the gateway: database, Redis, job publisher, grouped submits and polls, registry,
+key cache, the cap on held requests."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from services.domain.keys import KeyCache, find_key
 from services.domain.operations import LiveQueues
 from services.domain.queue_positions import QueuePositions
 from services.domain.token_counter import TokenCounter
+from services.gateway.held_requests import HeldRequests
 from shared.db import PING_IDLE_AFTER_S, Database
 from shared.publish import JobPublisher
 from shared.registry import ModelRegistry
@@ -45,6 +47,8 @@ class GatewayContext:
     submits: GroupedCalls
     # Polls' reads shared by concurrent requests (PostgreSQL; None on SQLite, where a read is local).
     poll_reads: GroupedCalls | None
+    # Event streams and `Prefer: wait` requests this process holds open, under its cap.
+    held: HeldRequests
 
     @classmethod
     def create(cls, settings: Settings) -> "GatewayContext":
@@ -67,6 +71,7 @@ class GatewayContext:
             submits=GroupedCalls(lambda jobs: record_generations(db, publisher, jobs)),
             poll_reads=(GroupedCalls(lambda job_ids: read_polled_rows(db, job_ids), POLL_READS_IN_FLIGHT)
                         if db.engine.dialect.name == "postgresql" else None),
+            held=HeldRequests(settings.held_requests_cap),
         )
 
 

@@ -35,6 +35,11 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 JOBS_SUBMITTED = Counter("gemma_jobs_jobs_submitted_total", "Jobs accepted", ["kind", "model"])
+HELD_REFUSED = Counter(
+    "gemma_jobs_held_requests_refused_total",
+    "Event streams refused (stream) and `Prefer: wait` waits skipped (wait) at a process's cap of held requests",
+    ["kind"],
+)
 
 
 class DatabaseCollector:

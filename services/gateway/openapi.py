@@ -45,7 +45,7 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         "`Accept: text/event-stream`, a live Server-Sent Events stream with tokens, ending with `done`",
         None,
         {200: schemas.JobEventList, 401: schemas.ErrorResponse, 404: schemas.ErrorResponse,
-         422: schemas.ErrorResponse},
+         422: schemas.ErrorResponse, 503: schemas.ErrorResponse},
         True,
     ),
     ("get", "/v1/models"): (

@@ -126,13 +126,21 @@ def event_stream(
     job_id: str,
     last_event_id: str | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    place_taken: bool = False,
 ) -> Response:
-    """Check the job is the caller's (else 404), then answer 200 with its event stream."""
+    """Check the job is the caller's (else 404) and take a place among the process's held
+    requests (else 503; `place_taken`: the caller took it), then answer 200 with its event stream."""
     cursor = Cursor.parse(last_event_id)
     with context.db.session_scope(read_only=True) as session:
         job_domain.get_job(session, caller, job_id)
+    if not place_taken:
+        context.held.hold_stream()
     stream_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
-    return Response(_frames(context, caller, job_id, cursor), mimetype=EVENT_STREAM, headers=stream_headers)
+    response = Response(_frames(context, caller, job_id, cursor), mimetype=EVENT_STREAM, headers=stream_headers)
+    # The server closes the response however the stream ends, even one never started.
+    response.call_on_close(context.held.release)
+    return response
 
 
 def _frames(context: GatewayContext, caller: Caller, job_id: str, cursor: Cursor) -> Iterator[str]:

@@ -75,13 +75,20 @@ def create_generation():
     headers = dict(limit_headers)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    if body.stream:
+    if body.stream and context.held.try_hold("stream"):
         # The stream lasts until the job ends, so `Prefer: wait` has nothing to add to it.
         headers["Location"] = job_path(job.id)
-        return streaming.event_stream(context, current_caller(), job.id, headers=headers)
+        return streaming.event_stream(context, current_caller(), job.id, headers=headers, place_taken=True)
+    # No place to hold the request (for a stream or a wait): the job is recorded, so answer at
+    # once, as a plain submit; its Location serves the stream. `Prefer` lets a server not wait.
+    if body.stream or (wait_s > 0 and not context.held.try_hold("wait")):
+        wait_s = 0
     described = None
     if wait_s > 0:
-        wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
+        try:
+            wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
+        finally:
+            context.held.release()
     elif not replayed:
         # Nothing can have changed the job but a worker claiming it: answer with it as recorded,
         # rather than read it back.
