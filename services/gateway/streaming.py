@@ -61,7 +61,7 @@ class Cursor:
 
     event_id: int = 0
     entry_id: str = "0"
-    # The latest attempt this connection has seen begin (not part of the id).
+    # The latest attempt this connection has seen begin, or a resumed one had (not part of the id).
     attempt: int = field(default=0, compare=False)
 
     def __str__(self) -> str:
@@ -134,6 +134,8 @@ def event_stream(
     cursor = Cursor.parse(last_event_id)
     with context.db.session_scope(read_only=True) as session:
         job_domain.get_job(session, caller, job_id)
+        # A resumed stream goes on dropping what attempts before the client's last one write.
+        cursor.attempt = attempt_begun(session, job_id, cursor.event_id)
     if not place_taken:
         context.held.hold_stream()
     stream_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
@@ -224,7 +226,25 @@ def listed_events(
     recorded = [JobEventInfo(id=row.id, type=row.type, data=row.data, created_at=row.created_at) for row in rows]
     streamed = [_entry_event(entry) for entry in entries if entry["type"] in ("token", "attempt")]
     # Whole milliseconds, a recorded event first on a tie: the order the live stream sends.
-    return list(heapq.merge(recorded, streamed, key=lambda event: _millis(event.created_at)))
+    merged = heapq.merge(recorded, streamed, key=lambda event: _millis(event.created_at))
+    attempt, page = attempt_begun(session, job_id, after), []
+    for event in merged:
+        if event.id is None and event.data["attempt"] < attempt:
+            continue  # what an attempt wrote after a later one began: not the job's (as in the live stream)
+        if event.id is None or event.type == "status":
+            attempt = max(attempt, event.data.get("attempt", 0))
+        page.append(event)
+    return page
+
+
+def attempt_begun(session: Session, job_id: str, up_to: int) -> int:
+    """Return the latest attempt whose claim is among a job's recorded events up to an id (0: none)."""
+    if not up_to:
+        return 0
+    statuses = session.scalars(
+        select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.type == "status", JobEvent.id <= up_to)
+    )
+    return max((data.get("attempt", 0) for data in statuses), default=0)
 
 
 def _millis(moment: datetime | None) -> int | None:
@@ -260,6 +280,8 @@ def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) ->
                 yield _frame(item["type"], _entry_event(item).data, cursor)
         else:
             cursor.event_id = item.id
+            if item.type == "status":  # a claim's event names the attempt it begins
+                cursor.attempt = max(cursor.attempt, item.data.get("attempt", 0))
             yield _frame(item.type, item.data, cursor)
 
 

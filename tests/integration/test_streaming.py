@@ -217,6 +217,22 @@ def test_a_new_attempt_tells_the_client_to_start_over(client, auth, app, redis_c
         elif event.name == "token":
             text += event.data["text"]
     assert text == events[-1].data["result"]["text"] == "The capital"
+    # Resumed after attempt 2's text, the stream still drops what attempt 1 wrote after it.
+    resumed = read_until_done(stream(client, auth, job_id, **{"Last-Event-ID": events[-3].id}))
+    assert events[-3].name == "token" and [event.name for event in resumed] == ["status", "done"]
+    # So does the JSON list, on one page and one event a page.
+    listed = client.get(f"/v1/jobs/{job_id}/events", headers=auth).get_json()["data"]
+    assert [(event["type"], event["data"].get("attempt")) for event in listed if event["id"] is None] == [
+        ("attempt", 1), ("token", 1), ("attempt", 2), ("token", 2),
+    ]
+    paged, after = [], 0
+    while True:
+        page = client.get(f"/v1/jobs/{job_id}/events?limit=1&after={after}", headers=auth).get_json()
+        paged += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["next_after"]
+    assert paged == listed
 
 
 def test_cancelling_a_queued_job_ends_the_stream(client, auth, app):
