@@ -584,6 +584,15 @@ def fine_tune_adapter_ids(session: Session, job_ids: list[str]) -> list[str]:
     ))
 
 
+def queued_fine_tune_attempts(session: Session, job_ids: list[str]) -> list[tuple[str, int]]:
+    """Return (adapter id, attempts so far) of those of these jobs that are fine-tunes still queued:
+    none of their attempts runs, so each attempt's folder is partial."""
+    return [(adapter_id, attempts) for adapter_id, attempts in session.execute(
+        select(J.adapter_id, J.attempts).where(
+            J.id.in_(job_ids), J.kind == JobKind.FINE_TUNE, J.status == JobStatus.QUEUED, J.adapter_id.is_not(None))
+    ).all()]
+
+
 def stale_queued(
     session: Session, published_before: datetime, limit: int = 1000, after: str = ""
 ) -> list[tuple[str, str]]:

@@ -49,7 +49,7 @@ class Reaper:
             publish_job(self.celery, job_id, queue)
         for job_id in [*lost, *expired]:
             self._announce(job_id, "failed")
-        self._remove_lost_training(lost)
+        self._remove_lost_training(lost, [job_id for job_id, _ in requeued])
         republished = self._republish_lost(now)
         counts = {
             "requeued": len(requeued),
@@ -61,15 +61,22 @@ class Reaper:
             log.info("reaper_pass", **counts)
         return counts
 
-    def _remove_lost_training(self, lost: list[str]) -> None:
-        """Delete what fine-tunes that failed `worker_lost` left on storage: their attempts'
-        partial adapters, which no later attempt will now clean up (a failed job has no adapter)."""
-        if not lost:
+    def _remove_lost_training(self, lost: list[str], requeued: list[str]) -> None:
+        """Delete the partial adapters lost workers' fine-tunes left on storage: all of a job's
+        that failed `worker_lost` (a failed job has no adapter), and the lost attempts' of a
+        requeued one (its next attempt would remove them, but a cancel or expiry may come first)."""
+        if not lost and not requeued:
             return
         with self.db.session_scope(read_only=True) as session:
             adapter_ids = job_store.fine_tune_adapter_ids(session, lost)
+            attempts = job_store.queued_fine_tune_attempts(session, requeued)
+        # Not mounted on this machine: nothing there to remove.
         for adapter_id in adapter_ids:
-            self.storage.remove_adapter(adapter_id)  # not mounted on this machine: nothing there to remove
+            self.storage.remove_adapter(adapter_id)
+        # Only attempts up to those read: one claimed meanwhile trains into the next folder.
+        for adapter_id, last in attempts:
+            for attempt in range(1, last + 1):
+                self.storage.remove_attempt(adapter_id, attempt)
 
     def _republish_lost(self, now) -> int:
         """Republish queued jobs whose message is in no Redis queue (never sent, or Redis lost it)."""

@@ -155,3 +155,20 @@ def test_queued_jobs_past_ttl_expire(reaper):
     with reaper.db.session_scope() as session:
         job = session.get(Job, job_id)
         assert (job.status, job.error["code"], job.attempts) == ("failed", "expired", 0)
+
+
+def test_a_requeued_fine_tune_keeps_no_partial_adapter_if_cancelled_before_its_next_attempt(reaper):
+    """Its next attempt would remove the lost one's folder; a cancel while it waits left it for good."""
+    job_id = queued_job(reaper.db, kind="fine_tune", queue="fine_tune.gemma-3-270m", adapter_id="ft-requeued")
+    storage = Storage(reaper.settings.storage_path)
+    lost_folder = storage.adapter_relative("ft-requeued", 1)
+    storage.write_atomic(f"{lost_folder}/adapter_model.safetensors", b"partial")
+    claim(reaper.db, job_id, "worker-a")
+    lapse_lease(reaper.db, job_id)
+    assert reaper.run_once()["requeued"] == 1
+    assert not storage.resolve("adapters/ft-requeued").exists()
+    # A claim between the requeue and the removal: the new attempt's folder is left alone.
+    claim(reaper.db, job_id, "worker-b")
+    storage.write_atomic(f"{storage.adapter_relative('ft-requeued', 2)}/adapter_model.safetensors", b"training")
+    reaper._remove_lost_training([], [job_id])
+    assert storage.resolve(storage.adapter_relative("ft-requeued", 2)).is_dir()
