@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -66,7 +67,9 @@ class WorkerRuntime:
         registry = ModelRegistry.load(settings.model_registry)
         dtype = generation_dtype(device, concurrency, settings.cpu_dtype)
         db = connect_database(settings)
-        worker_id = f"{socket.gethostname()}:{os.getpid()}:{device}"
+        # Host and pid alone can repeat: containers on the host network share the hostname and
+        # may give their workers the same pid, and one would renew and store the other's leases.
+        worker_id = f"{socket.gethostname()}:{os.getpid()}:{device}:{secrets.token_hex(3)}"
         return cls(
             settings=settings,
             db=db,
