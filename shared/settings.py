@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(default=60.0, gt=0, le=600)
     # Requests one gateway process holds open at once (event streams, `Prefer: wait`): past it a
     # wait is skipped and a stream refused with a 503. Unset: the process's threads less four,
-    # so that polls, submits and health checks always find a thread.
+    # so that polls, submits and health checks find a thread (the gateway warns of a cap that
+    # leaves none).
     max_held_requests: int | None = Field(default=None, ge=1)
     # Threads of each gateway process; `gemma-jobs gateway --threads` sets it for its processes.
     gateway_threads: int = Field(default=16, ge=1, le=1024)

@@ -18,6 +18,10 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     # Werkzeug refuses larger bodies with 413 before anything parses them.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     context = GatewayContext.create(settings)
+    if context.held.cap >= settings.gateway_threads:
+        # Streams and waits could then take every thread: polls and health checks would wait.
+        structlog.get_logger(__name__).warning(
+            "held_requests_cap_not_below_threads", cap=context.held.cap, threads=settings.gateway_threads)
     if check_schema:
         context.db.check_schema()
     app.extensions["gemma_jobs"] = context

@@ -126,18 +126,15 @@ def event_stream(
     job_id: str,
     last_event_id: str | None = None,
     headers: dict[str, str] | None = None,
-    *,
-    place_taken: bool = False,
 ) -> Response:
     """Check the job is the caller's (else 404) and take a place among the process's held
-    requests (else 503; `place_taken`: the caller took it), then answer 200 with its event stream."""
+    requests (else 503 `ServiceBusy`), then answer 200 with its event stream."""
     cursor = Cursor.parse(last_event_id)
     with context.db.session_scope(read_only=True) as session:
         job_domain.get_job(session, caller, job_id)
         # A resumed stream goes on dropping what attempts before the client's last one write.
         cursor.attempt = attempt_begun(session, job_id, cursor.event_id)
-    if not place_taken:
-        context.held.hold_stream()
+    context.held.hold_stream()  # last: nothing between it and the response that gives it back
     stream_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
     response = Response(_frames(context, caller, job_id, cursor), mimetype=EVENT_STREAM, headers=stream_headers)
     # The server closes the response however the stream ends, even one never started.

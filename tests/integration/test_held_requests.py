@@ -9,6 +9,7 @@ import time
 
 import pytest
 from sqlalchemy import func, select
+from structlog.testing import capture_logs
 
 from services.gateway import create_app
 from shared.models import Job
@@ -106,6 +107,15 @@ def test_a_wait_holds_a_place_only_while_it_waits(capped):
     assert streamed.status_code == 200 and held(capped) == 1
     streamed.close()
     assert held(capped) == 0
+
+
+def test_a_cap_that_leaves_no_thread_free_is_warned_of(database_url, redis_url, tmp_path):
+    settings = load_settings(database_url=database_url, redis_url=redis_url, data_dir=tmp_path / "var",
+                             gateway_threads=8, max_held_requests=8)
+    with capture_logs() as logs:
+        create_app(settings).extensions["gemma_jobs"].db.dispose()
+    assert [(line["cap"], line["threads"]) for line in logs
+            if line["event"] == "held_requests_cap_not_below_threads"] == [(8, 8)]
 
 
 def test_the_cap_is_the_threads_less_four_unless_set(tmp_path):

@@ -20,7 +20,7 @@ from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.requests import json_response, parse_body, parse_query, prefer_wait_seconds
 from services.gateway.waiting import wait_until_done
 from shared.celery_app import model_of_queue
-from shared.errors import InvalidField
+from shared.errors import InvalidField, ServiceBusy
 from shared.jobs import JobStatus
 from shared.models import Adapter, Job
 from shared.notify import publish_job_done
@@ -75,13 +75,16 @@ def create_generation():
     headers = dict(limit_headers)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    if body.stream and context.held.try_hold("stream"):
+    if body.stream:
         # The stream lasts until the job ends, so `Prefer: wait` has nothing to add to it.
-        headers["Location"] = job_path(job.id)
-        return streaming.event_stream(context, current_caller(), job.id, headers=headers, place_taken=True)
-    # No place to hold the request (for a stream or a wait): the job is recorded, so answer at
-    # once, as a plain submit; its Location serves the stream. `Prefer` lets a server not wait.
-    if body.stream or (wait_s > 0 and not context.held.try_hold("wait")):
+        wait_s = 0
+        try:
+            return streaming.event_stream(
+                context, current_caller(), job.id, headers={**headers, "Location": job_path(job.id)})
+        except ServiceBusy:
+            pass  # no place to hold it: the job is recorded, so answer as a plain submit (below)
+    # No place to hold a wait either: answer at once (`Prefer` lets a server not wait).
+    if wait_s > 0 and not context.held.try_hold("wait"):
         wait_s = 0
     described = None
     if wait_s > 0:
