@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from sqlalchemy import func, select, update
 
+from services.domain.keys import create_key
 from shared import job_store
 from shared.models import Job
 from tests.integration.helpers import QUEUE, assert_error, make_key, submit
@@ -86,6 +88,31 @@ def test_concurrent_submits_with_one_key_make_one_job(app, auth, redis_client):
     assert {status for status, _ in results} == {202}
     assert len({job_id for _, job_id in results}) == 1
     assert redis_client.llen(QUEUE) == 1
+
+
+@pytest.mark.parametrize("limit", [{"max_concurrent": 1}, {"rpm": 1}])
+def test_concurrent_retries_of_a_limited_keys_submit_get_its_job_not_a_429(app, redis_client, limit):
+    """Each retry looked for the job before waiting on the key's lock; the first submit's job,
+    committed meanwhile, then counted against the key, and the retry got a 429 for a job that exists."""
+    with db_of(app).session_scope() as session:
+        _, plaintext = create_key(session, role="user", **limit)
+    headers = {"Authorization": f"Bearer {plaintext}", "Idempotency-Key": "limited-race"}
+    results = []
+
+    def send():
+        response = submit(app.test_client(), headers)
+        results.append((response.status_code, response.get_json().get("id")))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {status for status, _ in results} == {202}, results
+    assert len({job_id for _, job_id in results}) == 1
+    assert redis_client.llen(QUEUE) == 1
+    # A new submit of the key is limited as ever.
+    assert_error(submit(app.test_client(), {**headers, "Idempotency-Key": "another"}), 429, "rate_limited")
 
 
 def test_deadline_fields_have_server_maxima(client, auth, app):

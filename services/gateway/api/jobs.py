@@ -20,7 +20,7 @@ from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.requests import json_response, parse_body, parse_query, prefer_wait_seconds
 from services.gateway.waiting import wait_until_done
 from shared.celery_app import model_of_queue
-from shared.errors import InvalidField, ServiceBusy
+from shared.errors import InvalidField, ServiceBusy, TooManyRequests
 from shared.jobs import JobStatus
 from shared.models import Adapter, Job
 from shared.notify import publish_job_done
@@ -138,7 +138,9 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
                 idempotency_key=idempotency_key,
                 prompt_tokens=prompt_tokens,
             )
-    except IntegrityError:
+    # A concurrent submit with the same Idempotency-Key won: its insert (IntegrityError), or
+    # its commit while this one waited on the key's lock, which then counted its job (429).
+    except (IntegrityError, TooManyRequests):
         if idempotency_key is None:
             raise
         job = _existing_job(context, body, idempotency_key)
