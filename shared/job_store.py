@@ -232,18 +232,19 @@ def _add_to_window(session: Session, key_id: str, window_start: datetime, tokens
     session.execute(_ADD_TO_WINDOW, {"p_key_id": key_id, "p_window_start": window_start, "p_tokens": tokens})
 
 
-def settle_reservation(session: Session, job_id: str, used_tokens: int) -> None:
-    """Replace the tokens a job reserved at submit with what it used, once."""
+def settle_reservation(session: Session, job_id: str, used_tokens: int) -> bool:
+    """Replace the tokens a job reserved at submit with what it used, once; return whether this did."""
     job = session.execute(
         select(J.owner_key_id, J.reserved_tokens, J.rate_window_start).where(J.id == job_id)
     ).one()
     if not job.reserved_tokens or job.rate_window_start is None:
-        return
+        return False
     settled = session.execute(
         update(JOBS).where(J.id == job_id, J.reserved_tokens == job.reserved_tokens).values(reserved_tokens=0)
     ).rowcount
     if settled:
         _add_to_window(session, job.owner_key_id, job.rate_window_start, used_tokens - job.reserved_tokens)
+    return bool(settled)
 
 
 def _used_tokens(usage: dict[str, Any] | None) -> int:
@@ -479,7 +480,8 @@ def cancel(session: Session, job_id: str) -> bool:
     """Cancel a queued or running job; False if it had already ended.
 
     A queued job used nothing: its reservation is released now. A running job's worker
-    stops, charges what it produced and settles then.
+    stops, charges what it produced and settles then; its lease stays, so that should the
+    worker never do so (it died), the reaper settles the reservation once the lease lapses.
     """
     # Queued, then running, then each once more: on PostgreSQL each UPDATE sees the latest
     # commit, and a running job handed back or requeued between the first two (running ->
@@ -488,7 +490,7 @@ def cancel(session: Session, job_id: str) -> bool:
         cancelled = session.execute(
             update(JOBS)
             .where(J.id == job_id, J.status == status)
-            .values(status=JobStatus.CANCELLED, finished_at=utcnow(), lease_expires_at=None)
+            .values(status=JobStatus.CANCELLED, finished_at=utcnow())
             .returning(J.kind, J.queue)
         ).one_or_none()
         if cancelled is not None:
@@ -498,6 +500,27 @@ def cancel(session: Session, job_id: str) -> bool:
                 settle_reservation(session, job_id, 0)
             return True
     return False
+
+
+def settle_abandoned_cancels(session: Session, now: datetime, limit: int = 500) -> int:
+    """Settle the reservations of jobs cancelled while running whose lease lapsed: their worker
+    never charged them (it died, or its write failed). Return how many reservations this settled.
+
+    A worker that charges later still records its usage once; only its settlement finds nothing left.
+    """
+    lapsed = session.scalars(
+        select(J.id).where(J.status == JobStatus.CANCELLED, J.lease_expires_at < now).order_by(J.id).limit(limit)
+    ).all()
+    settled = 0
+    for job_id in lapsed:
+        # The lease goes, so the job is looked at once; the reservation is settled once whoever comes first.
+        cleared = session.execute(
+            update(JOBS)
+            .where(J.id == job_id, J.status == JobStatus.CANCELLED, J.lease_expires_at < now)
+            .values(lease_expires_at=None)
+        ).rowcount
+        settled += bool(cleared) and settle_reservation(session, job_id, 0)
+    return settled
 
 
 def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str]:

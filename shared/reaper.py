@@ -45,6 +45,7 @@ class Reaper:
         with self.db.session_scope() as session:
             requeued, lost = job_store.recover_lapsed(session, now, self.settings.max_attempts)
             expired = job_store.expire_queued(session, now)
+            cancels_settled = job_store.settle_abandoned_cancels(session, now)
         for job_id, queue in requeued:
             publish_job(self.celery, job_id, queue)
         for job_id in [*lost, *expired]:
@@ -56,6 +57,7 @@ class Reaper:
             "worker_lost": len(lost),
             "expired": len(expired),
             "republished": republished,
+            "cancels_settled": cancels_settled,
         }
         if any(counts.values()):
             log.info("reaper_pass", **counts)

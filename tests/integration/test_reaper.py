@@ -7,17 +7,17 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 
-from shared import publish
+from shared import job_store, publish
 from shared import reaper as reaper_module
 from shared.celery_app import make_celery
 from shared.db import Database
-from shared.models import Job, utcnow
+from shared.models import Job, RateLimitWindow, UsageRecord, utcnow
 from shared.publish import UNACKED_INDEX_KEY, UNACKED_KEY, job_ids_in_redis, publish_job
 from shared.reaper import SCAN_TURN_KEY, Reaper
 from shared.storage import Storage
-from tests.integration.helpers import claim, lapse_lease, queued_job
+from tests.integration.helpers import USAGE, claim, lapse_lease, queued_job
 
 QUEUE = "generation.gemma-3-270m"
 
@@ -172,3 +172,32 @@ def test_a_requeued_fine_tune_keeps_no_partial_adapter_if_cancelled_before_its_n
     storage.write_atomic(f"{storage.adapter_relative('ft-requeued', 2)}/adapter_model.safetensors", b"training")
     reaper._remove_lost_training([], [job_id])
     assert storage.resolve(storage.adapter_relative("ft-requeued", 2)).is_dir()
+
+
+def test_a_job_cancelled_while_running_whose_worker_died_has_its_reservation_settled(reaper):
+    """Only the worker settled a running job's cancel; one that died left the key's tokens reserved."""
+    window = utcnow().replace(second=0, microsecond=0)
+    job_id = queued_job(reaper.db, reserved_tokens=50, rate_window_start=window)
+    held = claim(reaper.db, job_id, "worker-a")
+    with reaper.db.session_scope() as session:
+        key_id = session.get(Job, job_id).owner_key_id
+        session.execute(insert(RateLimitWindow).values(key_id=key_id, window_start=window, requests=1, tokens=50))
+        assert job_store.cancel(session, job_id)
+
+    def reserved_and_window() -> tuple[int, int]:
+        with reaper.db.session_scope(read_only=True) as session:
+            return session.get(Job, job_id).reserved_tokens, session.get(RateLimitWindow, (key_id, window)).tokens
+
+    assert reaper.run_once()["cancels_settled"] == 0  # its worker has its lease's time to charge it
+    assert reserved_and_window() == (50, 50)
+    lapse_lease(reaper.db, job_id)
+    assert reaper.run_once()["cancels_settled"] == 1
+    assert reserved_and_window() == (0, 0)
+    assert reaper.run_once()["cancels_settled"] == 0
+    # A worker that was only slow still records its usage once; the reservation is not settled twice.
+    with reaper.db.session_scope() as session:
+        assert job_store.charge_cancelled(session, held, "worker-a", USAGE)
+    with reaper.db.session_scope(read_only=True) as session:
+        assert [row.status for row in session.scalars(select(UsageRecord).where(UsageRecord.job_id == job_id))] == [
+            "cancelled"]
+    assert reserved_and_window() == (0, 0)
