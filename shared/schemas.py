@@ -53,7 +53,7 @@ class GenerationRequest(StrictModel):
     messages: list[Message] | None = Field(default=None, min_length=1)
     prompt: str | None = Field(default=None, min_length=1, examples=["The capital of France is"])
     max_new_tokens: int | None = Field(default=None, ge=1, le=32768, examples=[16])
-    temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy")
+    temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy (so does any value below 1e-5)")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering")
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)

@@ -7,6 +7,10 @@ from typing import Any
 
 import torch
 
+# Temperatures below this decode greedily (vLLM's rule): logits divided by a temperature near
+# zero overflow to inf, and sampling from them fails (it failed the job's whole batch).
+GREEDY_BELOW = 1e-5
+
 
 class Sampler:
     """One job's decoding rule: greedy or temperature/top-k/top-p, with a repetition penalty.
@@ -29,7 +33,7 @@ class Sampler:
     @property
     def greedy(self) -> bool:
         """Return whether this job takes the most likely token every time."""
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def plain_greedy(self) -> bool:
@@ -55,6 +59,7 @@ class Sampler:
 
 def _penalize(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """Make tokens already seen less likely (the CTRL rule transformers uses)."""
+    history = history.to(scores.device)  # built on the CPU; a GPU's logits refuse a CPU index
     seen = scores.gather(0, history)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return scores.scatter(0, history, seen)

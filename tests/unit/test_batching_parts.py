@@ -170,6 +170,15 @@ def test_greedy_and_seeded_sampling():
     assert first != [other_seed.pick(logits, history) for _ in range(40)]
 
 
+def test_a_temperature_near_zero_decodes_greedily_instead_of_overflowing():
+    """Logits over a temperature of 1e-40 were inf, and sampling from them raised: the whole batch failed."""
+    logits = torch.tensor([30.0, 31.0, -20.0])
+    for temperature in (1e-40, 1e-6):
+        sampler = Sampler({"temperature": temperature, "seed": 1}, torch.device("cpu"))
+        assert sampler.greedy and sampler.pick(logits, torch.tensor([0])) == 1
+    assert not Sampler({"temperature": 1e-4, "seed": 1}, torch.device("cpu")).greedy
+
+
 def test_top_k_and_top_p_keep_only_the_likely_tokens():
     logits = torch.tensor([5.0, 4.0, 0.0, -2.0, -3.0])
     history = torch.tensor([0])
