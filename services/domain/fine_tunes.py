@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from services.domain import limits
 from services.domain.adapters import adapter_id_for, is_adapter_id
 from services.domain.files import get_file
-from services.domain.jobs import Submission
+from services.domain.jobs import Submission, request_hash
 from services.domain.keys import Caller
 from shared.celery_app import queue_for
 from shared.errors import InvalidField, NotFound
@@ -22,7 +22,13 @@ from shared.settings import Settings
 
 
 def create_fine_tune(
-    session: Session, caller: Caller, request: FineTuneRequest, *, registry: ModelRegistry, settings: Settings
+    session: Session,
+    caller: Caller,
+    request: FineTuneRequest,
+    *,
+    registry: ModelRegistry,
+    settings: Settings,
+    idempotency_key: str | None = None,
 ) -> Submission:
     """Validate a fine-tune, admit it against the key's limits and record it as queued.
 
@@ -84,6 +90,8 @@ def create_fine_tune(
         expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s else None,
         rate_window_start=admission.window_start,
         adapter_id=adapter_id_for(job_id, request.suffix),
+        idempotency_key=idempotency_key,
+        request_hash=request_hash(request) if idempotency_key else None,
     )
     session.add(job)
     session.flush()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import Connection, bindparam, case, func, insert, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
@@ -253,7 +254,7 @@ def _check_limits(
             raise InvalidField(message, details=[{"field": field, "message": "over the server maximum"}])
 
 
-def request_hash(request: GenerationRequest) -> str:
+def request_hash(request: BaseModel) -> str:
     """Return a digest of a request's meaning (field order and defaults do not matter)."""
     # How the answer is delivered is not part of the job: a retry may stream or not and still
     # get the same job (and hashes stored before `stream` existed still match).
@@ -263,7 +264,7 @@ def request_hash(request: GenerationRequest) -> str:
 
 
 def find_idempotent(
-    session: Session, caller: Caller, idempotency_key: str, request: GenerationRequest
+    session: Session, caller: Caller, idempotency_key: str, request: BaseModel
 ) -> Job | None:
     """Return the job an earlier submit with this key created; 409 if its body differed."""
     job = session.scalars(

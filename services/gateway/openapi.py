@@ -90,7 +90,7 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
     ("post", "/v1/fine-tunes"): (
         "Create a LoRA fine-tuning job",
         schemas.FineTuneRequest,
-        {202: schemas.Job, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
+        {202: schemas.Job, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse, 409: schemas.ErrorResponse,
          413: schemas.ErrorResponse, 422: schemas.ErrorResponse, 429: schemas.ErrorResponse},
         True,
     ),
@@ -191,6 +191,11 @@ OPERATION_IDS = {
     ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job",
 }
 
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    "description": "same key and body: the same job again; same key, other body: 409",
+}
+
 HEADER_PARAMETERS = {
     ("get", "/v1/jobs/{job_id}/events"): [
         {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
@@ -199,9 +204,9 @@ HEADER_PARAMETERS = {
     ("post", "/v1/generations"): [
         {"name": "Prefer", "in": "header", "schema": {"type": "string"},
          "description": "`wait=N`: hold the request up to N seconds for the finished job"},
-        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-         "description": "same key and body: the same job again; same key, other body: 409"},
+        IDEMPOTENCY_KEY,
     ],
+    ("post", "/v1/fine-tunes"): [IDEMPOTENCY_KEY],
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 
 import pytest
 
@@ -570,3 +571,41 @@ def test_a_fine_tune_shows_its_adapter_id_only_once_it_succeeded(client, auth, a
     assert client.get(f"/v1/jobs/{finished}", headers=auth).get_json()["adapter_id"] == adapter_id
     listed = client.get("/v1/jobs?kind=fine_tune", headers=auth).get_json()["data"]
     assert {job["id"]: job["adapter_id"] for job in listed} == {finished: adapter_id, cancelled: None}
+
+
+def test_a_retried_fine_tune_with_its_idempotency_key_is_the_same_job(client, app, redis_client):
+    """The key was ignored: a client's retry after a timeout trained, and was charged, twice."""
+    headers = key_headers(app, max_concurrent=1)
+    training = upload(client, headers)
+    keyed = {**headers, "Idempotency-Key": "train-once"}
+    first = fine_tune(client, keyed, training, suffix="once")
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers
+    again = fine_tune(client, keyed, training, suffix="once")  # its key's only slot is the first job's
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert queued_ids(redis_client, FT_QUEUE) == [first.get_json()["id"]]
+    error = assert_error(fine_tune(client, keyed, training, suffix="other"), 409, "idempotency_key_reused")
+    assert first.get_json()["id"] in error["message"]
+    # The key names one request of any kind: a generation with it is another body.
+    assert_error(submit(client, keyed), 409, "idempotency_key_reused")
+    assert_error(fine_tune(client, {**headers, "Idempotency-Key": ""}, training), 422, "invalid_field")
+
+
+def test_concurrent_retries_of_a_fine_tune_make_one_job(app, redis_client):
+    headers = key_headers(app, max_concurrent=1)
+    training = upload(app.test_client(), headers)
+    keyed = {**headers, "Idempotency-Key": "train-race"}
+    results = []
+
+    def send():
+        response = fine_tune(app.test_client(), keyed, training)
+        results.append((response.status_code, response.get_json().get("id")))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {status for status, _ in results} == {202}, results
+    assert len({job_id for _, job_id in results}) == 1
+    assert queued_ids(redis_client, FT_QUEUE) == [results[0][1]]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import structlog
 from flask import Blueprint
+from sqlalchemy.exc import IntegrityError
 
 from services.domain import jobs as job_domain
 from services.domain.fine_tunes import create_fine_tune
-from services.gateway.api.jobs import job_response
+from services.gateway.api.jobs import existing_job, idempotency_key_header, job_response
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import gateway
 from services.gateway.metrics import JOBS_SUBMITTED
 from services.gateway.requests import parse_body
 from shared.celery_app import model_of_queue
+from shared.errors import TooManyRequests
 from shared.schemas import FineTuneRequest
 
 log = structlog.get_logger(__name__)
@@ -25,10 +27,23 @@ def submit_fine_tune():
     """Record a fine-tune job, enqueue it on its base model's fine-tune queue, answer 202."""
     context = gateway()
     body = parse_body(FineTuneRequest)
-    with context.db.session_scope() as session:
-        submission = create_fine_tune(
-            session, current_caller(), body, registry=context.registry, settings=context.settings
-        )
+    key = idempotency_key_header()
+    replayed = existing_job(context, body, key) if key else None
+    if replayed is not None:
+        return _replay(context, replayed)
+    try:
+        with context.db.session_scope() as session:
+            submission = create_fine_tune(
+                session, current_caller(), body, registry=context.registry, settings=context.settings,
+                idempotency_key=key,
+            )
+    # A concurrent submit with the same key won: its insert, or its commit counted against the
+    # key's limits while this one waited (as for generations).
+    except (IntegrityError, TooManyRequests):
+        replayed = existing_job(context, body, key) if key else None
+        if replayed is None:
+            raise
+        return _replay(context, replayed)
     job = submission.job
     structlog.contextvars.bind_contextvars(job_id=job.id)
     log.info("job_submitted", model=job.model, kind=job.kind, adapter_id=job.adapter_id)
@@ -38,4 +53,12 @@ def submit_fine_tune():
     context.publisher.publish(job.id, job.queue)
     response = job_response(context, job.id, 0, described)
     response.headers.update(submission.admission.headers())
+    return response
+
+
+def _replay(context, job):
+    """Answer a retried submit with the job its first try created (nothing recorded again)."""
+    structlog.contextvars.bind_contextvars(job_id=job.id)
+    response = job_response(context, job.id, 0)
+    response.headers["Idempotent-Replayed"] = "true"
     return response

@@ -62,8 +62,8 @@ def create_generation():
     context = gateway()
     body = parse_body(GenerationRequest)
     wait_s = prefer_wait_seconds(context.settings.max_wait_s)
-    idempotency_key = _idempotency_key()
-    job = _existing_job(context, body, idempotency_key) if idempotency_key else None
+    idempotency_key = idempotency_key_header()
+    job = existing_job(context, body, idempotency_key) if idempotency_key else None
     replayed = job is not None
     limit_headers: dict[str, str] = {}
     position = None
@@ -143,7 +143,7 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
     except (IntegrityError, TooManyRequests):
         if idempotency_key is None:
             raise
-        job = _existing_job(context, body, idempotency_key)
+        job = existing_job(context, body, idempotency_key)
         if job is None:
             raise
         return job, None, {}, True
@@ -172,7 +172,8 @@ def announce_submitted(job) -> None:
     JOBS_SUBMITTED.labels(job.kind, model_of_queue(job.queue)).inc()
 
 
-def _idempotency_key() -> str | None:
+def idempotency_key_header() -> str | None:
+    """Return the request's Idempotency-Key, if it has one (422 if its length is out of bounds)."""
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
@@ -184,7 +185,8 @@ def _idempotency_key() -> str | None:
     return key
 
 
-def _existing_job(context: GatewayContext, body: GenerationRequest, idempotency_key: str) -> Job | None:
+def existing_job(context: GatewayContext, body: BaseModel, idempotency_key: str) -> Job | None:
+    """Return the caller's job an earlier submit with this key created (409 if its body differed)."""
     with context.db.session_scope(read_only=True) as session:
         return job_domain.find_idempotent(session, current_caller(), idempotency_key, body)
 
