@@ -55,3 +55,7 @@ class TooManyRequests(DomainError):
 
 class ServiceBusy(DomainError):
     status, code = 503, "busy"
+
+
+class StorageUnavailable(DomainError):
+    status, code = 503, "storage_unavailable"

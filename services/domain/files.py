@@ -5,19 +5,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import structlog
 from sqlalchemy import delete, event, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
 from shared.db import get_by_id
-from shared.errors import Conflict, InvalidField, NotFound
+from shared.errors import Conflict, InvalidField, NotFound, StorageUnavailable
 from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
 from shared.models import Job, TrainingFile, utcnow
 from shared.schemas import FileInfo
 from shared.storage import Storage
 from shared.training_data import TrainingDataError, parse_training_file
+
+log = structlog.get_logger(__name__)
 
 PURPOSES = ("fine-tune",)
 DEFAULT_FILENAME = "upload.jsonl"
@@ -52,7 +55,13 @@ def create_file(
     file_id = new_id("file", "-")  # `file-…`, as the contract (DESIGN.md) shows it
     relative = Storage.file_relative(file_id)
     # The bytes are on disk before the row exists, so a committed row never names a missing file.
-    storage.write_atomic(relative, data)
+    try:
+        storage.write_atomic(relative, data)
+    except OSError as exc:
+        log.error("file_not_stored", file_id=file_id, error=str(exc))
+        raise StorageUnavailable(
+            f"the server could not store the file ({exc.strerror or exc}); nothing was recorded, try again later"
+        ) from None
     row = TrainingFile(
         id=file_id,
         owner_key_id=caller.key_id,
@@ -132,7 +141,16 @@ def delete_file(session: Session, caller: Caller, file_id: str, storage: Storage
 
 
 def _after_commit(session: Session, action: Callable[[], None]) -> None:
-    event.listen(session, "after_commit", lambda _session: action(), once=True)
+    """Run a clean-up once the session commits; its failure is logged, not raised: the
+    committed change stands, and a 500 would tell the client it had not happened."""
+
+    def run(_session: Session) -> None:
+        try:
+            action()
+        except OSError as exc:
+            log.error("stored_bytes_not_removed", error=str(exc))
+
+    event.listen(session, "after_commit", run, once=True)
 
 
 def file_info(row: TrainingFile) -> FileInfo:

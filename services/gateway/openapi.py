@@ -65,7 +65,7 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         "Upload a JSONL training file (multipart: `file`, `purpose=fine-tune`)",
         None,  # multipart, described in MULTIPART_BODIES
         {201: schemas.FileInfo, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
-         413: schemas.ErrorResponse, 422: schemas.ErrorResponse},
+         413: schemas.ErrorResponse, 422: schemas.ErrorResponse, 503: schemas.ErrorResponse},
         True,
     ),
     ("get", "/v1/files"): (

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 
 import pytest
 from sqlalchemy.exc import IntegrityError
@@ -15,6 +16,7 @@ from services.domain.files import create_file, safe_filename
 from services.domain.keys import Caller
 from services.gateway import create_app
 from shared.models import TrainingFile
+from shared.storage import Storage
 from tests.integration.helpers import assert_error, make_key
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
@@ -297,3 +299,39 @@ def test_an_oversized_form_field_is_413_saying_what_to_send(client, auth):
     )
     error = assert_error(response, 413, "payload_too_large")
     assert "form field" in error["message"] and "`file`" in error["message"]
+
+
+def test_an_upload_the_storage_cannot_take_is_503_and_records_nothing(client, auth, app):
+    root = storage_root(app)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root / "files", ignore_errors=True)
+    (root / "files").write_bytes(b"")  # the folder cannot be made: a broken volume, say
+    with capture_logs() as logs:
+        error = assert_error(upload(client, auth, jsonl(CHAT)), 503, "storage_unavailable")
+    assert "could not store the file" in error["message"] and "nothing was recorded" in error["message"]
+    assert any(entry["event"] == "file_not_stored" for entry in logs)
+    assert client.get("/v1/files", headers=auth).get_json()["data"] == []
+    (root / "files").unlink()
+    assert upload(client, auth, jsonl(CHAT)).status_code == 201
+
+
+def test_a_write_that_fails_leaves_no_partial_file(tmp_path):
+    storage = Storage(tmp_path)
+    (tmp_path / "files" / "taken.jsonl").mkdir(parents=True)  # the rename onto it fails
+    with pytest.raises(IsADirectoryError):
+        storage.write_atomic("files/taken.jsonl", b"data")
+    assert [path.name for path in (tmp_path / "files").iterdir()] == ["taken.jsonl"]
+
+
+def test_a_delete_whose_bytes_cannot_be_removed_still_answers_its_commit(client, auth, app):
+    """The row's delete committed; a 500 from the clean-up after it told the client it had not."""
+    file_id = upload(client, auth, jsonl(CHAT)).get_json()["id"]
+    root = storage_root(app)
+    shutil.rmtree(root / "files")
+    (root / "files").write_bytes(b"")  # unlinking files/<id>.jsonl now fails (not a directory)
+    with capture_logs() as logs:
+        response = client.delete(f"/v1/files/{file_id}", headers=auth)
+    assert response.status_code == 200 and response.get_json()["deleted"] is True
+    assert any(entry["event"] == "stored_bytes_not_removed" for entry in logs)
+    assert file_row(app, file_id) is None
+    assert_error(client.delete(f"/v1/files/{file_id}", headers=auth), 404, "not_found")
