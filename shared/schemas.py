@@ -202,6 +202,10 @@ class FineTuneResult(BaseModel):
     train_loss: float | None = None
     eval_loss: float | None = None
     train_tokens: int
+    # Rows trained on, and rows skipped because their prompt fills max_seq_length (0 for
+    # results stored before these were kept).
+    train_rows: int = 0
+    rows_skipped: int = 0
     size_bytes: int
 
 

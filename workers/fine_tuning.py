@@ -69,6 +69,10 @@ class TrainingReport:
     eval_loss: float | None = None
     eval_step: int | None = None
     train_tokens: int = 0
+    # Training rows trained on, and those skipped: their prompt fills max_seq_length, leaving
+    # no answer token to learn.
+    train_rows: int = 0
+    rows_skipped: int = 0
     seconds: float = 0.0
     stopped: bool = False
     losses: list[float] = field(default_factory=list)
@@ -90,6 +94,8 @@ class TrainingReport:
             "train_loss": self.train_loss,
             "eval_loss": self.eval_loss,
             "train_tokens": self.train_tokens,
+            "train_rows": self.train_rows,
+            "rows_skipped": self.rows_skipped,
         }
 
 
@@ -121,9 +127,11 @@ def train_adapter(
     hp = spec.hyperparameters
     folder = weights_dir(spec.base, cache_root)
     tokenizer = training_tokenizer(folder, cache_root)
-    train_rows = _tokenized(spec.training_file, tokenizer, hp["max_seq_length"], spec.max_rows, "training_file")
+    train_rows, report.rows_skipped = _tokenized(
+        spec.training_file, tokenizer, hp["max_seq_length"], spec.max_rows, "training_file")
+    report.train_rows = len(train_rows)
     eval_rows = (
-        _tokenized(spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file")
+        _tokenized(spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file")[0]
         if spec.validation_file
         else None
     )
@@ -139,7 +147,8 @@ def train_adapter(
         callbacks=[_JobCallback(report, should_stop, on_log)],
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; we log JSON
-    log.info("training_started", rows=len(train_rows), total_steps=report.total_steps, device=str(device))
+    log.info("training_started", rows=len(train_rows), rows_skipped=report.rows_skipped,
+             total_steps=report.total_steps, device=str(device))
     try:
         trainer.train()
         if eval_rows and not report.stopped and report.eval_step != report.step:
@@ -155,8 +164,11 @@ def train_adapter(
     return report
 
 
-def _tokenized(path: Path, tokenizer, max_seq_length: int, max_rows: int, name: str) -> list[TokenizedExample]:
-    """Read, check and tokenize a data file; rows truncated to nothing to learn are dropped."""
+def _tokenized(
+    path: Path, tokenizer, max_seq_length: int, max_rows: int, name: str
+) -> tuple[list[TokenizedExample], int]:
+    """Read, check and tokenize a data file; return its rows and how many were skipped
+    (truncated to nothing to learn)."""
     try:
         examples = parse_training_file(path.read_bytes(), max_rows=max_rows)
     except FileNotFoundError:
@@ -170,7 +182,7 @@ def _tokenized(path: Path, tokenizer, max_seq_length: int, max_rows: int, name: 
             "invalid_hyperparameters",
             f"with max_seq_length {max_seq_length} no row of the {name} keeps a token to learn; raise max_seq_length",
         )
-    return kept
+    return kept, len(rows) - len(kept)
 
 
 def _as_features(row: TokenizedExample) -> dict[str, list[int]]:

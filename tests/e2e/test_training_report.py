@@ -3,6 +3,7 @@ that fails midway still says what it used (its charge)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,18 @@ def test_a_stop_during_a_validation_pass_ends_it_at_the_next_batch(model_cache_d
     assert report.stopped and report.step == 1
     assert len(calls) == 2  # not one per remaining batch: the pass ended there
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()  # a stopped run saves nothing
+
+
+def test_rows_whose_prompt_fills_max_seq_length_are_counted_as_skipped(model_cache_dir, tmp_path):
+    """They were dropped silently: the upload said 3 rows, training used 2, and nothing told the client."""
+    long_question = " ".join(["Tell me about the lighthouse of Zorblax and its keeper."] * 6)
+    rows = [{"prompt": "2+2=", "completion": "4"}, {"prompt": long_question, "completion": "No."},
+            {"prompt": "3+3=", "completion": "6"}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    hyperparameters = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=32).model_dump()
+    job_spec = FineTuneSpec(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), data, None, hyperparameters)
+    report = train_adapter(job_spec, model_cache_dir, torch.device("cpu"), tmp_path / "out",
+                           should_stop=lambda: False, on_log=lambda report, point: None)
+    assert (report.train_rows, report.rows_skipped) == (2, 1)
+    assert report.progress()["train_rows"] == 2 and report.progress()["rows_skipped"] == 1
