@@ -337,6 +337,14 @@ class KeyCreate(StrictModel):
             raise ValueError("must be in the future")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # PostgreSQL refuses NUL in text (a 500), and no control character belongs in a label.
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise ValueError("must not contain control characters (NUL, newlines, tabs)")
+        return value
+
 
 class KeyInfo(BaseModel):
     """An API key as admins see it: never its secret."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,27 +125,37 @@ class KeyCache:
         self.ttl_s = ttl_s
         # digest -> (when read, the row, its caller if the row was valid then)
         self._rows: dict[str, tuple[float, Row, Caller | None]] = {}
+        # Writes and forgets take the lock; reads are single dict gets, safe without it.
+        self._lock = threading.Lock()
+        # Counts forgets: a row read while one happened may be the revoked key's, read before
+        # its revoke committed, and is not remembered.
+        self._forgets = 0
 
     def authenticate(self, plaintext: str | None) -> Caller:
         """Return the caller for a bearer key, or raise Unauthenticated."""
         digest = _digest(plaintext)
-        cached = self._rows.get(digest)  # one dict read or write at a time: safe across threads
+        cached = self._rows.get(digest)
         if cached is not None and time.monotonic() - cached[0] <= self.ttl_s:
             _, row, caller = cached
             # Found by its digest, so the row is this key's; only the clock can have changed.
             if caller is not None and (row.expires_at is None or row.expires_at > utcnow()):
                 return caller
             return caller_for(row, digest)
+        forgets, read_at = self._forgets, time.monotonic()
         row = self.find(digest)
         if row is not None:
-            if len(self._rows) >= self.MAX_KEYS:
-                self._rows = {}
-            self._rows[digest] = (time.monotonic(), row, _caller_if_valid(row, digest))
+            with self._lock:
+                if forgets == self._forgets:
+                    if len(self._rows) >= self.MAX_KEYS:
+                        self._rows = {}
+                    self._rows[digest] = (read_at, row, _caller_if_valid(row, digest))
         return caller_for(row, digest)
 
     def forget(self, key_id: str) -> None:
         """Drop a key's row (it was just revoked): its next request reads it anew."""
-        self._rows = {digest: entry for digest, entry in self._rows.items() if entry[1].id != key_id}
+        with self._lock:
+            self._forgets += 1
+            self._rows = {digest: entry for digest, entry in self._rows.items() if entry[1].id != key_id}
 
 
 def list_keys(session: Session) -> list[ApiKey]:

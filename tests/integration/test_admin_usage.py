@@ -55,6 +55,8 @@ def test_user_keys_get_403_on_admin_routes(client, auth):
         ({"expires_at": "2099-01-01T00:00:00"}, "expires_at"),
         ({"expires_at": "9999-12-31T23:59:59-05:00"}, "expires_at"),  # past year 9999 in UTC: was a 500
         ({"colour": "red"}, "colour"),
+        ({"name": "a\u0000b"}, "name"),  # PostgreSQL refuses NUL in text: was a 500
+        ({"name": "line\nbreak"}, "name"),
     ],
 )
 def test_bad_key_requests_are_422(client, admin, body, field):

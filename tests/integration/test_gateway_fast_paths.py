@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -146,6 +148,70 @@ def test_key_cache_forgets_a_key_revoked_here_and_never_remembers_unknown_keys(a
     with pytest.raises(Unauthenticated, match="unknown"):
         context.keys.authenticate("gj_" + "x" * 40)
     assert hash_key("gj_" + "x" * 40) not in context.keys._rows
+
+
+def test_a_key_read_before_its_revoke_here_committed_is_not_remembered(app):
+    """A request that read the key before the revoke put the row in the cache after the revoke's
+    forget: the revoked key worked in this process for another TTL."""
+    context = app.extensions["gemma_jobs"]
+    with context.db.session_scope() as session:
+        row, plaintext = create_key(session, role="user")
+    read, revoked = threading.Event(), threading.Event()
+
+    def find_then_wait(digest):
+        found = _find(context, digest)
+        read.set()
+        assert revoked.wait(10)
+        return found
+
+    cache = KeyCache(find_then_wait, ttl_s=60)
+    callers = []
+    reading = threading.Thread(target=lambda: callers.append(cache.authenticate(plaintext)))
+    reading.start()
+    assert read.wait(10)
+    with context.db.session_scope() as session:
+        revoke_key(session, row.id)
+    cache.forget(row.id)
+    revoked.set()
+    reading.join(10)
+    assert [caller.key_id for caller in callers] == [row.id]  # the request already in flight
+    cache.find = lambda digest: _find(context, digest)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        cache.authenticate(plaintext)
+
+
+def test_forgetting_a_key_while_other_keys_are_cached_is_safe(app):
+    """`forget` walked the dict while other threads added keys: 'dictionary changed size during
+    iteration', a 500 for a revoke that had committed."""
+    context = app.extensions["gemma_jobs"]
+    plaintext = make_key(app)
+    row = _find(context, hash_key(plaintext))
+    # Every key is that row, under its own digest.
+    cache = KeyCache(lambda digest: SimpleNamespace(**{**row._asdict(), "key_hash": digest}), ttl_s=60)
+    cache.MAX_KEYS = 10**9
+    stop, errors = threading.Event(), []
+
+    def add_keys(first: int) -> None:
+        number = first
+        while not stop.is_set():
+            cache.authenticate(f"gj_{number:040d}")
+            number += 4
+
+    threads = [threading.Thread(target=add_keys, args=(first,)) for first in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(300):
+            try:
+                cache.forget("key_other")
+            except RuntimeError as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert errors == []
+    assert len(cache._rows) > 100  # the threads did add keys all along
 
 
 def _caller(context, auth: dict[str, str]) -> Caller:
