@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import structlog
 from flask import Flask, g, request
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.gateway.context import GatewayContext
 from services.gateway.errors import register_error_handlers
@@ -23,7 +24,13 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
         structlog.get_logger(__name__).warning(
             "held_requests_cap_not_below_threads", cap=context.held.cap, threads=settings.gateway_threads)
     if check_schema:
-        context.db.check_schema()
+        try:
+            context.db.check_schema()
+        except SQLAlchemyError as exc:
+            # A database that cannot be reached now (gunicorn replacing a worker mid-outage) must
+            # not stop the process: gunicorn shuts the whole gateway down when a worker cannot
+            # boot. `gemma-jobs gateway` checked the schema before forking; /readyz tells the rest.
+            structlog.get_logger(__name__).warning("schema_not_checked", error=str(exc))
     app.extensions["gemma_jobs"] = context
 
     register_error_handlers(app)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 
+import structlog
 from flask import Flask, Response, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,10 +21,13 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.domain.operations import queue_stats
 from shared.job_store import ended_counts
 from shared.models import utcnow
+
+log = structlog.get_logger(__name__)
 
 REQUESTS = Counter(
     "gemma_jobs_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
@@ -62,16 +66,25 @@ class DatabaseCollector:
         ended = CounterMetricFamily(
             "gemma_jobs_jobs_finished", "Jobs that ended, by status", labels=["kind", "model", "status"]
         )
+        database_up = GaugeMetricFamily("gemma_jobs_database_up", "1 if this scrape could read the database")
         settings = self.context.settings
-        with self.context.db.session_scope(read_only=True) as session:
-            for queue in queue_stats(session, utcnow(), settings.worker_dead_after_s):
-                queued.add_metric([queue.name], queue.queued)
-                running.add_metric([queue.name], queue.running)
-                oldest.add_metric([queue.name], queue.oldest_wait_s or 0.0)
-                consumers.add_metric([queue.name], queue.live_workers)
-            for kind, model, status, jobs in ended_counts(session):
-                ended.add_metric([kind, model, status], jobs)
-        yield from (queued, running, oldest, consumers, ended)
+        try:
+            with self.context.db.session_scope(read_only=True) as session:
+                for queue in queue_stats(session, utcnow(), settings.worker_dead_after_s):
+                    queued.add_metric([queue.name], queue.queued)
+                    running.add_metric([queue.name], queue.running)
+                    oldest.add_metric([queue.name], queue.oldest_wait_s or 0.0)
+                    consumers.add_metric([queue.name], queue.live_workers)
+                for kind, model, status, jobs in ended_counts(session):
+                    ended.add_metric([kind, model, status], jobs)
+        except SQLAlchemyError as exc:
+            # The request metrics still come: an outage is when they matter most.
+            log.warning("metrics_database_unavailable", error=str(exc))
+            database_up.add_metric([], 0)
+            yield database_up
+            return
+        database_up.add_metric([], 1)
+        yield from (queued, running, oldest, consumers, ended, database_up)
 
 
 # Each (method, route, status)'s two series, looked up once: `labels` takes a lock and builds a
