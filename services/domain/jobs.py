@@ -544,6 +544,11 @@ def describe_new_job(job: NewGeneration, position: int | None, consumers: dict[s
     )
 
 
+def describe_recorded(job: Job) -> JobOut:
+    """Return the public view of a job entity just committed, without reading it back."""
+    return _to_response(job, None, None, None)
+
+
 def _consumers(session: Session | Connection, jobs: list, live: LiveQueues | None) -> dict[str, int] | None:
     """Return live consumers per queue when some job waits in a queue (and `live` is given)."""
     if live is None or not any(job.status == JobStatus.QUEUED for job in jobs):

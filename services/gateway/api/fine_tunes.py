@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 from flask import Blueprint
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services.domain import jobs as job_domain
 from services.domain.fine_tunes import create_fine_tune
@@ -49,7 +49,12 @@ def submit_fine_tune():
     log.info("job_submitted", model=job.model, kind=job.kind, adapter_id=job.adapter_id)
     JOBS_SUBMITTED.labels(job.kind, model_of_queue(job.queue)).inc()
     # Read back before publishing: once published, a worker may claim it before the answer.
-    described = job_domain.poll_job(context.db, current_caller(), job.id, context.live_queues)
+    try:
+        described = job_domain.poll_job(context.db, current_caller(), job.id, context.live_queues)
+    except SQLAlchemyError as exc:
+        # The job is committed: a 500 now would make the client's retry record it twice.
+        log.warning("submit_answered_as_recorded", error=str(exc))
+        described = job_domain.describe_recorded(job)
     context.publisher.publish(job.id, job.queue)
     response = job_response(context, job.id, 0, described)
     response.headers.update(submission.admission.headers())

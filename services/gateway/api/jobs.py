@@ -8,7 +8,7 @@ import structlog
 from flask import Blueprint, request
 from pydantic import BaseModel, ConfigDict, Field
 from redis import RedisError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from services.domain import jobs as job_domain
 from services.domain import limits
@@ -75,6 +75,21 @@ def create_generation():
     headers = dict(limit_headers)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
+    try:
+        return _answer_submit(context, body, job, position, wait_s, replayed, headers)
+    except SQLAlchemyError as exc:
+        if replayed:
+            raise  # an earlier submit's job: a retry finds it again
+        # The job is committed: a 500 now would make the client's retry record it twice.
+        log.warning("submit_answered_as_recorded", error=str(exc))
+        response = json_response(job_domain.describe_new_job(job, position, None), 202, {"Location": job_path(job.id)})
+        response.headers.update(headers)
+        return response
+
+
+def _answer_submit(context: GatewayContext, body: GenerationRequest, job, position: int | None, wait_s: float,
+                   replayed: bool, headers: dict[str, str]):
+    """Answer a recorded submit: its stream, or the job once it ended or the wait ran out, or at once."""
     if body.stream:
         # The stream lasts until the job ends, so `Prefer: wait` has nothing to add to it.
         wait_s = 0
