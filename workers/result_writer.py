@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,10 @@ from workers.job_runs import fail_attempt, queue_announcement, settle_unfinished
 from workers.token_publisher import execute_each, write_tokens
 
 log = structlog.get_logger(__name__)
+
+# Pauses between tries of a result while the database is away: doubling from the first to the longest.
+RETRY_FIRST_PAUSE_S = 0.1
+RETRY_LONGEST_PAUSE_S = 2.0
 
 FINISHED, NOT_HELD, UNSTORED = "finished", "not_held", "result_not_stored"
 
@@ -101,17 +106,26 @@ class ResultWriter:
         return [self._store_alone(job) for job in group]
 
     def _store_alone(self, job: FinishedJob) -> str:
+        """Store one result; while the database is away, try again for up to half a lease (nothing
+        renews a handed-over job's lease): a brief outage cost the job a whole new attempt."""
+        give_up_at = time.monotonic() + self.rt.settings.lease_s / 2
+        pause_s = RETRY_FIRST_PAUSE_S
         with structlog.contextvars.bound_contextvars(job_id=job.held.job_id):
-            try:
-                done = job_store.finish_alone(self.rt.db, job.held, self.rt.worker_id, result=job.result,
-                                              usage=job.usage)
-            except (OperationalError, InterfaceError) as exc:
-                # The database is away: the job's lease runs out and the reaper gives it another attempt.
-                log.error("result_not_stored", error=str(exc))
-                return UNSTORED
-            except SQLAlchemyError as exc:
-                return self._refused(job, exc)
-        return FINISHED if done else NOT_HELD
+            while True:
+                try:
+                    done = job_store.finish_alone(self.rt.db, job.held, self.rt.worker_id, result=job.result,
+                                                  usage=job.usage)
+                    return FINISHED if done else NOT_HELD
+                except (OperationalError, InterfaceError) as exc:
+                    if time.monotonic() + pause_s > give_up_at:
+                        # Still away: the job's lease runs out and the reaper gives it another attempt.
+                        log.error("result_not_stored", error=str(exc))
+                        return UNSTORED
+                    log.warning("result_store_retrying", error=str(exc), pause_s=pause_s)
+                    time.sleep(pause_s)
+                    pause_s = min(pause_s * 2, RETRY_LONGEST_PAUSE_S)
+                except SQLAlchemyError as exc:
+                    return self._refused(job, exc)
 
     def _refused(self, job: FinishedJob, error: Exception) -> str:
         """Fail a job whose result the database refused (it would refuse it again)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import psutil
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text
 from sqlalchemy.exc import IntegrityError
+from structlog.testing import capture_logs
 
 from services.domain.jobs import cancel_job
 from services.domain.keys import Caller
@@ -187,6 +189,35 @@ def test_a_connection_lost_under_a_group_is_not_lost_twice(rt, writer, postgres_
     assert writer.write([second], [first]) == [second]
     job, usage = stored(rt.db, second.held.job_id)
     assert job.status == "succeeded" and len(usage) == 1
+
+
+def test_a_result_is_stored_once_the_database_is_back_within_half_a_lease(rt, writer, postgres_admin_url):
+    """One failed try left the job to its lease: a second's outage cost it a whole new attempt
+    (and, on its last one, a `worker_lost` failure of a job that had run)."""
+    if rt.db.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL's backends")
+    job = finished(rt, queued_job(rt.db), "words")
+    database = rt.db.engine.url.database
+
+    def allow_connections(allowed: bool) -> None:
+        with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            if not allowed:
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                              "AND pid <> pg_backend_pid()", (database,))
+
+    allow_connections(False)
+    back = threading.Timer(1.0, allow_connections, args=(True,))
+    back.start()
+    try:
+        with capture_logs() as logs:
+            assert writer.write([job], []) == [job]
+    finally:
+        back.join()
+        allow_connections(True)
+    assert any(entry["event"] == "result_store_retrying" for entry in logs)
+    row, usage = stored(rt.db, job.held.job_id)
+    assert row.status == "succeeded" and len(usage) == 1
 
 
 def test_the_writer_process_runs_behind_the_job_path(rt):
