@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from datetime import timedelta
 
 from sqlalchemy import update
@@ -58,3 +60,19 @@ def claim(db, job_id, worker, lease_s=30, max_attempts=3):
 def lapse_lease(db, job_id):
     with db.session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def answers_at_once(send, times: int) -> list[tuple[int, str | None]]:
+    """Call `send` (a request) from `times` threads at once; return each answer's status and job id."""
+    answers = []
+
+    def run() -> None:
+        response = send()
+        answers.append((response.status_code, response.get_json().get("id")))
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from services.domain.keys import create_key
 from shared import job_store
 from shared.models import Job
-from tests.integration.helpers import QUEUE, assert_error, make_key, submit
+from tests.integration.helpers import QUEUE, answers_at_once, assert_error, make_key, submit
 
 
 def db_of(app):
@@ -97,17 +97,7 @@ def test_concurrent_retries_of_a_limited_keys_submit_get_its_job_not_a_429(app, 
     with db_of(app).session_scope() as session:
         _, plaintext = create_key(session, role="user", **limit)
     headers = {"Authorization": f"Bearer {plaintext}", "Idempotency-Key": "limited-race"}
-    results = []
-
-    def send():
-        response = submit(app.test_client(), headers)
-        results.append((response.status_code, response.get_json().get("id")))
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = answers_at_once(lambda: submit(app.test_client(), headers), 8)
     assert {status for status, _ in results} == {202}, results
     assert len({job_id for _, job_id in results}) == 1
     assert redis_client.llen(QUEUE) == 1

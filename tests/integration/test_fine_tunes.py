@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 
 import pytest
 
@@ -18,7 +17,7 @@ from shared.ids import new_id
 from shared.models import Adapter, Job, JobEvent
 from shared.registry import DEFAULT_MODEL_ID
 from shared.schemas import LORA_TARGET_MODULES, Hyperparameters
-from tests.integration.helpers import assert_error, make_key, submit
+from tests.integration.helpers import answers_at_once, assert_error, make_key, submit
 
 FT_QUEUE = f"fine_tune.{DEFAULT_MODEL_ID}"
 GEN_QUEUE = f"generation.{DEFAULT_MODEL_ID}"
@@ -595,17 +594,7 @@ def test_concurrent_retries_of_a_fine_tune_make_one_job(app, redis_client):
     headers = key_headers(app, max_concurrent=1)
     training = upload(app.test_client(), headers)
     keyed = {**headers, "Idempotency-Key": "train-race"}
-    results = []
-
-    def send():
-        response = fine_tune(app.test_client(), keyed, training)
-        results.append((response.status_code, response.get_json().get("id")))
-
-    threads = [threading.Thread(target=send) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = answers_at_once(lambda: fine_tune(app.test_client(), keyed, training), 6)
     assert {status for status, _ in results} == {202}, results
     assert len({job_id for _, job_id in results}) == 1
     assert queued_ids(redis_client, FT_QUEUE) == [results[0][1]]

@@ -225,14 +225,7 @@ def test_a_new_attempt_tells_the_client_to_start_over(client, auth, app, redis_c
     assert [(event["type"], event["data"].get("attempt")) for event in listed if event["id"] is None] == [
         ("attempt", 1), ("token", 1), ("attempt", 2), ("token", 2),
     ]
-    paged, after = [], 0
-    while True:
-        page = client.get(f"/v1/jobs/{job_id}/events?limit=1&after={after}", headers=auth).get_json()
-        paged += page["data"]
-        if not page["has_more"]:
-            break
-        after = page["next_after"]
-    assert paged == listed
+    assert one_a_page(client, auth, job_id) == listed
 
 
 def test_cancelling_a_queued_job_ends_the_stream(client, auth, app):
@@ -296,6 +289,13 @@ def test_the_json_list_holds_the_tokens_in_time_order_on_every_page(client, auth
     millis = [_millis(event["created_at"]) for event in events]
     assert millis == sorted(millis)
     # One recorded event a page: the pages hold every event once, in the same order.
+    assert one_a_page(client, auth, job_id) == events
+    # An `after` past every event: nothing, not the tokens again.
+    assert client.get(f"/v1/jobs/{job_id}/events?after={2**40}", headers=auth).get_json()["data"] == []
+
+
+def one_a_page(client, auth, job_id: str) -> list[dict]:
+    """The job's JSON event list read one recorded event a page, following `next_after`."""
     paged, after = [], 0
     while True:
         page = client.get(f"/v1/jobs/{job_id}/events?limit=1&after={after}", headers=auth).get_json()
@@ -303,9 +303,7 @@ def test_the_json_list_holds_the_tokens_in_time_order_on_every_page(client, auth
         if not page["has_more"]:
             break
         after = page["next_after"]
-    assert paged == events
-    # An `after` past every event: nothing, not the tokens again.
-    assert client.get(f"/v1/jobs/{job_id}/events?after={2**40}", headers=auth).get_json()["data"] == []
+    return paged
 
 
 def _millis(created_at: str) -> int:
