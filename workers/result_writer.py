@@ -103,12 +103,13 @@ class ResultWriter:
             return [FINISHED if done else NOT_HELD for done in stored]
         except SQLAlchemyError as exc:
             log.warning("result_group_failed", jobs=len(group), error=str(exc))
-        return [self._store_alone(job) for job in group]
-
-    def _store_alone(self, job: FinishedJob) -> str:
-        """Store one result; while the database is away, try again for up to half a lease (nothing
-        renews a handed-over job's lease): a brief outage cost the job a whole new attempt."""
+        # While the database is away, the group's results are tried again for up to half a lease
+        # in all (nothing renews a handed-over job's lease): a brief outage cost each a new attempt.
         give_up_at = time.monotonic() + self.rt.settings.lease_s / 2
+        return [self._store_alone(job, give_up_at) for job in group]
+
+    def _store_alone(self, job: FinishedJob, give_up_at: float) -> str:
+        """Store one result, trying again until `give_up_at` while the database cannot be reached."""
         pause_s = RETRY_FIRST_PAUSE_S
         with structlog.contextvars.bound_contextvars(job_id=job.held.job_id):
             while True:
