@@ -1,9 +1,9 @@
-"""Gemma's tokenizer, loaded in ~1 s instead of ~5 s from a prepared form kept beside the weights.
+"""Gemma's tokenizer, loaded in ~0.7 s instead of ~5 s from a prepared form kept beside the weights.
 
 transformers 5 builds the tokenizer by parsing the 33 MB tokenizer.json several times in
-Python. The first load writes the finished Rust backend and the wrapper's arguments under
-`<model cache>/.tokenizers/<fingerprint>/`, checked to load back identical; later loads are
-one Rust parse. Any problem falls back to transformers' own load.
+Python. The first load writes the finished Rust backend (`workers.tokenizer_backend`) and the
+wrapper's arguments under `<model cache>/.tokenizers/<fingerprint>/`, checked to load back
+identical; later loads read only those. Any problem falls back to transformers' own load.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import structlog
 import tokenizers
@@ -23,8 +25,15 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from workers.tokenizer_backend import load_backend, save_backend
+
 log = structlog.get_logger(__name__)
 
+# Bumped when what a prepared folder holds changes, so an older one is rebuilt rather than misread.
+PREPARED_FORMAT = 2
+# Attributes a wrapper class's __init__ sets only to build its default backend (GemmaTokenizer's),
+# which a prepared load skips: transformers reads them nowhere else.
+DEFAULT_BACKEND_INPUTS = {"_vocab", "_merges"}
 # Files a tokenizer is never built from: left out of its fingerprint (hashing 500 MB would cost ~1 s).
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"}
 # Texts a freshly prepared tokenizer must encode exactly as transformers' own load does.
@@ -46,7 +55,7 @@ def load_tokenizer(folder: Path, cache_root: Path) -> PreTrainedTokenizerBase:
             log.warning("prepared_tokenizer_unusable", folder=str(folder), error=str(exc))
             shutil.rmtree(prepared, ignore_errors=True)  # so the load below can publish a good one
     # transformers 5 parses the 33 MB tokenizer.json several times in Python here (~5 s); the
-    # prepared form is one Rust parse (~1.3 s), so a worker pays this only on its first start.
+    # prepared form loads in ~0.7 s, so a worker pays this only on its first start.
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     _prepare_tokenizer(tokenizer, folder, prepared)
     return tokenizer
@@ -54,7 +63,10 @@ def load_tokenizer(folder: Path, cache_root: Path) -> PreTrainedTokenizerBase:
 
 def tokenizer_fingerprint(folder: Path) -> str:
     """Hash what a tokenizer is built from: the folder, its non-weight files and the library versions."""
-    digest = hashlib.sha256(f"{folder.resolve()}|{transformers.__version__}|{tokenizers.__version__}".encode())
+    digest = hashlib.sha256(
+        f"{folder.resolve()}|{transformers.__version__}|{tokenizers.__version__}|{PREPARED_FORMAT}|"
+        f"{sys.version_info[:2]}".encode()  # the Python version: the BPE tables are in its marshal format
+    )
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
             digest.update(f"|{path.name}|".encode())
@@ -71,9 +83,14 @@ def _load_prepared(prepared: Path) -> PreTrainedTokenizerBase:
     # copied and added to the backend once more (~0.2 s of a start): they go back into the
     # arguments afterwards, so the wrapper is as transformers built it (`same_tokenizer` checks).
     added_tokens = kwargs.pop("added_tokens_decoder", None)
-    # TokenizersBackend loads tokenizer_file as the whole backend, so the class's own rebuild
-    # from vocab and merges (the slow part) is skipped.
-    tokenizer = tokenizer_class(tokenizer_file=str(prepared / "tokenizer.json"), **kwargs)
+    # GemmaTokenizer's own __init__ only builds a default backend, then calls TokenizersBackend's,
+    # which would deep-copy a backend passed in (~1.4 s: the copy goes through JSON) or parse a
+    # file (~1.2 s). So the prepared backend is set first and TokenizersBackend's __init__ runs
+    # on it with the arguments it got before. A class whose __init__ did more is caught by
+    # `same_tokenizer` at preparation (its attributes differ) and is not prepared.
+    tokenizer = tokenizer_class.__new__(tokenizer_class)
+    tokenizer._tokenizer = load_backend(prepared)
+    TokenizersBackend.__init__(tokenizer, **kwargs)
     if added_tokens is not None:  # JSON turned its integer keys into strings
         tokenizer.init_kwargs["added_tokens_decoder"] = {int(index): token for index, token in added_tokens.items()}
     return tokenizer
@@ -101,8 +118,14 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, prepare
         log.warning("tokenizer_not_prepared", folder=str(folder), error=str(exc))
         return
     try:
-        _write_prepared(tokenizer, folder, staging)
-        if not same_tokenizer(_load_prepared(staging), tokenizer):
+        # The split BPE form loads fastest; the whole backend file is the form to fall back on.
+        for split_bpe in (True, False):
+            _write_prepared(tokenizer, folder, staging, split_bpe=split_bpe)
+            if same_tokenizer(_load_prepared(staging), tokenizer):
+                break
+            for path in staging.iterdir():
+                path.unlink()
+        else:
             log.warning("tokenizer_not_prepared", folder=str(folder), reason="reloaded tokenizer differs")
             return
         _publish(staging, prepared)
@@ -114,9 +137,9 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, prepare
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_prepared(tokenizer: TokenizersBackend, folder: Path, staging: Path) -> None:
+def _write_prepared(tokenizer: TokenizersBackend, folder: Path, staging: Path, *, split_bpe: bool) -> None:
     """Write the final Rust backend and the arguments the Python wrapper was built with."""
-    tokenizer.backend_tokenizer.save(str(staging / "tokenizer.json"), pretty=False)
+    save_backend(tokenizer.backend_tokenizer, staging, split_bpe=split_bpe)
     kwargs = tokenizer.convert_added_tokens(copy.deepcopy(tokenizer.init_kwargs), save=True)
     wrapper = {"class": f"{type(tokenizer).__module__}:{type(tokenizer).__qualname__}",
                "source": str(folder.resolve()), "init_kwargs": kwargs}
@@ -153,6 +176,7 @@ def same_tokenizer(candidate: PreTrainedTokenizerBase, reference: PreTrainedToke
         type(candidate) is type(reference)
         and candidate.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
         and _tokenizer_settings(candidate) == _tokenizer_settings(reference)
+        and _plain_attributes(candidate) == _plain_attributes(reference)
         and all(candidate.encode(text) == reference.encode(text) for text in TOKENIZER_PROBES)
     )
 
@@ -162,3 +186,11 @@ def _tokenizer_settings(tokenizer: PreTrainedTokenizerBase) -> str:
     kwargs = tokenizer.convert_added_tokens(copy.deepcopy(tokenizer.init_kwargs), save=True)
     settings = [kwargs, repr(tokenizer), tokenizer.chat_template, tokenizer.all_special_ids, len(tokenizer)]
     return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _plain_attributes(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Return a wrapper's own attributes (those not building its default backend), containers
+    and objects by type name only: what a subclass's skipped __init__ would have set shows here."""
+    plain = (str, int, float, bool, type(None))
+    return {name: value if isinstance(value, plain) else type(value).__name__
+            for name, value in vars(tokenizer).items() if name not in DEFAULT_BACKEND_INPUTS}

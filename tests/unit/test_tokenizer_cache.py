@@ -150,9 +150,46 @@ def test_a_broken_prepared_form_falls_back_and_is_rewritten(folder, reference, p
     [good] = _prepared_dirs(cache_root)
     broken = tmp_path / ".tokenizers" / good.name
     shutil.copytree(good, broken)
-    (broken / "tokenizer.json").write_text('{"truncated": ')
+    tables = (good / "bpe.marshal").read_bytes()
+    (broken / "bpe.marshal").write_bytes(tables[: len(tables) // 2])
     text = TEXTS[3]
     assert tokenizer_cache.load_tokenizer(folder, tmp_path).encode(text) == reference.encode(text)
-    assert (broken / "tokenizer.json").read_bytes() == (good / "tokenizer.json").read_bytes()
+    assert (broken / "bpe.marshal").read_bytes() == tables
     monkeypatch.setattr(tokenizer_cache.AutoTokenizer, "from_pretrained", _no_full_load)
     assert tokenizer_cache.load_tokenizer(folder, tmp_path).encode(text) == reference.encode(text)
+
+
+def test_gemma_is_prepared_as_bpe_tables_and_the_rest(prepared, cache_root):
+    [form] = _prepared_dirs(cache_root)
+    assert sorted(path.name for path in form.iterdir()) == ["bpe-rest.json", "bpe.marshal", "wrapper.json"]
+
+
+def test_a_split_form_that_loads_back_different_is_kept_whole(folder, reference, tmp_path, monkeypatch):
+    from workers import tokenizer_backend, tokenizer_cache
+
+    # A split form that loses the normalizer (as a later tokenizers might lose another part).
+    monkeypatch.setattr(tokenizer_backend, "PIPELINE_PARTS", ("pre_tokenizer", "post_processor", "decoder"))
+    tokenizer_cache.load_tokenizer(folder, tmp_path)
+    [form] = _prepared_dirs(tmp_path)
+    assert sorted(path.name for path in form.iterdir()) == ["tokenizer.json", "wrapper.json"]
+    monkeypatch.setattr(tokenizer_cache.AutoTokenizer, "from_pretrained", _no_full_load)
+    loaded = tokenizer_cache.load_tokenizer(folder, tmp_path)
+    assert loaded.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    assert loaded.encode(TEXTS[4]) == reference.encode(TEXTS[4])
+
+
+def test_a_backend_that_is_not_bpe_is_saved_whole(tmp_path):
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    from workers.tokenizer_backend import load_backend, save_backend
+
+    backend = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<end>"])
+    save_backend(backend, tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["tokenizer.json"]
+    loaded = load_backend(tmp_path)
+    assert loaded.to_str() == backend.to_str()
+    assert loaded.encode("Hello there WORLD<end>").ids == [1, 0, 2, 3]
