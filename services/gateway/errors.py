@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 from flask import Flask, jsonify
 from pydantic import ValidationError
+from sqlalchemy import exc as database_errors
 from werkzeug.exceptions import HTTPException
 
 from shared.errors import DomainError
@@ -14,6 +15,10 @@ log = structlog.get_logger(__name__)
 # What an unexpected error answers (500), by the app or by a path before it.
 INTERNAL_ERROR = {"error": {"code": "internal_error", "message": "internal server error; see gateway logs",
                             "details": None}}
+# What a database that is down, restarting, overloaded or locked raises (a refused connection, a
+# dropped one, a full pool, a statement timeout, a deadlock): the same request may succeed soon.
+DATABASE_UNAVAILABLE = (database_errors.OperationalError, database_errors.InterfaceError, database_errors.TimeoutError)
+DATABASE_RETRY_AFTER_S = 2
 
 
 def error_response(status: int, code: str, message: str, details=None):
@@ -32,6 +37,18 @@ def validation_details(exc: ValidationError) -> list[dict]:
         }
         for error in exc.errors(include_url=False)
     ]
+
+
+def database_unavailable_error(exc: Exception) -> tuple[dict, dict[str, str]]:
+    """Log a database outage's error in one line; return the body and headers of its 503."""
+    # One line, not a traceback per request: an outage fails every request alike.
+    cause = getattr(exc, "orig", None) or exc
+    log.warning("database_unavailable", error_type=type(cause).__name__,
+                error=(str(cause).strip().splitlines() or [""])[0])
+    message = (f"the job database is unavailable right now; retry in {DATABASE_RETRY_AFTER_S} s or more "
+               "(a retried submit with the same Idempotency-Key is recorded once)")
+    return ({"error": {"code": "database_unavailable", "message": message, "details": None}},
+            {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -62,6 +79,15 @@ def register_error_handlers(app: Flask) -> None:
         if exc.code == 413:
             message = f"request body is over the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
         return error_response(exc.code or 500, codes.get(exc.code, "http_error"), message)
+
+    def database_unavailable(exc: Exception):
+        error, headers = database_unavailable_error(exc)
+        response = error_response(503, **error["error"])
+        response.headers.update(headers)
+        return response
+
+    for error_class in DATABASE_UNAVAILABLE:
+        app.register_error_handler(error_class, database_unavailable)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

@@ -16,7 +16,7 @@ from services.domain.adapters import is_adapter_id
 from services.gateway.api.jobs import announce_submitted, job_path
 from services.gateway.auth import bearer_token
 from services.gateway.context import GatewayContext
-from services.gateway.errors import INTERNAL_ERROR
+from services.gateway.errors import DATABASE_UNAVAILABLE, INTERNAL_ERROR, database_unavailable_error
 from services.gateway.metrics import observe_request
 from services.gateway.request_ids import RequestIds
 from shared.schemas import GenerationRequest
@@ -104,13 +104,17 @@ class FastSubmits:
             return None
 
     def _record(self, job) -> tuple[str, bytes, list[tuple[str, str]]]:
-        """Record and publish the job as the route does; answer 202 with it, or 500."""
+        """Record and publish the job as the route does; answer 202 with it, else 503 or 500 as
+        the app's error handlers would."""
         context = self.context
         try:
             position = context.submits.run(job)
             announce_submitted(job)
             structlog.contextvars.bind_contextvars(job_id=job.id)
             described = job_domain.describe_new_job(job, position, context.live_queues.after_commit(context.db))
+        except DATABASE_UNAVAILABLE as exc:
+            error, headers = database_unavailable_error(exc)
+            return "503 SERVICE UNAVAILABLE", json.dumps(error).encode(), list(headers.items())
         except Exception:  # noqa: BLE001 - as the app's last error handler answers
             log.exception("unhandled_error")
             return "500 INTERNAL SERVER ERROR", json.dumps(INTERNAL_ERROR).encode(), []

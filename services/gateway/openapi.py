@@ -248,6 +248,11 @@ def openapi_document() -> dict[str, Any]:
             }
         if authenticated:
             operation["security"] = [{"bearer": []}]
+            # Every authenticated route reads the database: while it is down, 503 `database_unavailable`.
+            operation["responses"].setdefault("503", {
+                "description": "error",
+                "content": {"application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}},
+            })
         if (method, path) in EVENT_STREAM_ANSWERS:
             operation["responses"]["200"]["content"]["text/event-stream"] = EVENT_STREAM_CONTENT
         if (method, path) == ("post", "/v1/generations"):

@@ -27,6 +27,7 @@ from werkzeug.datastructures import MIMEAccept
 from services.domain import jobs as job_domain
 from services.domain.keys import Caller
 from services.gateway.context import GatewayContext
+from services.gateway.errors import DATABASE_UNAVAILABLE, database_unavailable_error
 from shared import token_stream
 from shared.errors import InvalidField
 from shared.jobs import JobStatus
@@ -176,6 +177,10 @@ def _frames(context: GatewayContext, caller: Caller, job_id: str, cursor: Cursor
             if time.monotonic() - last_write >= KEEP_ALIVE_S:
                 yield KEEP_ALIVE
                 last_write = time.monotonic()
+    except DATABASE_UNAVAILABLE as exc:
+        # Said, not a dropped connection: the client resumes from this frame's id once it is back.
+        error, headers = database_unavailable_error(exc)
+        yield _frame("error", error["error"], cursor, retry_ms=int(headers["Retry-After"]) * 1000)
     finally:
         log.info("event_stream_closed", job_id=job_id, done=done)
 
@@ -282,6 +287,8 @@ def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) ->
             yield _frame(item.type, item.data, cursor)
 
 
-def _frame(event: str, data: dict[str, Any], cursor: Cursor) -> str:
-    """Format one SSE event; JSON escapes newlines, so the data is one line."""
-    return f"id: {cursor}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def _frame(event: str, data: dict[str, Any], cursor: Cursor, retry_ms: int | None = None) -> str:
+    """Format one SSE event (with the reconnection delay, if given); JSON escapes newlines, so
+    the data is one line."""
+    retry = "" if retry_ms is None else f"retry: {retry_ms}\n"
+    return f"id: {cursor}\nevent: {event}\n{retry}data: {json.dumps(data, separators=(',', ':'))}\n\n"
