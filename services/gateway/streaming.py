@@ -231,12 +231,24 @@ def listed_events(
     merged = heapq.merge(recorded, streamed, key=lambda event: _millis(event.created_at))
     attempt, page = attempt_begun(session, job_id, after), []
     for event in merged:
-        if event.id is None and event.data["attempt"] < attempt:
-            continue  # what an attempt wrote after a later one began: not the job's (as in the live stream)
-        if event.id is None or event.type == "status":
-            attempt = max(attempt, event.data.get("attempt", 0))
-        page.append(event)
+        counted = latest_attempt(attempt, event.type, event.data, streamed=event.id is None)
+        if counted is not None:
+            attempt = counted
+            page.append(event)
     return page
+
+
+def latest_attempt(latest: int, event_type: str, data: dict[str, Any], *, streamed: bool) -> int | None:
+    """Count one event in time order: return the latest attempt begun with it, or None to drop it.
+
+    A claim's status event names the attempt it begins, as do a token stream's entries. An entry
+    of an earlier attempt is dropped: its worker, cut off from the database, wrote it after a
+    later attempt began, so it is not the job's text (and its client has already started over).
+    """
+    attempt = data.get("attempt", 0)
+    if streamed:
+        return None if attempt < latest else attempt
+    return max(latest, attempt) if event_type == "status" else latest
 
 
 def attempt_begun(session: Session, job_id: str, up_to: int) -> int:
@@ -274,16 +286,16 @@ def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) ->
     for _, item in timed:
         if isinstance(item, dict):
             cursor.entry_id = item["id"]
-            # An `end` entry only moves the cursor: `done` comes from the job row. A worker that
-            # lost its lease may write a little more of its attempt after the next one began:
-            # that text is not the job's, and its client has already started over.
-            if item["type"] in ("token", "attempt") and item["attempt"] >= cursor.attempt:
-                cursor.attempt = item["attempt"]
-                yield _frame(item["type"], _entry_event(item).data, cursor)
+            if item["type"] not in ("token", "attempt"):
+                continue  # an `end` entry only moves the cursor: `done` comes from the job row
+            event = _entry_event(item)
+            counted = latest_attempt(cursor.attempt, event.type, event.data, streamed=True)
+            if counted is not None:
+                cursor.attempt = counted
+                yield _frame(event.type, event.data, cursor)
         else:
             cursor.event_id = item.id
-            if item.type == "status":  # a claim's event names the attempt it begins
-                cursor.attempt = max(cursor.attempt, item.data.get("attempt", 0))
+            cursor.attempt = latest_attempt(cursor.attempt, item.type, item.data, streamed=False)
             yield _frame(item.type, item.data, cursor)
 
 
