@@ -206,6 +206,9 @@ class FineTuneResult(BaseModel):
     # results stored before these were kept).
     train_rows: int = 0
     rows_skipped: int = 0
+    # The same of the validation file, if one was given.
+    validation_rows: int = 0
+    validation_rows_skipped: int = 0
     size_bytes: int
 
 

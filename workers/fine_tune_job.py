@@ -118,6 +118,8 @@ def _register_adapter(rt: WorkerRuntime, held: Claim, report: TrainingReport, re
         "train_tokens": report.train_tokens,
         "train_rows": report.train_rows,
         "rows_skipped": report.rows_skipped,
+        "validation_rows": report.validation_rows,
+        "validation_rows_skipped": report.validation_rows_skipped,
     }
     result = {"adapter_id": held.adapter_id, "base_model": held.model, "size_bytes": size, **metrics}
     with rt.db.session_scope() as session:

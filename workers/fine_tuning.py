@@ -73,6 +73,9 @@ class TrainingReport:
     # no answer token to learn.
     train_rows: int = 0
     rows_skipped: int = 0
+    # The same of the validation file (no eval_loss when all its rows are skipped).
+    validation_rows: int = 0
+    validation_rows_skipped: int = 0
     seconds: float = 0.0
     stopped: bool = False
     losses: list[float] = field(default_factory=list)
@@ -96,6 +99,8 @@ class TrainingReport:
             "train_tokens": self.train_tokens,
             "train_rows": self.train_rows,
             "rows_skipped": self.rows_skipped,
+            "validation_rows": self.validation_rows,
+            "validation_rows_skipped": self.validation_rows_skipped,
         }
 
 
@@ -130,11 +135,11 @@ def train_adapter(
     train_rows, report.rows_skipped = _tokenized(
         spec.training_file, tokenizer, hp["max_seq_length"], spec.max_rows, "training_file")
     report.train_rows = len(train_rows)
-    eval_rows = (
-        _tokenized(spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file")[0]
-        if spec.validation_file
-        else None
-    )
+    eval_rows = None
+    if spec.validation_file:
+        eval_rows, report.validation_rows_skipped = _tokenized(
+            spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file")
+        report.validation_rows = len(eval_rows)
     set_seed(hp["seed"])  # before the LoRA weights are initialised, so a seed reproduces a run
     model = _peft_model(folder, device, spec)
     report.total_steps = optimizer_steps(len(train_rows), Hyperparameters(**hp))

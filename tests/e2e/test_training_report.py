@@ -81,11 +81,16 @@ def test_rows_whose_prompt_fills_max_seq_length_are_counted_as_skipped(model_cac
     long_question = " ".join(["Tell me about the lighthouse of Zorblax and its keeper."] * 6)
     rows = [{"prompt": "2+2=", "completion": "4"}, {"prompt": long_question, "completion": "No."},
             {"prompt": "3+3=", "completion": "6"}]
-    data = tmp_path / "train.jsonl"
+    data, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    validation.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))
     hyperparameters = Hyperparameters(max_steps=1, batch_size=2, max_seq_length=32).model_dump()
-    job_spec = FineTuneSpec(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), data, None, hyperparameters)
+    job_spec = FineTuneSpec(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), data, validation, hyperparameters)
     report = train_adapter(job_spec, model_cache_dir, torch.device("cpu"), tmp_path / "out",
                            should_stop=lambda: False, on_log=lambda report, point: None)
     assert (report.train_rows, report.rows_skipped) == (2, 1)
-    assert report.progress()["train_rows"] == 2 and report.progress()["rows_skipped"] == 1
+    assert (report.validation_rows, report.validation_rows_skipped) == (1, 1)
+    progress = report.progress()
+    assert (progress["train_rows"], progress["rows_skipped"]) == (2, 1)
+    assert (progress["validation_rows"], progress["validation_rows_skipped"]) == (1, 1)
+    assert report.eval_loss is not None  # the row left was evaluated
