@@ -3,6 +3,12 @@
 Every write by a worker is fenced by (worker_id, attempts): a worker whose lease was taken
 over — reaped, cancelled, or claimed again after expiry — can no longer touch the job.
 
+LOCK ORDER. A transaction that changes several shared rows on PostgreSQL locks them in one
+order, so that two never wait on each other (a deadlock fails one of them): job rows (by id),
+then outcome counter rows (sorted), then rate-limit window rows (by key and window). A worker's
+end and a cancel each end one job that way; a reaper step ends many, so each step is a
+transaction of its own that settles its windows after its job rows and counters.
+
 Statements are SQLAlchemy Core on the tables, not ORM units of work: a job's claim and its
 end run once per job on the worker's hot path, and the ORM's bookkeeping cost more than the
 database did (see "queue overhead" in docs/benchmarks.md).
@@ -234,17 +240,29 @@ def _add_to_window(session: Session, key_id: str, window_start: datetime, tokens
 
 def settle_reservation(session: Session, job_id: str, used_tokens: int) -> bool:
     """Replace the tokens a job reserved at submit with what it used, once; return whether this did."""
-    job = session.execute(
-        select(J.owner_key_id, J.reserved_tokens, J.rate_window_start).where(J.id == job_id)
-    ).one()
-    if not job.reserved_tokens or job.rate_window_start is None:
-        return False
-    settled = session.execute(
-        update(JOBS).where(J.id == job_id, J.reserved_tokens == job.reserved_tokens).values(reserved_tokens=0)
-    ).rowcount
-    if settled:
-        _add_to_window(session, job.owner_key_id, job.rate_window_start, used_tokens - job.reserved_tokens)
-    return bool(settled)
+    return settle_reservations(session, [job_id], used_tokens) == 1
+
+
+def settle_reservations(session: Session, job_ids: Sequence[str], used_tokens: int = 0) -> int:
+    """`settle_reservation` for several jobs that used as much: the job rows first, then the
+    rate windows in key order (see LOCK ORDER). Return how many this settled."""
+    changes: Counter[tuple[str, datetime]] = Counter()
+    count = 0
+    for job_id in job_ids:
+        job = session.execute(
+            select(J.owner_key_id, J.reserved_tokens, J.rate_window_start).where(J.id == job_id)
+        ).one()
+        if not job.reserved_tokens or job.rate_window_start is None:
+            continue
+        settled = session.execute(
+            update(JOBS).where(J.id == job_id, J.reserved_tokens == job.reserved_tokens).values(reserved_tokens=0)
+        ).rowcount
+        if settled:
+            changes[job.owner_key_id, job.rate_window_start] += used_tokens - job.reserved_tokens
+            count += 1
+    for (key_id, window_start), tokens in sorted(changes.items()):
+        _add_to_window(session, key_id, window_start, tokens)
+    return count
 
 
 def _used_tokens(usage: dict[str, Any] | None) -> int:
@@ -310,7 +328,7 @@ def _end(
     if error is not None:
         data["code"] = error["code"]
     add_event(session, held.job_id, "status", data)
-    count_ended(session, [(held.job_id, held.kind, held.queue, status)])
+    count_ended(session, [(held.job_id, held.kind, held.queue, status)])  # the counter, then the window
     # Only the holder ends a running job, once: the reservation read at claim is still the job's.
     if held.reserved_tokens and held.rate_window_start is not None:
         _add_to_window(session, held.owner_key_id, held.rate_window_start, used_tokens - held.reserved_tokens)
@@ -511,16 +529,16 @@ def settle_abandoned_cancels(session: Session, now: datetime, limit: int = 500) 
     lapsed = session.scalars(
         select(J.id).where(J.status == JobStatus.CANCELLED, J.lease_expires_at < now).order_by(J.id).limit(limit)
     ).all()
-    settled = 0
+    cleared = []
     for job_id in lapsed:
         # The lease goes, so the job is looked at once; the reservation is settled once whoever comes first.
-        cleared = session.execute(
+        if session.execute(
             update(JOBS)
             .where(J.id == job_id, J.status == JobStatus.CANCELLED, J.lease_expires_at < now)
             .values(lease_expires_at=None)
-        ).rowcount
-        settled += bool(cleared) and settle_reservation(session, job_id, 0)
-    return settled
+        ).rowcount:
+            cleared.append(job_id)
+    return settle_reservations(session, cleared)
 
 
 def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str]:
@@ -544,10 +562,10 @@ def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str
         ).rowcount
         if changed:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "expired"})
-            settle_reservation(session, job_id, 0)
             expired.append(job_id)
             ended.append((job_id, kind, queue, JobStatus.FAILED))
     count_ended(session, ended)
+    settle_reservations(session, expired)
     return expired
 
 
@@ -590,13 +608,13 @@ def recover_lapsed(
             continue
         if lost >= max_attempts:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "worker_lost"})
-            settle_reservation(session, job_id, 0)
             failed.append(job_id)
             ended.append((job_id, kind, queue, JobStatus.FAILED))
         else:
             add_event(session, job_id, "status", {"status": JobStatus.QUEUED, "reason": "worker_lost"})
             requeued.append((job_id, queue))
     count_ended(session, ended)
+    settle_reservations(session, failed)
     return requeued, failed
 
 

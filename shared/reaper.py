@@ -42,9 +42,14 @@ class Reaper:
     def run_once(self) -> dict[str, int]:
         """Do one pass; return how many jobs each step touched."""
         now = utcnow()
+        # A transaction per step: each locks its job rows before counters and windows (the lock
+        # order of job_store); two steps in one would lock job rows after windows, and deadlock
+        # against a cancel or a worker's end of one of those jobs.
         with self.db.session_scope() as session:
             requeued, lost = job_store.recover_lapsed(session, now, self.settings.max_attempts)
+        with self.db.session_scope() as session:
             expired = job_store.expire_queued(session, now)
+        with self.db.session_scope() as session:
             cancels_settled = job_store.settle_abandoned_cancels(session, now)
         for job_id, queue in requeued:
             publish_job(self.celery, job_id, queue)
