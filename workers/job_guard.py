@@ -79,7 +79,14 @@ class LeaseKeeper:
     def watch(self, guard: JobGuard) -> None:
         """Renew a job's lease from now until `forget`."""
         with self._lock:
+            earlier = self._guards.get(guard.held.job_id)
             self._guards[guard.held.job_id] = guard
+            if earlier is not None and earlier is not guard:
+                # This worker claimed the job again, so the lease of the attempt it still runs
+                # lapsed and was taken over (renewals failed that long): that attempt stops.
+                earlier.stop(StopReason.LEASE_LOST)
+                log.info("job_taken_away", job_id=guard.held.job_id, attempt=earlier.held.attempt,
+                         reason=earlier.reason)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
                 self._thread.start()

@@ -366,3 +366,23 @@ def test_the_lease_keeper_renews_watched_jobs_and_stops_only_those_it_lost(datab
         assert session.get(Job, kept_id).lease_expires_at > before
     keeper.renew_once()  # the lost job is no longer renewed, the kept one still is
     assert not guards[kept_id].should_stop()
+
+
+def test_a_worker_that_claims_a_job_again_stops_its_earlier_attempt(database_url):
+    """Its renewals failed past the lease, its reaper requeued the job and it took the message
+    again: the earlier attempt was never told, and ran to its end beside the new one."""
+    db = Database(database_url)
+    job_id = queued_job(db)
+    keeper = LeaseKeeper(db, "worker-a", lease_s=300, poll_s=3600)  # rounds run by hand here
+    rt = SimpleNamespace(leases=keeper, shutdown_deadline=None)
+    first = JobGuard(rt, claim(db, job_id, "worker-a"), timeout_s=60).__enter__()
+    lapse_lease(db, job_id)
+    with db.session_scope() as session:
+        assert job_store.recover_lapsed(session, utcnow(), max_attempts=3)[0] == [(job_id, "generation.gemma-3-270m")]
+    second = JobGuard(rt, claim(db, job_id, "worker-a"), timeout_s=60).__enter__()
+    assert first.should_stop() and first.reason == "lease_lost"
+    keeper.renew_once()
+    assert not second.should_stop()
+    first.__exit__(None, None, None)  # the earlier attempt's end leaves the new one watched
+    keeper.renew_once()
+    assert not second.should_stop()
