@@ -463,13 +463,19 @@ def fail(
     error = {"code": code, "message": message}
     if not _end(session, held, worker_id, JobStatus.FAILED, _used_tokens(usage), error=error):
         return False
-    if usage and (usage.get("completion_tokens") or usage.get("train_tokens")):
+    if _produced(usage):
         _charge(session, held, JobStatus.FAILED, usage)
     return True
 
 
+def _produced(usage: dict[str, Any] | None) -> bool:
+    """Whether an attempt that did not succeed produced tokens, and so is charged."""
+    return bool(usage and (usage.get("completion_tokens") or usage.get("train_tokens")))
+
+
 def charge_cancelled(session: Session, held: Claim, worker_id: str, usage: dict[str, Any]) -> bool:
-    """Charge what a cancelled attempt produced; only the attempt that ran may charge."""
+    """Charge what a cancelled attempt produced and settle its reservation; only the attempt that
+    ran may. Return whether this did either (once)."""
     ran_and_cancelled = session.scalar(
         select(J.id).where(
             J.id == held.job_id,
@@ -480,10 +486,11 @@ def charge_cancelled(session: Session, held: Claim, worker_id: str, usage: dict[
     )
     if ran_and_cancelled is None:
         return False
-    charged = _charge(session, held, JobStatus.CANCELLED, usage)
-    if charged:
-        settle_reservation(session, held.job_id, _used_tokens(usage))
-    return charged
+    # As for a failure, only an attempt that produced tokens is charged (a ledger row for nothing
+    # counted as a job in usage totals); the reservation is settled either way, once.
+    charged = _produced(usage) and _charge(session, held, JobStatus.CANCELLED, usage)
+    settled = settle_reservation(session, held.job_id, _used_tokens(usage))
+    return bool(charged or settled)
 
 
 def hand_back(session: Session, held: Claim, worker_id: str) -> bool:

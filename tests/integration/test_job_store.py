@@ -157,6 +157,22 @@ def test_cancel_then_the_running_worker_charges_once(database_url):
     assert usage_rows(db) == 1
 
 
+def test_a_cancelled_attempt_that_produced_nothing_is_settled_but_not_charged(database_url):
+    """It wrote a ledger row of zeros, counted as a job in usage totals (a failure writes none)."""
+    db = Database(database_url)
+    job_id, key_id = reserved_job(db, 50)
+    held = claim(db, job_id, "worker-a")
+    with db.session_scope() as session:
+        assert job_store.cancel(session, job_id)
+    nothing = {"prompt_tokens": 3, "completion_tokens": 0, "gpu_seconds": 0.01}
+    with db.session_scope() as session:
+        assert job_store.charge_cancelled(session, held, "worker-a", nothing)
+    with db.session_scope() as session:
+        assert not job_store.charge_cancelled(session, held, "worker-a", nothing)
+    assert usage_rows(db) == 0
+    assert window_tokens(db, key_id) == 3  # the reservation became what the prompt used
+
+
 def reserved_job(db, tokens: int) -> tuple[str, str]:
     """A queued job that reserved `tokens` in its key's current rate window; returns (job id, key id)."""
     window = utcnow().replace(second=0, microsecond=0)
