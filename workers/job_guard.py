@@ -14,6 +14,8 @@ from shared.jobs import JobStatus
 
 log = structlog.get_logger(__name__)
 
+OVERDUE_AFTER_MIN_S = 60.0
+
 
 class StopReason:
     """Why a running job was stopped before it finished on its own."""
@@ -70,6 +72,9 @@ class LeaseKeeper:
         self.db = db
         self.worker_id = worker_id
         self.lease_s = lease_s
+        # How long past its time limit an attempt may go on without stopping, before its lease
+        # keeper ends it: one stuck in a call that never returns would be renewed for ever.
+        self.overdue_after_s = max(2 * lease_s, OVERDUE_AFTER_MIN_S)
         # A lease outlives three missed rounds.
         self.poll_s = min(poll_s, lease_s / 3)
         self._guards: dict[str, JobGuard] = {}
@@ -98,9 +103,14 @@ class LeaseKeeper:
                 del self._guards[guard.held.job_id]
 
     def renew_once(self) -> None:
-        """Renew every watched lease; stop the jobs whose lease this worker lost."""
+        """Renew every watched lease; stop the jobs whose lease this worker lost; end those stuck
+        past their time limit."""
         with self._lock:
             guards = list(self._guards.values())
+        overdue = [guard for guard in guards if time.monotonic() > guard.deadline + self.overdue_after_s]
+        if overdue:
+            self._end_overdue(overdue)
+            guards = [guard for guard in guards if guard not in overdue]
         if not guards:
             return
         try:
@@ -117,6 +127,24 @@ class LeaseKeeper:
                     del self._guards[guard.held.job_id]  # not ours any more: renew it no longer
                     guard.stop(StopReason.CANCELLED if status == JobStatus.CANCELLED else StopReason.LEASE_LOST)
                     log.info("job_taken_away", job_id=guard.held.job_id, status=status, reason=guard.reason)
+
+    def _end_overdue(self, overdue: list[JobGuard]) -> None:
+        """Fail attempts that did not stop at their time limit (their thread is stuck), as timed out.
+
+        Their own end, should it ever come, then changes nothing (it is fenced on the attempt)."""
+        for guard in overdue:
+            guard.stop(StopReason.TIMEOUT)
+            self.forget(guard)
+            message = (f"the job ran past its time limit and did not stop within {self.overdue_after_s:g} s "
+                       "of it (its worker is stuck); it was ended without a result")
+            try:
+                with self.db.session_scope() as session:
+                    ended = job_store.fail(session, guard.held, self.worker_id, code="timeout", message=message)
+            except SQLAlchemyError as exc:
+                # Not renewed any more either: the reaper takes the job over once its lease lapses.
+                log.warning("overdue_job_not_ended", job_id=guard.held.job_id, error=str(exc))
+                continue
+            log.error("job_overdue_ended", job_id=guard.held.job_id, attempt=guard.held.attempt, ended=ended)
 
     def _run(self) -> None:
         while True:

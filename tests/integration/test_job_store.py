@@ -402,3 +402,24 @@ def test_a_worker_that_claims_a_job_again_stops_its_earlier_attempt(database_url
     first.__exit__(None, None, None)  # the earlier attempt's end leaves the new one watched
     keeper.renew_once()
     assert not second.should_stop()
+
+
+def test_an_attempt_stuck_past_its_time_limit_is_ended_by_its_lease_keeper(database_url):
+    """One stuck in a call that never returns had its lease renewed for ever: the job never ended."""
+    db = Database(database_url)
+    stuck_id, fine_id = queued_job(db), queued_job(db)
+    keeper = LeaseKeeper(db, "worker-a", lease_s=30, poll_s=3600)  # rounds run by hand here
+    rt = SimpleNamespace(leases=keeper, shutdown_deadline=None)
+    stuck = JobGuard(rt, claim(db, stuck_id, "worker-a"), timeout_s=-keeper.overdue_after_s - 1).__enter__()
+    fine = JobGuard(rt, claim(db, fine_id, "worker-a"), timeout_s=60).__enter__()
+    keeper.renew_once()
+    assert stuck.reason == "timeout" and not fine.should_stop()
+    with db.session_scope() as session:
+        job = session.get(Job, stuck_id)
+        assert (job.status, job.error["code"]) == ("failed", "timeout") and "stuck" in job.error["message"]
+        assert session.get(Job, fine_id).status == "running"
+    # The stuck attempt's own end, once it comes, changes nothing.
+    with db.session_scope() as session:
+        assert not job_store.fail(session, stuck.held, "worker-a", code="timeout", message="late")
+    keeper.renew_once()
+    assert not fine.should_stop()
