@@ -527,9 +527,9 @@ def cancel(session: Session, job_id: str) -> bool:
     return False
 
 
-def settle_abandoned_cancels(session: Session, now: datetime, limit: int = 500) -> int:
+def settle_abandoned_cancels(session: Session, now: datetime, limit: int = 500) -> list[str]:
     """Settle the reservations of jobs cancelled while running whose lease lapsed: their worker
-    never charged them (it died, or its write failed). Return how many reservations this settled.
+    never charged them (it died, or its write failed). Return those jobs' ids.
 
     A worker that charges later still records its usage once; only its settlement finds nothing left.
     """
@@ -545,7 +545,8 @@ def settle_abandoned_cancels(session: Session, now: datetime, limit: int = 500) 
             .values(lease_expires_at=None)
         ).rowcount:
             cleared.append(job_id)
-    return settle_reservations(session, cleared)
+    settle_reservations(session, cleared)
+    return cleared
 
 
 def expire_queued(session: Session, now: datetime, limit: int = 500) -> list[str]:

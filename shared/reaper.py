@@ -50,32 +50,33 @@ class Reaper:
         with self.db.session_scope() as session:
             expired = job_store.expire_queued(session, now)
         with self.db.session_scope() as session:
-            cancels_settled = job_store.settle_abandoned_cancels(session, now)
+            abandoned = job_store.settle_abandoned_cancels(session, now)
         for job_id, queue in requeued:
             publish_job(self.celery, job_id, queue)
         for job_id in [*lost, *expired]:
             self._announce(job_id, "failed")
-        self._remove_lost_training(lost, [job_id for job_id, _ in requeued])
+        self._remove_lost_training([*lost, *abandoned], [job_id for job_id, _ in requeued])
         republished = self._republish_lost(now)
         counts = {
             "requeued": len(requeued),
             "worker_lost": len(lost),
             "expired": len(expired),
             "republished": republished,
-            "cancels_settled": cancels_settled,
+            "cancels_settled": len(abandoned),
         }
         if any(counts.values()):
             log.info("reaper_pass", **counts)
         return counts
 
-    def _remove_lost_training(self, lost: list[str], requeued: list[str]) -> None:
+    def _remove_lost_training(self, ended: list[str], requeued: list[str]) -> None:
         """Delete the partial adapters lost workers' fine-tunes left on storage: all of a job's
-        that failed `worker_lost` (a failed job has no adapter), and the lost attempts' of a
-        requeued one (its next attempt would remove them, but a cancel or expiry may come first)."""
-        if not lost and not requeued:
+        that ended without one (failed `worker_lost`, or cancelled while its worker died), and
+        the lost attempts' of a requeued one (its next attempt would remove them, but a cancel
+        or expiry may come first)."""
+        if not ended and not requeued:
             return
         with self.db.session_scope(read_only=True) as session:
-            adapter_ids = job_store.fine_tune_adapter_ids(session, lost)
+            adapter_ids = job_store.fine_tune_adapter_ids(session, ended)
             attempts = job_store.queued_fine_tune_attempts(session, requeued)
         # Not mounted on this machine: nothing there to remove.
         for adapter_id in adapter_ids:

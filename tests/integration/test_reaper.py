@@ -149,6 +149,21 @@ def test_a_fine_tune_failed_worker_lost_leaves_no_partial_adapter(reaper):
     assert storage.resolve(storage.adapter_relative("ft-running", 1)).is_dir()  # still training: kept
 
 
+def test_a_fine_tune_cancelled_while_its_worker_died_leaves_no_partial_adapter(reaper):
+    """Nothing removed its attempt's folder: its worker was gone, and no attempt came after."""
+    job_id = queued_job(reaper.db, kind="fine_tune", queue="fine_tune.gemma-3-270m", adapter_id="ft-abandoned")
+    storage = Storage(reaper.settings.storage_path)
+    storage.write_atomic(f"{storage.adapter_relative('ft-abandoned', 1)}/adapter_model.safetensors", b"partial")
+    claim(reaper.db, job_id, "worker-a")
+    with reaper.db.session_scope() as session:
+        assert job_store.cancel(session, job_id)
+    assert reaper.run_once()["cancels_settled"] == 0  # its worker has its lease's time to stop
+    assert storage.resolve(storage.adapter_relative("ft-abandoned", 1)).is_dir()
+    lapse_lease(reaper.db, job_id)
+    assert reaper.run_once()["cancels_settled"] == 1
+    assert not storage.resolve("adapters/ft-abandoned").exists()
+
+
 def test_queued_jobs_past_ttl_expire(reaper):
     job_id = queued_job(reaper.db, expires_at=utcnow() - timedelta(seconds=1))
     assert reaper.run_once()["expired"] == 1
