@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, literal, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, cast, func, insert, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -134,11 +134,6 @@ _HAND_BACK = update(JOBS).where(_HELD).values(
 _END = dict(status=bindparam("p_status"), finished_at=bindparam("p_now"), lease_expires_at=None, reserved_tokens=0)
 _FINISH = update(JOBS).where(_HELD).values(**_END, result=bindparam("p_result"))
 _FAIL = update(JOBS).where(_HELD).values(**_END, error=bindparam("p_error"))
-_ADD_TO_WINDOW = (
-    update(WINDOWS)
-    .where(W.key_id == bindparam("p_key_id"), W.window_start == bindparam("p_window_start"))
-    .values(tokens=W.tokens + bindparam("p_tokens"))
-)
 
 
 def add_event(session: Session, job_id: str, event_type: str, data: dict[str, Any]) -> None:
@@ -234,8 +229,47 @@ def record_progress(
     return bool(updated)
 
 
+def window_start_of(now: datetime) -> datetime:
+    """Return the start of the fixed one-minute rate-limit window that holds a time."""
+    return now.replace(second=0, microsecond=0)
+
+
+def settlement(held_window: datetime | None, reserved: int, used: int, now: datetime) -> tuple[datetime | None, int]:
+    """Return which of the key's minute windows a reservation's settlement goes to, and the tokens.
+
+    A refund (used no more than reserved) goes back to the minute it was reserved in. An overage
+    goes to the current minute, where the key's next admissions count it: in the minute of its
+    submit, mostly over by the job's end, it limited nothing, and a key whose prompts were
+    estimated low (digits, CJK, emoji: 3-16x) used several times its tokens per minute every minute.
+    None: the job reserved nothing, there is nothing to settle.
+    """
+    if not reserved or held_window is None:
+        return None, 0
+    delta = used - reserved
+    return (held_window if delta <= 0 else window_start_of(now)), delta
+
+
+@functools.cache
+def _window_upsert(dialect_name: str) -> Any:
+    """Return this backend's statement adding tokens to a key's minute window, creating its row."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    add = dialect.insert(WINDOWS).values(
+        key_id=bindparam("p_key_id"), window_start=bindparam("p_window_start"), requests=0,
+        tokens=bindparam("p_tokens"),
+    )
+    return add.on_conflict_do_update(
+        index_elements=[W.key_id, W.window_start], set_={"tokens": W.tokens + add.excluded.tokens})
+
+
 def _add_to_window(session: Session, key_id: str, window_start: datetime, tokens: int) -> None:
-    session.execute(_ADD_TO_WINDOW, {"p_key_id": key_id, "p_window_start": window_start, "p_tokens": tokens})
+    statement = _window_upsert(session.get_bind().dialect.name)
+    session.execute(statement, {"p_key_id": key_id, "p_window_start": window_start, "p_tokens": tokens})
+
+
+def open_window(session: Session, key_id: str, window_start: datetime) -> None:
+    """Create a key's minute window row unless it exists: a worker settling an overage into the
+    same minute may create it at the same moment (a plain INSERT would then fail the submit)."""
+    _add_to_window(session, key_id, window_start, 0)
 
 
 def settle_reservation(session: Session, job_id: str, used_tokens: int) -> bool:
@@ -247,7 +281,7 @@ def settle_reservations(session: Session, job_ids: Sequence[str], used_tokens: i
     """`settle_reservation` for several jobs that used as much: the job rows first, then the
     rate windows in key order (see LOCK ORDER). Return how many this settled."""
     changes: Counter[tuple[str, datetime]] = Counter()
-    count = 0
+    count, now = 0, utcnow()
     for job_id in job_ids:
         job = session.execute(
             select(J.owner_key_id, J.reserved_tokens, J.rate_window_start).where(J.id == job_id)
@@ -258,7 +292,8 @@ def settle_reservations(session: Session, job_ids: Sequence[str], used_tokens: i
             update(JOBS).where(J.id == job_id, J.reserved_tokens == job.reserved_tokens).values(reserved_tokens=0)
         ).rowcount
         if settled:
-            changes[job.owner_key_id, job.rate_window_start] += used_tokens - job.reserved_tokens
+            window, tokens = settlement(job.rate_window_start, job.reserved_tokens, used_tokens, now)
+            changes[job.owner_key_id, window] += tokens
             count += 1
     for (key_id, window_start), tokens in sorted(changes.items()):
         _add_to_window(session, key_id, window_start, tokens)
@@ -330,8 +365,9 @@ def _end(
     add_event(session, held.job_id, "status", data)
     count_ended(session, [(held.job_id, held.kind, held.queue, status)])  # the counter, then the window
     # Only the holder ends a running job, once: the reservation read at claim is still the job's.
-    if held.reserved_tokens and held.rate_window_start is not None:
-        _add_to_window(session, held.owner_key_id, held.rate_window_start, used_tokens - held.reserved_tokens)
+    window, tokens = settlement(held.rate_window_start, held.reserved_tokens, used_tokens, utcnow())
+    if window is not None:
+        _add_to_window(session, held.owner_key_id, window, tokens)
     return True
 
 
@@ -373,13 +409,16 @@ def _finish_statement() -> Any:
         index_elements=[OUTCOMES.c.kind, OUTCOMES.c.model, OUTCOMES.c.status, OUTCOMES.c.shard],
         set_={"jobs": OUTCOMES.c.jobs + count.excluded.jobs},
     )
-    # A job without a reservation passes a NULL window: the UPDATE matches no row.
-    window = (
-        update(WINDOWS)
-        .where(W.key_id == bindparam("p_key_id"), W.window_start == bindparam("p_window_start"),
-               select(ended.c.id).exists())
-        .values(tokens=W.tokens + bindparam("p_tokens"))
+    # The window `settlement` chose (its row created if need be); a job without a reservation
+    # passes a NULL window, and nothing is written.
+    window_start = cast(bindparam("p_window_start"), W.window_start.type)
+    window = postgresql.insert(WINDOWS).from_select(
+        ["key_id", "window_start", "requests", "tokens"],
+        select(bindparam("p_key_id", type_=W.key_id.type), window_start, literal(0, W.requests.type),
+               bindparam("p_tokens", type_=W.tokens.type)).select_from(ended).where(window_start.is_not(None)),
     )
+    window = window.on_conflict_do_update(
+        index_elements=[W.key_id, W.window_start], set_={"tokens": W.tokens + window.excluded.tokens})
     charge = postgresql.insert(USAGE).from_select(
         ["job_id", "key_id", "model", "status", *_USAGE_COUNTS, "created_at"],
         select(
@@ -416,17 +455,19 @@ def finish_each(db: Database, finished: Sequence[tuple[Claim, dict[str, Any], di
     # Shared rows are locked in one order by every writer, so that two groups never wait on each
     # other: the writer's own outcome counter row (`_finish_params`), then the keys' minute
     # windows in key order (groups in any order deadlocked, and fell back to a job at a time).
-    order = sorted(range(len(finished)), key=lambda index: _window_of(finished[index][0]))
-    params = [_finish_params(finished[index][0], worker_id, *finished[index][1:]) for index in order]
+    now = utcnow()
+    unordered = [_finish_params(held, worker_id, result, usage, now) for held, result, usage in finished]
+    order = sorted(range(len(finished)), key=lambda index: _window_of(unordered[index]))
+    params = [unordered[index] for index in order]
     stored = [False] * len(finished)
     for index, row in zip(order, db.first_each(_finish_statement(), params)):
         stored[index] = bool(row[0])
     return stored
 
 
-def _window_of(held: Claim) -> tuple[str, str]:
-    """The rate-limit window row a finish updates, as a sort key."""
-    return held.owner_key_id, held.rate_window_start.isoformat() if held.rate_window_start else ""
+def _window_of(params: dict[str, Any]) -> tuple[str, str]:
+    """The rate-limit window row a finish (these `_finish_params`) updates, as a sort key."""
+    return params["p_key_id"], params["p_window_start"].isoformat() if params["p_window_start"] else ""
 
 
 def _finish_in_one_statement(
@@ -436,16 +477,17 @@ def _finish_in_one_statement(
     return bool(session.scalar(_finish_statement(), _finish_params(held, worker_id, result, usage)))
 
 
-def _finish_params(held: Claim, worker_id: str, result: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+def _finish_params(
+    held: Claim, worker_id: str, result: dict[str, Any], usage: dict[str, Any], now: datetime | None = None
+) -> dict[str, Any]:
     """Return the parameters of `_finish_statement`."""
-    reserved = bool(held.reserved_tokens and held.rate_window_start is not None)
+    window, tokens = settlement(held.rate_window_start, held.reserved_tokens, _used_tokens(usage), now or utcnow())
     return {
         **_held(held, worker_id), "p_status": JobStatus.SUCCEEDED, "p_result": result,
         # The worker's own counter row: its results are written by one process, one group at a time.
         "p_kind": held.kind, "p_shard": zlib.crc32(worker_id.encode()) % OUTCOME_SHARDS,
         "p_model": held.model, "p_counted_model": model_of_queue(held.queue),  # usage: the adapter's id
-        "p_key_id": held.owner_key_id, "p_window_start": held.rate_window_start if reserved else None,
-        "p_tokens": _used_tokens(usage) - held.reserved_tokens,
+        "p_key_id": held.owner_key_id, "p_window_start": window, "p_tokens": tokens,
         **{f"u_{name}": usage.get(name, 0) for name in _USAGE_COUNTS},
     }
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
 from shared.errors import InvalidField, TooManyRequests
+from shared.job_store import open_window, window_start_of
 from shared.jobs import JobStatus
 from shared.models import ApiKey, Job, RateLimitWindow
 from shared.settings import Settings
@@ -61,11 +62,6 @@ class Admission:
         return headers
 
 
-def window_start_of(now: datetime) -> datetime:
-    """Return the start of the fixed one-minute window that holds a time."""
-    return now.replace(second=0, microsecond=0)
-
-
 def applies(caller: Caller, settings: Settings) -> bool:
     """Return whether the key has limits to enforce (its own or the server's defaults)."""
     defaults = (settings.default_rpm, settings.default_tpm, settings.default_max_concurrent)
@@ -109,8 +105,8 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
                 RateLimitWindow.window_start < now - timedelta(seconds=KEEP_WINDOWS_S),
             )
         )
-        window = RateLimitWindow(key_id=key_id, window_start=window_start, requests=0, tokens=0)
-        session.add(window)
+        open_window(session, key_id, window_start)
+        window = session.get(RateLimitWindow, (key_id, window_start), populate_existing=True, with_for_update=True)
     active = (
         session.scalar(
             select(func.count())

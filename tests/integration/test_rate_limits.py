@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from services.domain.keys import create_key
 from shared import job_store
@@ -77,6 +78,44 @@ def test_tokens_are_reserved_then_settled_to_what_was_used(client, app):
         assert session.scalars(select(RateLimitWindow.tokens)).one() == 10
     second = submit(client, headers, max_new_tokens=60)
     assert second.status_code == 202 and remaining(second, "tokens") == 27
+
+
+@pytest.mark.parametrize("ending", ["finish", "finish_each", "fail"])
+def test_an_overage_counts_in_the_minute_the_job_ends_and_a_refund_in_its_own(client, app, ending):
+    """Prompts estimated low (digits, CJK, emoji: 3-16x) used more than they reserved, and the
+    difference went to the minute of their submit, long over: a key used several times its
+    tokens per minute, every minute."""
+    second = job_store.utcnow().second
+    if second >= 55:  # all of it within one minute: the settlement's and the next submits'
+        time.sleep(61 - second)
+    headers = key_with(app, tpm=1000)
+    db = app.extensions["gemma_jobs"].db
+    earlier = job_store.window_start_of(job_store.utcnow()) - timedelta(minutes=2)
+    over, under = (submit(client, headers, max_new_tokens=60).get_json()["id"] for _ in range(2))  # 63 each
+    with db.session_scope() as session:  # as if submitted two minutes ago
+        session.execute(update(Job).where(Job.id.in_([over, under])).values(rate_window_start=earlier))
+        session.execute(update(RateLimitWindow).values(window_start=earlier))
+    ends = {over: {"prompt_tokens": 700, "completion_tokens": 60, "gpu_seconds": 0.1},  # 697 over
+            under: {"prompt_tokens": 3, "completion_tokens": 10, "gpu_seconds": 0.1}}  # 50 back
+    held = [job_store.claim(db, job_id, "w", device="cpu", lease_s=30, max_attempts=3) for job_id in ends]
+    if ending == "finish_each":
+        assert job_store.finish_each(db, [(claim, {"text": ""}, ends[claim.job_id]) for claim in held], "w") == [
+            True, True]
+    for claim in held if ending != "finish_each" else []:
+        with db.session_scope() as session:
+            if ending == "finish":
+                assert job_store.finish(session, claim, "w", result={"text": ""}, usage=ends[claim.job_id])
+            else:
+                assert job_store.fail(session, claim, "w", code="timeout", message="slow", usage=ends[claim.job_id])
+    with db.session_scope() as session:
+        windows = {start.replace(tzinfo=None): tokens for start, tokens in session.execute(
+            select(RateLimitWindow.window_start, RateLimitWindow.tokens)).all()}
+    now = job_store.window_start_of(job_store.utcnow())
+    assert windows == {earlier.replace(tzinfo=None): 126 - 50, now.replace(tzinfo=None): 697}, windows
+    # This minute's admissions count the overage: the key has 1000 - 697 left.
+    error = assert_error(submit(client, headers, max_new_tokens=310), 429, "rate_limited")
+    assert "697 reserved or used this minute" in error["message"]
+    assert submit(client, headers, max_new_tokens=300).status_code == 202
 
 
 def test_a_settlement_during_a_submit_of_the_same_key_is_not_lost(client, app):
