@@ -18,7 +18,7 @@ from services.domain.keys import Caller
 from shared.errors import InvalidField, TooManyRequests
 from shared.job_store import open_window, window_start_of
 from shared.jobs import JobStatus
-from shared.models import ApiKey, Job, RateLimitWindow
+from shared.models import ApiKey, Job, RateLimitWindow, utcnow
 from shared.settings import Settings
 
 WINDOW_S = 60
@@ -84,6 +84,9 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
     # usage row): a worker holding the minute's window row and checking the key, while a submit
     # held the key and waited for the window, was a deadlock.
     key = session.scalars(select(ApiKey).where(ApiKey.id == key_id).with_for_update(key_share=True)).one()
+    # The minute it is admitted in, not the one it was planned in: a submit that waited for the
+    # lock across a minute's end counted in the minute before, beyond that minute's allowance.
+    now = max(now, utcnow())
     rpm = key.rpm or settings.default_rpm
     tpm = key.tpm or settings.default_tpm
     max_concurrent = key.max_concurrent or settings.default_max_concurrent

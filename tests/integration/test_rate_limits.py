@@ -180,3 +180,19 @@ def test_limits_beyond_32_bits_are_422_not_500(client, app):
         _, admin = create_key(session, role="admin")
     response = client.post("/v1/admin/keys", json={"tpm": 5496872403655857}, headers={"Authorization": f"Bearer {admin}"})
     assert_error(response, 422, "invalid_field")
+
+
+def test_a_submit_counts_in_the_minute_it_is_admitted_in(client, app, settings):
+    """One planned before a minute's end that waited for the key's lock past it counted in the
+    minute before, beyond that minute's allowance."""
+    from services.domain import limits
+    from services.domain.keys import caller_for, find_key, hash_key
+
+    headers = key_with(app, rpm=5)
+    plaintext = headers["Authorization"].split()[1]
+    db = app.extensions["gemma_jobs"].db
+    planned = job_store.utcnow() - timedelta(minutes=2)
+    with db.session_scope() as session:
+        digest = hash_key(plaintext)
+        admission = limits.admit(session, caller_for(find_key(session, digest), digest), settings, 10, planned)
+    assert admission.window_start >= job_store.window_start_of(planned) + timedelta(minutes=2)
