@@ -1,4 +1,4 @@
-"""Gemma's tokenizer, loaded in ~0.7 s instead of ~5 s from a prepared form kept beside the weights.
+"""Gemma's tokenizer, loaded in ~0.85 s instead of ~5 s from a prepared form kept beside the weights.
 
 transformers 5 builds the tokenizer by parsing the 33 MB tokenizer.json several times in
 Python. The first load writes the finished Rust backend (`workers.tokenizer_backend`) and the
@@ -55,7 +55,7 @@ def load_tokenizer(folder: Path, cache_root: Path) -> PreTrainedTokenizerBase:
             log.warning("prepared_tokenizer_unusable", folder=str(folder), error=str(exc))
             shutil.rmtree(prepared, ignore_errors=True)  # so the load below can publish a good one
     # transformers 5 parses the 33 MB tokenizer.json several times in Python here (~5 s); the
-    # prepared form loads in ~0.7 s, so a worker pays this only on its first start.
+    # prepared form loads in ~0.85 s, so a worker pays this only on its first start.
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     _prepare_tokenizer(tokenizer, folder, prepared)
     return tokenizer
