@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import String, cast, func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from shared.models import UsageRecord
@@ -59,8 +59,16 @@ def usage_report(
     group = {
         "key": UsageRecord.key_id,
         "model": UsageRecord.model,
-        # The first 10 characters of the UTC timestamp as text: the day, on SQLite and PostgreSQL.
-        "day": func.substr(cast(UsageRecord.created_at, String), 1, 10),
+        "day": _utc_day(session),
     }[group_by]
     query = _filtered(select(group, *_TOTALS), start, end, key_id).group_by(group).order_by(group)
     return [UsageRow(group=str(values[0]), **_totals(values[1:])) for values in session.execute(query)]
+
+
+def _utc_day(session: Session) -> ColumnElement:
+    """A charge's UTC day as `YYYY-MM-DD` (timestamps are stored naive, in UTC)."""
+    if session.get_bind().dialect.name == "postgresql":
+        # Not a cast to text: that follows the server's DateStyle (`01/03/2024` under "SQL, DMY",
+        # which also sorts April before March).
+        return func.to_char(UsageRecord.created_at, "YYYY-MM-DD")
+    return func.date(UsageRecord.created_at)

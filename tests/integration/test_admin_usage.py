@@ -202,3 +202,25 @@ def test_workers_are_the_live_ones_unless_gone_ones_are_asked_for(client, admin,
     listed = client.get("/v1/admin/workers?include_gone=true", headers=admin).get_json()["data"]
     assert sorted((worker["id"], worker["alive"]) for worker in listed) == [
         ("h:1:cpu", True), ("h:2:cpu", False), ("h:3:cpu", False)]
+
+
+def test_days_are_iso_dates_whatever_the_server_s_date_style(database_url, settings, postgres_admin_url, redis_client):
+    """A PostgreSQL server set to `DateStyle = 'SQL, DMY'` gave `01/03/2026`, April before March."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL setting")
+    import psycopg
+
+    from services.gateway import create_app
+
+    with psycopg.connect(postgres_admin_url, autocommit=True) as connection:
+        connection.execute(f'ALTER DATABASE "{database_url.rsplit("/", 1)[1]}" SET DateStyle = \'SQL, DMY\'')
+    app = create_app(settings)  # its connections start with that DateStyle
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        key, _ = create_key(session, role="user")
+    charge(app, key.id, "gemma-3-270m", 1, 2, 0.1, datetime(2026, 4, 2, 12, tzinfo=timezone.utc))
+    charge(app, key.id, "gemma-3-270m", 1, 3, 0.1, datetime(2026, 3, 1, 12, tzinfo=timezone.utc))
+    admin = {"Authorization": f"Bearer {make_key(app, 'admin')}"}
+    by_day = app.test_client().get("/v1/admin/usage?group_by=day", headers=admin)
+    assert [(row["group"], row["completion_tokens"]) for row in by_day.get_json()["data"]] == [
+        ("2026-03-01", 3), ("2026-04-02", 2)]
+    app.extensions["gemma_jobs"].db.dispose()
