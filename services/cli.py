@@ -9,15 +9,26 @@ import sys
 from shared.settings import SettingsError, get_settings
 
 
+# The exit status of a command that could not reach or use the database (2: bad arguments or settings).
+DATABASE_UNAVAILABLE_EXIT = 3
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one subcommand."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+
     try:
         return args.run(args) or 0
     except SettingsError as exc:
         print(f"gemma-jobs: {exc}", file=sys.stderr)
         return 2
+    except (OperationalError, InterfaceError, ArgumentError) as exc:
+        # One line, not a traceback: the driver's own first line names the host, port and database.
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        print(f"gemma-jobs: cannot use the database (DATABASE_URL): {cause[0]}", file=sys.stderr)
+        return DATABASE_UNAVAILABLE_EXIT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,15 +325,21 @@ def cmd_keys_create(args) -> int:
 
 
 def cmd_keys_list(_args) -> int:
-    """Print a table of keys."""
+    """Print a table of keys: whether each works, when it expires, its limits."""
     from services.domain.keys import list_keys
+    from shared.models import utcnow
 
     with _checked_database().session_scope() as session:
         rows = list_keys(session)
-        print(f"{'id':32} {'role':6} {'prefix':12} {'revoked':8} name")
+        print(f"{'id':32} {'role':6} {'prefix':12} {'state':8} {'expires (UTC)':17} {'rpm':>7} {'tpm':>9} "
+              f"{'conc':>5} name")
+        now = utcnow()
         for row in rows:
-            revoked = "yes" if row.revoked_at else "no"
-            print(f"{row.id:32} {row.role:6} {row.key_prefix:12} {revoked:8} {row.name}")
+            state = "revoked" if row.revoked_at else "expired" if row.expires_at and row.expires_at <= now else "active"
+            expires = row.expires_at.strftime("%Y-%m-%d %H:%M") if row.expires_at else "-"
+            limits = [str(limit) if limit is not None else "-" for limit in (row.rpm, row.tpm, row.max_concurrent)]
+            print(f"{row.id:32} {row.role:6} {row.key_prefix:12} {state:8} {expires:17} {limits[0]:>7} "
+                  f"{limits[1]:>9} {limits[2]:>5} {row.name}")
     return 0
 
 

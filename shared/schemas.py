@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -343,9 +344,11 @@ class KeyCreate(StrictModel):
     @field_validator("name")
     @classmethod
     def _printable(cls, value: str) -> str:
-        # PostgreSQL refuses NUL in text (a 500), and no control character belongs in a label.
-        if any(ord(char) < 32 or ord(char) == 127 for char in value):
-            raise ValueError("must not contain control characters (NUL, newlines, tabs)")
+        # PostgreSQL refuses NUL in text (a 500), and no control or format character belongs in a
+        # label printed in tables (line separators, C1 controls, direction overrides garble them).
+        if any(unicodedata.category(char)[0] == "C" or unicodedata.category(char) in ("Zl", "Zp") for char in value):
+            raise ValueError("must be printable text: no control or format characters (NUL, newlines, tabs, "
+                             "line separators, direction overrides)")
         return value
 
 

@@ -70,6 +70,38 @@ def test_keys_create_refuses_bad_values_naming_the_option(tmp_path, model_cache_
     assert ok.returncode == 0 and ok.stdout.startswith("gj_")
 
 
+def test_keys_list_says_which_keys_work_and_their_limits(tmp_path, model_cache_dir):
+    """It showed an expired key as not revoked, like a working one, and no limits."""
+    from sqlalchemy import update
+
+    from shared.db import Database
+    from shared.models import ApiKey, utcnow
+
+    env = cli_env(tmp_path, model_cache_dir)
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    for name in ("limited", "lapsed"):
+        subprocess.run([*CLI, "keys", "create", "--name", name, "--rpm", "5", "--tpm", "20000",
+                        "--expires-at", "2099-01-01T00:00:00Z"], env=env, check=True, capture_output=True, timeout=60)
+    db = Database(load_settings(data_dir=tmp_path / "var").database_url_or_default)
+    with db.session_scope() as session:
+        session.execute(update(ApiKey).where(ApiKey.name == "lapsed").values(expires_at=utcnow()))
+    db.dispose()
+    listing = subprocess.run([*CLI, "keys", "list"], env=env, capture_output=True, text=True, timeout=60)
+    rows = {line.split()[-1]: line.split() for line in listing.stdout.splitlines()[1:]}
+    assert rows["limited"][3:8] == ["active", "2099-01-01", "00:00", "5", "20000"]
+    assert rows["lapsed"][3] == "expired"
+
+
+def test_commands_say_in_one_line_that_the_database_cannot_be_reached(tmp_path, model_cache_dir):
+    """They printed a ~120-line traceback."""
+    env = cli_env(tmp_path, model_cache_dir, DATABASE_URL="postgresql://gemma@127.0.0.1:1/gemma_jobs")
+    for command in (["keys", "list"], ["migrate"], ["usage"]):
+        result = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.startswith("gemma-jobs: cannot use the database") and result.stderr.count("\n") == 1
+        assert "127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_worker_refuses_a_gpu_it_does_not_have(tmp_path, model_cache_dir):
     result = subprocess.run(
         [*CLI, "worker", "--gpu", "0"], env=cli_env(tmp_path, model_cache_dir), capture_output=True, text=True, timeout=120

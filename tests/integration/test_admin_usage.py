@@ -57,11 +57,21 @@ def test_user_keys_get_403_on_admin_routes(client, auth):
         ({"colour": "red"}, "colour"),
         ({"name": "a\u0000b"}, "name"),  # PostgreSQL refuses NUL in text: was a 500
         ({"name": "line\nbreak"}, "name"),
+        # Garbled `gemma-jobs keys list`: a C1 control, a line separator, a direction override.
+        ({"name": "a\u0085b"}, "name"),
+        ({"name": "a\u2028b"}, "name"),
+        ({"name": "a\u202eb"}, "name"),
     ],
 )
 def test_bad_key_requests_are_422(client, admin, body, field):
     error = assert_error(client.post("/v1/admin/keys", json=body, headers=admin), 422, "invalid_field")
     assert field in [detail["field"] for detail in error["details"]]
+
+
+def test_key_names_may_hold_any_printable_text(client, admin):
+    for name in ("ops team", "équipe nuit", "東京　チーム", "🙂 bots"):
+        response = client.post("/v1/admin/keys", json={"name": name}, headers=admin)
+        assert response.status_code == 201 and response.get_json()["name"] == name
 
 
 @pytest.mark.parametrize(
