@@ -324,10 +324,11 @@ class KeyCreate(StrictModel):
 
     role: Literal["admin", "user"] = "user"
     name: str = Field(default="", max_length=200)
-    # Bounded by the 32-bit integer columns that store them.
-    rpm: int | None = Field(default=None, ge=1, le=MAX_INT32, description="requests per minute")
-    tpm: int | None = Field(default=None, ge=1, le=MAX_INT32, description="tokens per minute")
-    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_INT32, description="queued + running jobs")
+    # Bounded by the 32-bit integer columns that store them; JSON integers only (`true` was 1, "5" was 5).
+    rpm: int | None = Field(default=None, ge=1, le=MAX_INT32, strict=True, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, le=MAX_INT32, strict=True, description="tokens per minute")
+    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_INT32, strict=True,
+                                       description="queued + running jobs")
     expires_at: Timestamp | None = Field(default=None, description="the key stops working at this time")
 
     @field_validator("expires_at")

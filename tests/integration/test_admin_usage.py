@@ -58,6 +58,8 @@ def test_user_keys_get_403_on_admin_routes(client, auth):
         ({"name": "a\u0000b"}, "name"),  # PostgreSQL refuses NUL in text: was a 500
         ({"name": "line\nbreak"}, "name"),
         # Garbled `gemma-jobs keys list`: a C1 control, a line separator, a direction override.
+        ({"rpm": True}, "rpm"),  # was a key with rpm 1
+        ({"tpm": "5000"}, "tpm"),
         ({"name": "a\u0085b"}, "name"),
         ({"name": "a\u2028b"}, "name"),
         ({"name": "a\u202eb"}, "name"),
