@@ -395,7 +395,8 @@ class UsageQuery(UsageRange):
     """Query of GET /v1/admin/usage: a range, a grouping and optionally one key."""
 
     group_by: Literal["key", "model", "day"] = "key"
-    key_id: str | None = Field(default=None, max_length=40, pattern=r"^[^\x00]*$")
+    # An empty one is a mistake (`?key_id=`), not "no key": it matched nothing, silently.
+    key_id: str | None = Field(default=None, min_length=1, max_length=40, pattern=r"^[^\x00]*$")
 
 
 class UsageTotals(BaseModel):

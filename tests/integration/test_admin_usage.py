@@ -173,6 +173,7 @@ def test_usage_is_summed_in_sql_by_key_model_and_day(client, admin, app):
     assert_error(client.get("/v1/admin/usage?group_by=week", headers=admin), 422, "invalid_field")
     assert_error(client.get("/v1/usage?from=yesterday", headers=admin), 422, "invalid_field")
     assert_error(client.get("/v1/usage?key_id=someone", headers=admin), 422, "invalid_field")
+    assert_error(client.get("/v1/admin/usage?key_id=", headers=admin), 422, "invalid_field")
 
     result = subprocess.run(
         [*CLI, "usage", "--group-by", "model"],
