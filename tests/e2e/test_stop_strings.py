@@ -19,6 +19,11 @@ CASES = [
     ("The end.\n\nNext part", "\n\n"),
     ("Hello world. Bye", " world."),
     ("東京タワーは高い", "タワー"),
+    # Byte-fallback characters before the stop (and after): a window starting inside the bytes
+    # of the character before voided the stop's characters too, and it was seen late or never.
+    ("Answer: 𓀀ꙮ and more", "ꙮ"),
+    ("x 𓀀ꙮꙮ y", "ꙮꙮ"),
+    ("Answer: 𓀀ꙮ𓀀𓀀 and more", "ꙮ"),
 ]
 
 
@@ -34,3 +39,13 @@ def test_a_stop_string_is_seen_the_step_it_completes(tokenizer, text, stop):
     assert not any(stop_string_seen(tokenizer, ids[:n], [stop]) for n in range(1, completed))
     assert stop_string_seen(tokenizer, ids[:completed], [stop])
     assert stop_string_seen(tokenizer, ids[:completed], ["x", stop])  # one of several
+
+
+def test_special_tokens_inside_a_stop_string_do_not_hide_it(tokenizer):
+    """They decode to nothing but took places in the window: " END" split by five of them was missed."""
+    turn = tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    ids = [*tokenizer.encode("Hello E", add_special_tokens=False), *[turn] * 5,
+           *tokenizer.encode("ND", add_special_tokens=False)]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Hello END"
+    assert stop_string_seen(tokenizer, ids, [" END"])
+    assert not stop_string_seen(tokenizer, ids[:-1], [" END"])
