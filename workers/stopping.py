@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-
 from transformers import PreTrainedTokenizerBase
+
+from workers.token_kinds import continuation_byte_tokens, special_tokens
 
 # A UTF-8 character has at most three continuation bytes after its lead byte.
 MAX_CONTINUATION_BYTES = 3
@@ -20,7 +20,7 @@ def stop_string_seen(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], sto
     the last k+1 such tokens (`_window_start`).
     """
     longest = max(len(stop.encode("utf-8")) for stop in stops)
-    start = _window_start(new_ids, longest + 1, *_token_kinds(tokenizer))
+    start = _window_start(new_ids, longest + 1, continuation_byte_tokens(tokenizer), special_tokens(tokenizer))
     text = tokenizer.decode(new_ids[start:], skip_special_tokens=True)
     return any(stop in text for stop in stops)
 
@@ -42,14 +42,3 @@ def _window_start(ids: list[int], tokens: int, continuation_ids: frozenset[int],
             break
         start -= 1
     return start
-
-
-@functools.lru_cache(maxsize=8)
-def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> tuple[frozenset[int], frozenset[int]]:
-    """Return a tokenizer's byte-fallback tokens of UTF-8 continuation bytes, and its tokens that
-    decode to nothing with special tokens skipped."""
-    vocab = tokenizer.get_vocab()
-    continuation = frozenset(vocab[name] for name in (f"<0x{byte:02X}>" for byte in range(0x80, 0xC0)) if name in vocab)
-    special = frozenset(index for index, token in tokenizer.backend_tokenizer.get_added_tokens_decoder().items()
-                        if token.special)
-    return continuation, special

@@ -8,6 +8,7 @@ import redis
 import structlog
 
 from shared import token_stream
+from workers.token_kinds import byte_tokens
 
 if TYPE_CHECKING:  # the result writer process runs `write_tokens` without transformers
     from transformers import PreTrainedTokenizerBase
@@ -18,9 +19,10 @@ log = structlog.get_logger(__name__)
 class TokenPublisher:
     """Turns a job's growing token list into text deltas and appends them to its stream.
 
-    Decoding is incremental (only the tokens since the last complete character are decoded
-    again), text that could still turn out to be the start of a stop string is held back, and
-    a byte-fallback token that leaves half a character is held until the character completes.
+    Decoding is incremental (only the tokens since the last decoded ones), text that could still
+    turn out to be the start of a stop string is held back, and a run of byte-fallback tokens is
+    held until it ends: the decoder decodes a run as a whole (a stray byte voids the characters
+    before it in the run), so decoded apart it could give other text than the job's result.
     """
 
     def __init__(self, client: redis.Redis, tokenizer: PreTrainedTokenizerBase, job_id: str, attempt: int,
@@ -43,9 +45,9 @@ class TokenPublisher:
 
     def update(self, token_ids: list[int]) -> None:
         """Publish what became certain since the last call (called after each step)."""
+        if token_ids and token_ids[-1] in byte_tokens(self.tokenizer):
+            return  # inside a run of byte tokens: wait for the token that ends it
         pending = self.tokenizer.decode(token_ids[self.decoded :], skip_special_tokens=True)
-        if pending.endswith("\ufffd"):
-            return  # half a character: wait for the token that completes it
         self.text += pending
         self.decoded = len(token_ids)
         # Text before a completed stop string is final; so is text too far back to begin one.

@@ -1,5 +1,6 @@
-"""Stop strings against Gemma's real tokenizer: the engine sees one the step it completes, also
-when its characters are byte-fallback tokens (several tokens a character)."""
+"""Stop strings and streamed text against Gemma's real tokenizer: the engine sees a stop the step
+it completes, and streams the text the result holds, also around byte-fallback characters
+(several tokens a character, decoded as a run)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,31 @@ def test_special_tokens_inside_a_stop_string_do_not_hide_it(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "Hello END"
     assert stop_string_seen(tokenizer, ids, [" END"])
     assert not stop_string_seen(tokenizer, ids[:-1], [" END"])
+
+
+class _Recorded:
+    """Step writes that keep the text each would send (no Redis needed)."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def append(self, _publisher, _attempt, text, _token_ids, _start) -> None:
+        self.texts.append(text or "")
+
+
+@pytest.mark.parametrize("stray", [False, True])
+def test_the_streamed_text_is_the_result_text_around_byte_fallback_characters(tokenizer, stray):
+    """A stray byte after a byte-fallback character voids the whole run in the result's decode:
+    streamed apart, the character went out whole, and the stream then repeated the text after it."""
+    from workers.token_publisher import TokenPublisher
+
+    byte = lambda value: tokenizer.convert_tokens_to_ids(f"<0x{value:02X}>")  # noqa: E731
+    ids = [*tokenizer.encode("Hi ", add_special_tokens=False), byte(0xEA), byte(0x99), byte(0xAE),
+           *([byte(0x80)] if stray else []), *tokenizer.encode(" ok", add_special_tokens=False)]
+    writes = _Recorded()
+    publisher = TokenPublisher(None, tokenizer, "job_x", 1, [], step_writes=writes)
+    for end in range(1, len(ids) + 1):
+        publisher.update(ids[:end])
+    final = tokenizer.decode(ids, skip_special_tokens=True)
+    publisher.finish(final, ids, writes)
+    assert "".join(writes.texts) == final
