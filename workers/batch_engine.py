@@ -97,10 +97,15 @@ class BatchEngine:
         # same batched or alone): attention runs per row over its own columns and, in bf16, every
         # step runs all slots so that no matrix product changes shape. A GPU batches attention.
         cpu = loaded.device.type == "cpu"
+        fixed_rows = cpu and loaded.dtype == torch.bfloat16
+        # Without fixed rows (float32), steps and the output layer run at least two rows: a
+        # one-row float32 product gives other bits on the CPU than the same row among several.
+        self.min_rows = 2 if cpu and not fixed_rows else 1
         self.batch = SlotCache(
             max_batch,
             exact=cpu if exact_attention is None else exact_attention,
-            fixed_rows=cpu and loaded.dtype == torch.bfloat16,
+            fixed_rows=fixed_rows,
+            min_rows=self.min_rows,
         )
         loaded.model.set_attn_implementation(SLOT_ATTENTION)  # plain SDPA except in the engine's passes
         self._prefill_tokens: int | None = None  # see prefill_tokens()
@@ -307,9 +312,9 @@ class BatchEngine:
         if not rest:
             return [tokens[i] for i in range(len(rows))]
         if screen is None:  # every forward row, so the output layer's shape does not change
-            logits, logit_row = _output_logits(loaded.model, hidden), at
+            logits, logit_row = _output_logits(loaded.model, hidden, self.min_rows), at
         else:  # only the rows that sample or penalise need every logit
-            logits = _output_logits(loaded.model, hidden[[at[i] for i in rest]])
+            logits = _output_logits(loaded.model, hidden[[at[i] for i in rest]], self.min_rows)
             logit_row = {i: k for k, i in enumerate(rest)}
         # One batched max serves most rows (its index is the first largest, as argmax; 4x faster in bf16).
         greedy = logits.max(dim=-1).indices.tolist()
@@ -388,9 +393,11 @@ def _packs(joining: list[Sequence], tokens: int) -> list[list[Sequence]]:
     return packs
 
 
-def _output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Return a causal LM's logits for final hidden states: what its forward does after the layers."""
-    logits = model.lm_head(hidden)
+def _output_logits(model: torch.nn.Module, hidden: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
+    """Return a causal LM's logits for final hidden states: what its forward does after the layers,
+    on at least `min_rows` rows (zero rows fill in, and their logits are dropped)."""
+    rows = hidden.shape[0]
+    logits = model.lm_head(torch.nn.functional.pad(hidden, (0, 0, 0, max(0, min_rows - rows))))[:rows]
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -74,13 +74,18 @@ class SlotRows:
 class SlotCache:
     """Keys and values of up to `slots` sequences; a sequence's token at position p is in column p."""
 
-    def __init__(self, slots: int, exact: bool, fixed_rows: bool):
+    def __init__(self, slots: int, exact: bool, fixed_rows: bool, min_rows: int = 1):
         self.slots = slots
         self.exact = exact  # attention per row over its own columns: results independent of the batch
         self.fixed_rows = fixed_rows  # every step runs all slots, so matrix shapes never change
-        self.keys: list[torch.Tensor] = []  # per layer [slots, kv_heads, capacity, head_dim]
+        # Without fixed rows, a step runs at least this many (free slots fill in): on the CPU a
+        # float32 product of one row gives other bits than the same row among several, so a job
+        # alone decoded otherwise than batched. A spare slot beyond `slots` serves a batch of one.
+        self.min_rows = min_rows
+        self.cache_slots = slots if fixed_rows else max(slots, min_rows)
+        self.keys: list[torch.Tensor] = []  # per layer [cache_slots, kv_heads, capacity, head_dim]
         self.values: list[torch.Tensor] = []
-        self.lengths = [0] * slots  # tokens cached per slot
+        self.lengths = [0] * self.cache_slots  # tokens cached per slot
         self.row_slots: list[int] = []  # the slot of each of the engine's rows, in row order
         self._writes: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (slots, columns)
 
@@ -90,8 +95,13 @@ class SlotCache:
         return len(self.row_slots)
 
     def forward_slots(self) -> list[int]:
-        """Return the slot of each row of the next forward pass (all slots with fixed rows)."""
-        return list(range(self.slots)) if self.fixed_rows else list(self.row_slots)
+        """Return the slot of each row of the next forward pass (all slots with fixed rows); the
+        engine's rows come first, in order, then any free slots that make up `min_rows`."""
+        if self.fixed_rows:
+            return list(range(self.slots))
+        rows = list(self.row_slots)
+        free = [slot for slot in range(self.cache_slots) if slot not in rows]
+        return rows + free[: max(0, self.min_rows - len(rows))] if rows else rows
 
     def forward_row(self, row: int) -> int:
         """Return which forward row holds the engine's `row`."""
@@ -134,7 +144,7 @@ class SlotCache:
             lengths=[position + 1 for position in positions],
             exact=self.exact,
             slot_index=slot_index,
-            identity=slots == list(range(self.slots)),
+            identity=slots == list(range(self.cache_slots)),
         )
         return {"attention_mask": dict(NO_MASKS), "position_ids": self._writes[1][:, None], "cache": self,
                 "slot_rows": rows}
@@ -149,7 +159,7 @@ class SlotCache:
     def _allocate(self, prompt_cache: DynamicCache) -> None:
         for prompt_layer in prompt_cache.layers:
             _, heads, _, dim = prompt_layer.keys.shape
-            shape = (self.slots, heads, 0, dim)
+            shape = (self.cache_slots, heads, 0, dim)
             self.keys.append(prompt_layer.keys.new_zeros(shape))
             self.values.append(prompt_layer.values.new_zeros(shape))
 

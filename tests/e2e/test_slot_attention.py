@@ -38,6 +38,25 @@ def test_a_bf16_batch_with_fixed_rows_gives_each_job_its_tokens_alone(model_cach
         assert _run(loaded, [params], max_batch=8)[0] == tokens, params
 
 
+def test_a_float32_job_alone_runs_the_numbers_it_runs_batched(model_cache_dir):
+    """A step of one row decoded otherwise than the same row among several (a one-row float32
+    product takes other kernels on the CPU): a job alone and batched could part at a near-tie."""
+    loaded = _load(model_cache_dir, torch.float32)
+    first, second = ({"prompt": prompt, "max_new_tokens": 5, "temperature": 0}
+                     for prompt in ("The history of Rome", "Dear John,"))
+    seen: list[torch.Tensor] = []
+    hook = loaded.model.lm_head.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0][0].clone()))
+    try:
+        alone = _run(loaded, [first], max_batch=1)
+        alone_rows, seen[:] = list(seen), []
+        batched = _run(loaded, [first, second], max_batch=4)
+    finally:
+        hook.remove()
+    # The output layer's input for the first job (row 0) at its prefill and every decode step.
+    assert len(alone_rows) == len(seen) == 5 and alone[0] == batched[0]
+    assert all(torch.equal(a, b) for a, b in zip(alone_rows, seen))
+
+
 def test_batched_attention_gives_the_exact_attentions_greedy_tokens(model_cache_dir):
     loaded = _load(model_cache_dir, torch.float32)
     greedy = [params for params in MIXED_JOBS if "seed" not in params]

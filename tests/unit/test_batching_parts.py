@@ -70,6 +70,21 @@ def test_a_decode_step_writes_each_rows_token_at_its_own_position():
     assert batch.lengths == [2, 4, 0]
 
 
+def test_without_fixed_rows_a_lone_row_steps_beside_a_free_slot():
+    lone = SlotCache(slots=1, exact=True, fixed_rows=False, min_rows=2)
+    lone.add(prompt_cache(3, fill=1.0), 0, 3)
+    assert lone.forward_slots() == [0, 1] and lone.forward_row(0) == 0  # a spare slot beyond `slots`
+    inputs = lone.step_inputs()
+    assert inputs["position_ids"].tolist() == [[3], [0]] and lone.lengths == [4, 0]
+    assert lone.keys[0].shape[0] == 2
+    pair = SlotCache(slots=3, exact=True, fixed_rows=False, min_rows=2)
+    pair.add(prompt_cache(1, fill=1.0), 0, 1)
+    pair.add(prompt_cache(2, fill=1.0), 0, 2)
+    assert pair.forward_slots() == [0, 1]  # rows enough of its own
+    pair.keep([1])
+    assert pair.forward_slots() == [1, 0]  # the engine's row first, then a free slot
+
+
 def test_with_fixed_rows_every_step_runs_every_slot_and_the_cache_grows():
     batch = SlotCache(slots=3, exact=True, fixed_rows=True)
     batch.add(prompt_cache(GROW_COLUMNS, fill=1.0), 0, GROW_COLUMNS)
