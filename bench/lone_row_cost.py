@@ -28,7 +28,7 @@ PROMPT = "The history of Rome"
 def tokens_per_s(loaded, new_tokens: int, min_rows: int) -> float:
     """Run one greedy job alone on a one-slot engine stepping `min_rows` rows; return its tokens/s."""
     engine = BatchEngine(loaded, max_batch=1)
-    engine.min_rows = engine.batch.min_rows = min_rows
+    engine.batch.min_rows = min_rows
     started = time.perf_counter()
     sequence = engine.submit({"prompt": PROMPT, "max_new_tokens": new_tokens, "temperature": 0})
     while not sequence.done.is_set():

@@ -17,17 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run one subcommand."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
+    from sqlalchemy.exc import ArgumentError
+
+    from shared.db import DATABASE_UNAVAILABLE, error_summary
 
     try:
         return args.run(args) or 0
     except SettingsError as exc:
         print(f"gemma-jobs: {exc}", file=sys.stderr)
         return 2
-    except (OperationalError, InterfaceError, ArgumentError) as exc:
+    except (*DATABASE_UNAVAILABLE, ArgumentError) as exc:
         # One line, not a traceback: the driver's own first line names the host, port and database.
-        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
-        print(f"gemma-jobs: cannot use the database (DATABASE_URL): {cause[0]}", file=sys.stderr)
+        print(f"gemma-jobs: cannot use the database (DATABASE_URL): {error_summary(exc)}", file=sys.stderr)
         return DATABASE_UNAVAILABLE_EXIT
 
 

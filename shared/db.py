@@ -11,12 +11,22 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Executable, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.direct_connections import DirectConnections
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# What a database that is down, restarting, overloaded or locked raises (a refused connection, a
+# dropped one, a full pool, a statement timeout, a deadlock): the same request may succeed soon.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+
+
+def error_summary(exc: Exception) -> str:
+    """Return the first line of a database error's driver message (it names host, port, database)."""
+    cause = getattr(exc, "orig", None) or exc
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 # The migrations' head revision, checked against Alembic's by a test (a new migration must move
 # it): the schema check at start-up then needs neither Alembic nor its scan of the migration
 # scripts (0.15-0.2 s of a worker's or gateway's start, docs/benchmarks.md).

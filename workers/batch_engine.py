@@ -100,12 +100,11 @@ class BatchEngine:
         fixed_rows = cpu and loaded.dtype == torch.bfloat16
         # Without fixed rows (float32), steps and the output layer run at least two rows: a
         # one-row float32 product gives other bits on the CPU than the same row among several.
-        self.min_rows = 2 if cpu and not fixed_rows else 1
         self.batch = SlotCache(
             max_batch,
             exact=cpu if exact_attention is None else exact_attention,
             fixed_rows=fixed_rows,
-            min_rows=self.min_rows,
+            min_rows=2 if cpu and not fixed_rows else 1,
         )
         loaded.model.set_attn_implementation(SLOT_ATTENTION)  # plain SDPA except in the engine's passes
         self._prefill_tokens: int | None = None  # see prefill_tokens()
@@ -312,9 +311,9 @@ class BatchEngine:
         if not rest:
             return [tokens[i] for i in range(len(rows))]
         if screen is None:  # every forward row, so the output layer's shape does not change
-            logits, logit_row = _output_logits(loaded.model, hidden, self.min_rows), at
+            logits, logit_row = _output_logits(loaded.model, hidden, self.batch.min_rows), at
         else:  # only the rows that sample or penalise need every logit
-            logits = _output_logits(loaded.model, hidden[[at[i] for i in rest]], self.min_rows)
+            logits = _output_logits(loaded.model, hidden[[at[i] for i in rest]], self.batch.min_rows)
             logit_row = {i: k for k, i in enumerate(rest)}
         # One batched max serves most rows (its index is the first largest, as argmax; 4x faster in bf16).
         greedy = logits.max(dim=-1).indices.tolist()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import structlog
 from flask import Flask, jsonify
 from pydantic import ValidationError
-from sqlalchemy import exc as database_errors
 from werkzeug.exceptions import HTTPException
 
+from shared.db import DATABASE_UNAVAILABLE, error_summary
 from shared.errors import DomainError
 
 log = structlog.get_logger(__name__)
@@ -15,9 +15,6 @@ log = structlog.get_logger(__name__)
 # What an unexpected error answers (500), by the app or by a path before it.
 INTERNAL_ERROR = {"error": {"code": "internal_error", "message": "internal server error; see gateway logs",
                             "details": None}}
-# What a database that is down, restarting, overloaded or locked raises (a refused connection, a
-# dropped one, a full pool, a statement timeout, a deadlock): the same request may succeed soon.
-DATABASE_UNAVAILABLE = (database_errors.OperationalError, database_errors.InterfaceError, database_errors.TimeoutError)
 DATABASE_RETRY_AFTER_S = 2
 
 
@@ -42,9 +39,8 @@ def validation_details(exc: ValidationError) -> list[dict]:
 def database_unavailable_error(exc: Exception) -> tuple[dict, dict[str, str]]:
     """Log a database outage's error in one line; return the body and headers of its 503."""
     # One line, not a traceback per request: an outage fails every request alike.
-    cause = getattr(exc, "orig", None) or exc
-    log.warning("database_unavailable", error_type=type(cause).__name__,
-                error=(str(cause).strip().splitlines() or [""])[0])
+    log.warning("database_unavailable", error_type=type(getattr(exc, "orig", None) or exc).__name__,
+                error=error_summary(exc))
     message = (f"the job database is unavailable right now; retry in {DATABASE_RETRY_AFTER_S} s or more "
                "(a retried submit with the same Idempotency-Key is recorded once)")
     return ({"error": {"code": "database_unavailable", "message": message, "details": None}},

@@ -16,9 +16,10 @@ from services.domain.adapters import is_adapter_id
 from services.gateway.api.jobs import announce_submitted, job_path
 from services.gateway.auth import bearer_token
 from services.gateway.context import GatewayContext
-from services.gateway.errors import DATABASE_UNAVAILABLE, INTERNAL_ERROR, database_unavailable_error
+from services.gateway.errors import INTERNAL_ERROR, database_unavailable_error
 from services.gateway.metrics import observe_request
 from services.gateway.request_ids import RequestIds
+from shared.db import DATABASE_UNAVAILABLE
 from shared.schemas import GenerationRequest
 
 log = structlog.get_logger(__name__)

@@ -27,8 +27,9 @@ from werkzeug.datastructures import MIMEAccept
 from services.domain import jobs as job_domain
 from services.domain.keys import Caller
 from services.gateway.context import GatewayContext
-from services.gateway.errors import DATABASE_UNAVAILABLE, database_unavailable_error
+from services.gateway.errors import database_unavailable_error
 from shared import token_stream
+from shared.db import DATABASE_UNAVAILABLE
 from shared.errors import InvalidField
 from shared.jobs import JobStatus
 from shared.models import JobEvent
