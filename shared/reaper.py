@@ -13,7 +13,7 @@ from celery import Celery
 from shared import job_store
 from shared.db import Database
 from shared.models import utcnow
-from shared.notify import publish_job_done
+from shared.notify import announce_job_end
 from shared.publish import job_ids_in_redis, publish_job
 from shared.settings import Settings
 from shared.storage import Storage
@@ -54,7 +54,7 @@ class Reaper:
         for job_id, queue in requeued:
             publish_job(self.celery, job_id, queue)
         for job_id in [*lost, *expired]:
-            self._announce(job_id, "failed")
+            announce_job_end(self.redis, job_id, "failed")  # waiters fall back to the row
         self._remove_lost_training([*lost, *abandoned], [job_id for job_id, _ in requeued])
         republished = self._republish_lost(now)
         counts = {
@@ -136,12 +136,6 @@ class Reaper:
         """
         period_ms = max(1, round(1000 * self.settings.republish_after_s))
         return bool(self.redis.set(SCAN_TURN_KEY, "taken", nx=True, px=period_ms))
-
-    def _announce(self, job_id: str, status: str) -> None:
-        try:
-            publish_job_done(self.redis, job_id, status)
-        except redis.RedisError:
-            pass  # waiters fall back to reading the row
 
     def run_forever(self, stop: threading.Event) -> None:
         """Run passes every reaper_interval_s until `stop` is set; a failed pass is retried."""

@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared import job_store
 from shared.job_store import Claim
 from shared.jobs import JobStatus
+from shared.notify import announce_job_end
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +69,9 @@ class LeaseKeeper:
     one UPDATE per job per round; a worker batching 16 jobs now sends one.
     """
 
-    def __init__(self, db, worker_id: str, lease_s: float, poll_s: float):
+    def __init__(self, db, redis, worker_id: str, lease_s: float, poll_s: float):
         self.db = db
+        self.redis = redis
         self.worker_id = worker_id
         self.lease_s = lease_s
         # How long past its time limit an attempt may go on without stopping, before its lease
@@ -145,6 +147,8 @@ class LeaseKeeper:
                 log.warning("overdue_job_not_ended", job_id=guard.held.job_id, error=str(exc))
                 continue
             log.error("job_overdue_ended", job_id=guard.held.job_id, attempt=guard.held.attempt, ended=ended)
+            if ended:  # else its waiters would wait out their whole Prefer: wait
+                announce_job_end(self.redis, guard.held.job_id, JobStatus.FAILED)
 
     def _run(self) -> None:
         while True:

@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
-from redis import RedisError
 
 from shared import job_store
 from shared.celery_app import model_of_queue
 from shared.job_store import Claim
 from shared.jobs import JobStatus
 from shared.models import utcnow
-from shared.notify import publish_job_done
+from shared.notify import announce_job_end
 from shared.publish import publish_job
-from shared.token_stream import end_stream
 from workers.job_guard import StopReason
 from workers.metrics import QUEUE_WAIT
 
@@ -40,21 +38,11 @@ def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:
     return held
 
 
-def queue_announcement(pipe, job_id: str, status: str) -> None:
-    """Add to a Redis pipeline what wakes whoever waits on a job that just ended and closes its stream."""
-    publish_job_done(pipe, job_id, status)
-    end_stream(pipe, job_id, status)
-
-
 def announce(rt: WorkerRuntime, job_id: str, status: str) -> None:
     """Wake whoever waits on a job that just ended, and close its token stream."""
-    try:
-        with rt.redis.pipeline(transaction=False) as pipe:
-            queue_announcement(pipe, job_id, status)
-            pipe.execute()
-    except RedisError as exc:
+    if not announce_job_end(rt.redis, job_id, status):
         # Waiters fall back to reading the row; the outcome is already committed.
-        log.warning("announce_failed", error=str(exc))
+        log.warning("announce_failed", job_id=job_id)
 
 
 def fail_attempt(rt: WorkerRuntime, held: Claim, code: str, message: str, usage: dict[str, Any] | None = None) -> None:

@@ -12,7 +12,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from shared import job_store
 from shared.job_store import Claim
 from shared.jobs import JobStatus
-from workers.job_runs import fail_attempt, queue_announcement, settle_unfinished
+from shared.notify import queue_job_end
+from workers.job_runs import fail_attempt, settle_unfinished
 from workers.token_publisher import execute_each, write_tokens
 
 log = structlog.get_logger(__name__)
@@ -80,7 +81,7 @@ class ResultWriter:
         """
         pipe = self.rt.redis.pipeline(transaction=False)
         for job in stored_before:
-            queue_announcement(pipe, job.held.job_id, JobStatus.SUCCEEDED)
+            queue_job_end(pipe, job.held.job_id, JobStatus.SUCCEEDED)
         counts = [len(pipe.command_stack)]  # the announcements', then each job's writes
         for job in group:
             counts.append(sum(write_tokens(pipe, job.held.job_id, *args) for args in job.stream_tail))

@@ -67,20 +67,21 @@ class WorkerRuntime:
         registry = ModelRegistry.load(settings.model_registry)
         dtype = generation_dtype(device, concurrency, settings.cpu_dtype)
         db = connect_database(settings)
+        redis_client = connect_redis(settings)
         # Host and pid alone can repeat: containers on the host network share the hostname and
         # may give their workers the same pid, and one would renew and store the other's leases.
         worker_id = f"{socket.gethostname()}:{os.getpid()}:{device}:{secrets.token_hex(3)}"
         return cls(
             settings=settings,
             db=db,
-            redis=connect_redis(settings),
+            redis=redis_client,
             celery=make_celery(settings.redis_url, settings.visibility_timeout_s),
             models=ModelCache(registry, settings.model_cache_path, device, dtype),
             adapters=AdapterCache(settings.adapter_cache_size),
             storage=Storage(settings.storage_path),
             worker_id=worker_id,
             device=device,
-            leases=LeaseKeeper(db, worker_id, settings.lease_s, settings.control_poll_s),
+            leases=LeaseKeeper(db, redis_client, worker_id, settings.lease_s, settings.control_poll_s),
             concurrency=concurrency,
             cpu_threads=CpuThreads(settings.cpu_threads, usable_cores()) if device.type == "cpu" else None,
             results=ResultProcess(settings, worker_id),

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select, update
 
-from shared import job_store
+from shared import job_store, token_stream
 from shared.db import Database
 from shared.models import Job, JobEvent, RateLimitWindow, UsageRecord, utcnow
+from shared.notify import job_done_channel
 from tests.integration.helpers import RESULT, USAGE, claim, lapse_lease, queued_job
 from workers.job_guard import JobGuard, LeaseKeeper
 
@@ -360,10 +362,10 @@ def test_every_job_end_is_counted_once_by_kind_model_and_status(database_url):
         assert charge.model == "ft-mine-1"  # usage is by what the caller asked for
 
 
-def test_the_lease_keeper_renews_watched_jobs_and_stops_only_those_it_lost(database_url):
+def test_the_lease_keeper_renews_watched_jobs_and_stops_only_those_it_lost(database_url, redis_client):
     db = Database(database_url)
     kept_id, cancelled_id, done_id = (queued_job(db) for _ in range(3))
-    keeper = LeaseKeeper(db, "worker-a", lease_s=300, poll_s=3600)  # rounds run by hand here
+    keeper = LeaseKeeper(db, redis_client, "worker-a", lease_s=300, poll_s=3600)  # rounds run by hand here
     rt = SimpleNamespace(leases=keeper, shutdown_deadline=None)
     guards = {job_id: JobGuard(rt, claim(db, job_id, "worker-a"), timeout_s=60)
               for job_id in (kept_id, cancelled_id, done_id)}
@@ -384,12 +386,12 @@ def test_the_lease_keeper_renews_watched_jobs_and_stops_only_those_it_lost(datab
     assert not guards[kept_id].should_stop()
 
 
-def test_a_worker_that_claims_a_job_again_stops_its_earlier_attempt(database_url):
+def test_a_worker_that_claims_a_job_again_stops_its_earlier_attempt(database_url, redis_client):
     """Its renewals failed past the lease, its reaper requeued the job and it took the message
     again: the earlier attempt was never told, and ran to its end beside the new one."""
     db = Database(database_url)
     job_id = queued_job(db)
-    keeper = LeaseKeeper(db, "worker-a", lease_s=300, poll_s=3600)  # rounds run by hand here
+    keeper = LeaseKeeper(db, redis_client, "worker-a", lease_s=300, poll_s=3600)  # rounds run by hand here
     rt = SimpleNamespace(leases=keeper, shutdown_deadline=None)
     first = JobGuard(rt, claim(db, job_id, "worker-a"), timeout_s=60).__enter__()
     lapse_lease(db, job_id)
@@ -404,16 +406,24 @@ def test_a_worker_that_claims_a_job_again_stops_its_earlier_attempt(database_url
     assert not second.should_stop()
 
 
-def test_an_attempt_stuck_past_its_time_limit_is_ended_by_its_lease_keeper(database_url):
-    """One stuck in a call that never returns had its lease renewed for ever: the job never ended."""
+def test_an_attempt_stuck_past_its_time_limit_is_ended_by_its_lease_keeper(database_url, redis_client):
+    """One stuck in a call that never returns had its lease renewed for ever: the job never ended.
+    Its end is announced, as any end is: its waiters waited out their whole Prefer: wait."""
     db = Database(database_url)
     stuck_id, fine_id = queued_job(db), queued_job(db)
-    keeper = LeaseKeeper(db, "worker-a", lease_s=30, poll_s=3600)  # rounds run by hand here
+    keeper = LeaseKeeper(db, redis_client, "worker-a", lease_s=30, poll_s=3600)  # rounds run by hand here
     rt = SimpleNamespace(leases=keeper, shutdown_deadline=None)
     stuck = JobGuard(rt, claim(db, stuck_id, "worker-a"), timeout_s=-keeper.overdue_after_s - 1).__enter__()
     fine = JobGuard(rt, claim(db, fine_id, "worker-a"), timeout_s=60).__enter__()
+    listener = redis_client.pubsub()
+    listener.subscribe(job_done_channel(stuck_id))
     keeper.renew_once()
     assert stuck.reason == "timeout" and not fine.should_stop()
+    announced = [json.loads(message["data"]) for message in iter(lambda: listener.get_message(timeout=1), None)
+                 if message["type"] == "message"]
+    assert announced == [{"job_id": stuck_id, "status": "failed"}]
+    assert token_stream.read_entries(redis_client, stuck_id)[-1]["type"] == "end"
+    assert token_stream.read_entries(redis_client, fine_id) == []
     with db.session_scope() as session:
         job = session.get(Job, stuck_id)
         assert (job.status, job.error["code"]) == ("failed", "timeout") and "stuck" in job.error["message"]
