@@ -190,6 +190,23 @@ def test_missing_purpose_or_file_part_is_400(client, auth):
     assert_error(response, 400, "malformed_request")
 
 
+def test_a_multipart_body_that_cannot_be_parsed_is_a_400_that_says_why(client, auth):
+    """werkzeug drops such a body without a word: it was answered "missing file and purpose"."""
+    def post(body: bytes, content_type: str = "multipart/form-data; boundary=XX"):
+        return client.post("/v1/files", data=body, headers={**auth, "Content-Type": content_type})
+
+    purpose = b'--XX\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+    latin1_name = (b'--XX\r\nContent-Disposition: form-data; name="file"; filename="tr\xe9in.jsonl"\r\n\r\n'
+                   + jsonl(CHAT) + b"\r\n--XX--\r\n")
+    error = assert_error(post(purpose + latin1_name), 400, "malformed_request")
+    assert "not UTF-8" in error["message"] and "missing" not in error["message"]
+    error = assert_error(post(purpose + b"--XX\r\nContent-Disposition: form-"), 400, "malformed_request")
+    assert "could not be parsed" in error["message"]
+    # The same upload with a UTF-8 name is stored, under that name.
+    response = post(purpose + latin1_name.replace(b"\xe9", "é".encode()))
+    assert response.status_code == 201 and response.get_json()["filename"] == "tréin.jsonl"
+
+
 def test_non_multipart_body_is_400(client, auth):
     response = client.post("/v1/files", json={"purpose": "fine-tune"}, headers=auth)
     error = assert_error(response, 400, "malformed_request")

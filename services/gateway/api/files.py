@@ -40,8 +40,9 @@ def upload_file():
     request.max_content_length = limit + MULTIPART_OVERHEAD_BYTES
     if request.mimetype != "multipart/form-data":
         raise MalformedRequest(f"the body is {request.mimetype or 'missing'}; {HOW_TO_UPLOAD}")
-    upload = request.files.get("file")
-    purpose = request.form.get("purpose")
+    form, files = _multipart_parts()
+    upload = files.get("file")
+    purpose = form.get("purpose")
     if upload is None or purpose is None:
         missing = " and ".join(name for name, value in (("file", upload), ("purpose", purpose)) if value is None)
         raise MalformedRequest(f"missing {missing}; {HOW_TO_UPLOAD}")
@@ -65,6 +66,21 @@ def upload_file():
         body = file_domain.file_info(row)
     log.info("file_uploaded", file_id=body.id, rows=body.rows, bytes=body.bytes)
     return body.model_dump(mode="json"), 201, {"Location": url_for("files.get_file", file_id=body.id)}
+
+
+def _multipart_parts():
+    """Parse the multipart body into its fields and files; one that cannot be parsed is a 400
+    that says why (werkzeug drops it silently, which read as "missing file and purpose")."""
+    parser = request.make_form_data_parser()
+    parser.silent = False
+    try:
+        _, form, files = parser.parse(request.stream, request.mimetype, request.content_length,
+                                      request.mimetype_params)
+    except UnicodeError:
+        raise MalformedRequest(f"a part's headers are not UTF-8 (its file name?); {HOW_TO_UPLOAD}") from None
+    except ValueError as exc:  # no boundary, a body cut short
+        raise MalformedRequest(f"the multipart body could not be parsed ({exc}); {HOW_TO_UPLOAD}") from None
+    return form, files
 
 
 @blueprint.errorhandler(RequestEntityTooLarge)
