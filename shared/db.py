@@ -6,18 +6,25 @@ import time
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import structlog
 from sqlalchemy import Connection, Engine, Executable, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import clock
 from shared.direct_connections import DirectConnections
 
+log = structlog.get_logger(__name__)
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A host clock this far from the database server's is worth a warning (it is corrected for).
+CLOCK_WARN_S = 1.0
 # What a database that is down, restarting, overloaded or locked raises (a refused connection, a
 # dropped one, a full pool, a statement timeout, a deadlock): the same request may succeed soon.
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
@@ -346,13 +353,31 @@ class Database:
             connection.close()
 
     def check_schema(self) -> None:
-        """Refuse to run against a schema that is not at the migrations' head."""
+        """Refuse to run against a schema that is not at the migrations' head; then set this
+        process's clock on the server's (every process checks the schema as it starts)."""
         current = self.schema_revision()
         if current != SCHEMA_HEAD:
             raise SchemaOutOfDate(
                 f"database schema is at {current or 'nothing'}, the code needs {SCHEMA_HEAD}: "
                 "run `gemma-jobs migrate`"
             )
+        self.sync_clock()
+
+    def sync_clock(self) -> timedelta | None:
+        """Measure how far PostgreSQL's clock is ahead of this host's, and have `utcnow()` add it
+        from now on (shared/clock.py); return it. SQLite: None, nothing to do."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        with self.engine.connect() as connection:
+            lead, round_trip = clock.measure_offset(
+                lambda: connection.exec_driver_sql("SELECT clock_timestamp()").scalar_one())
+        moved = abs((lead - clock.offset()).total_seconds())
+        clock.set_offset(lead)
+        if abs(lead.total_seconds()) >= CLOCK_WARN_S and moved >= CLOCK_WARN_S / 2:
+            log.warning("clock_skew", database_clock_ahead_s=round(lead.total_seconds(), 3),
+                        round_trip_ms=round(round_trip.total_seconds() * 1000, 2),
+                        note="this process uses the database's clock; keep hosts on NTP")
+        return lead
 
     def schema_revision(self) -> str | None:
         """Return the revision Alembic recorded in the database; None for an empty database."""

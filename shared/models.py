@@ -20,6 +20,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from shared import clock
+
 # Stable constraint names, so migrations can name what they alter on every backend.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -31,8 +33,8 @@ NAMING_CONVENTION = {
 
 
 def utcnow() -> datetime:
-    """Return the current time, timezone-aware in UTC."""
-    return datetime.now(timezone.utc)
+    """Return the current time, timezone-aware in UTC, on the database server's clock (shared/clock.py)."""
+    return clock.now()
 
 
 class UTCDateTime(TypeDecorator):

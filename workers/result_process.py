@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import redis
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared.db import Database
 from shared.logging import configure_logging
@@ -159,6 +160,10 @@ def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any, 
     configure_logging(settings.log_level, settings.log_format, process="result-writer")
     structlog.contextvars.bind_contextvars(worker_id=worker_id)
     context = WriterContext(settings, connect_database(settings), connect_redis(settings), worker_id)
+    try:
+        context.db.sync_clock()  # its finish times and rate-limit minutes are on the database's clock
+    except SQLAlchemyError as exc:
+        log.warning("clock_not_synced", error=str(exc))  # the host's clock, then
     writer = ResultWriter(context)
     gc.freeze()  # its imports (~110,000 objects) stay: out of the collector's full passes (~60 ms each)
     ready.set()
