@@ -1,6 +1,7 @@
 """Alembic environment: runs migrations against the URL passed in by shared.migrate."""
 
 from alembic import context
+from sqlalchemy import event
 
 from shared.db import make_engine
 from shared.models import Base
@@ -28,11 +29,25 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any fixed number: every `gemma-jobs migrate` on a PostgreSQL database takes this lock first.
+MIGRATION_LOCK_ID = 7_302_119_001
+
+
 def run_migrations_online() -> None:
     """Run migrations on a live connection, one transaction per migration."""
     engine = make_engine(database_url())
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table (copy, DROP, rename) to drop a column; with foreign keys on,
+        # the DROP deletes its rows first, cascading to (or failing on) the rows that refer to them.
+        event.listen(engine, "connect", _foreign_keys_off)
     try:
         with engine.connect() as connection:
+            if not sqlite:
+                # Two migrates at once (init containers of several replicas): the second waits
+                # here, then finds the work done; it crashed on the version table before.
+                connection.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_ID})")
+                connection.commit()  # the lock is the session's; each migration has its own transaction
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,
@@ -41,8 +56,22 @@ def run_migrations_online() -> None:
             )
             with context.begin_transaction():
                 context.run_migrations()
+            if sqlite:
+                _check_foreign_keys(connection)
     finally:
-        engine.dispose()
+        engine.dispose()  # closing the connection releases the advisory lock
+
+
+def _foreign_keys_off(dbapi_connection, _record) -> None:
+    dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+
+
+def _check_foreign_keys(connection) -> None:
+    """Fail loudly if the migrations left a row pointing at nothing (checks were off meanwhile)."""
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    connection.rollback()
+    if broken:
+        raise RuntimeError(f"the migrations left rows whose foreign keys point at nothing: {broken[:5]}")
 
 
 if context.is_offline_mode():

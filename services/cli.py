@@ -135,10 +135,20 @@ def _checked_database():
 
 def cmd_migrate(_args) -> int:
     """Upgrade the configured database to the migrations' head."""
+    from shared.db import schema_is_newer, schema_mismatch
     from shared.migrate import head_revision, upgrade
 
+    head = head_revision()
+    db = _database()
+    try:
+        current = db.schema_revision()
+    finally:
+        db.dispose()
+    if schema_is_newer(current, head):  # Alembic would fail on a revision it does not know
+        print(f"gemma-jobs: {schema_mismatch(current, head)}", file=sys.stderr)
+        return 2
     upgrade(get_settings().database_url_or_default)
-    print(f"database at revision {head_revision()}", file=sys.stderr)
+    print(f"database at revision {head}", file=sys.stderr)
     return 0
 
 

@@ -47,8 +47,25 @@ def get_by_id(session: Session, model: type, row_id: str, **options: Any) -> Any
     return session.get(model, row_id, **options) if "\x00" not in row_id else None
 
 
+# Revisions newer than the code that this process has warned about (once each).
+_newer_schemas_seen: set[str] = set()
+
+
 class SchemaOutOfDate(RuntimeError):
     """The database schema is not at the migrations' head."""
+
+
+def schema_is_newer(current: str | None, head: str = SCHEMA_HEAD) -> bool:
+    """Whether a database at revision `current` was migrated by a newer release than this code."""
+    return current is not None and current.isdigit() and current > head  # revisions: 0001, 0002, …
+
+
+def schema_mismatch(current: str | None, head: str = SCHEMA_HEAD) -> str:
+    """Say what to do about a database whose schema is at `current` where the code needs `head`."""
+    if schema_is_newer(current, head):
+        return (f"database schema is at {current}, newer than this code's {head}: "
+                "run a gemma-jobs release at least as new as the database's migrations")
+    return f"database schema is at {current or 'nothing'}, the code needs {head}: run `gemma-jobs migrate`"
 
 
 def normalize_url(url: str) -> str:
@@ -353,14 +370,17 @@ class Database:
             connection.close()
 
     def check_schema(self) -> None:
-        """Refuse to run against a schema that is not at the migrations' head; then set this
-        process's clock on the server's (every process checks the schema as it starts)."""
+        """Refuse to run against a schema behind the migrations' head (a newer one is logged once);
+        then set this process's clock on the server's (every process checks it as it starts)."""
         current = self.schema_revision()
-        if current != SCHEMA_HEAD:
-            raise SchemaOutOfDate(
-                f"database schema is at {current or 'nothing'}, the code needs {SCHEMA_HEAD}: "
-                "run `gemma-jobs migrate`"
-            )
+        if schema_is_newer(current):
+            # A newer release migrated it, and its migrations only add (docs/operations.md):
+            # this code runs on, so that a rolling upgrade keeps the old processes serving.
+            if current not in _newer_schemas_seen:
+                _newer_schemas_seen.add(current)
+                log.warning("schema_newer_than_code", database=current, code=SCHEMA_HEAD)
+        elif current != SCHEMA_HEAD:
+            raise SchemaOutOfDate(schema_mismatch(current))
         self.sync_clock()
 
     def sync_clock(self) -> timedelta | None:

@@ -25,7 +25,10 @@ def upgrade() -> None:
         batch_op.create_index('ix_jobs_status_expires_at', ['status', 'expires_at'], unique=False)
         batch_op.create_index('ix_jobs_status_lease_expires_at', ['status', 'lease_expires_at'], unique=False)
     # Jobs left running by code without leases get a lapsed one, so the reaper recovers them.
-    op.execute("UPDATE jobs SET lease_expires_at = CURRENT_TIMESTAMP WHERE status = 'running' AND lease_expires_at IS NULL")
+    # The column holds naive UTC; PostgreSQL's CURRENT_TIMESTAMP would come out in the session's
+    # time zone (9 h ahead in Tokyo: a lease the reaper would leave alone until then).
+    now = "timezone('UTC', CURRENT_TIMESTAMP)" if op.get_bind().dialect.name == "postgresql" else "CURRENT_TIMESTAMP"
+    op.execute(f"UPDATE jobs SET lease_expires_at = {now} WHERE status = 'running' AND lease_expires_at IS NULL")
 
 
 def downgrade() -> None:

@@ -128,3 +128,103 @@ def test_0007_counts_the_jobs_that_ended_before_it(database_url):
             ("generation", "gemma-3-270m", "succeeded", 2),
         ]
     db.dispose()
+
+
+def _job_with_event_and_charge(db: Database) -> str:
+    """A finished job, its events and its usage row: rows that point at the jobs table."""
+    from shared import job_store
+    from tests.integration.helpers import RESULT, USAGE, claim, queued_job
+
+    job_id = queued_job(db)
+    held = claim(db, job_id, "worker-a")
+    with db.session_scope() as session:
+        assert job_store.finish(session, held, "worker-a", result=RESULT, usage=USAGE)
+    return job_id
+
+
+def _rows_of(db: Database, job_id: str) -> tuple[int, int]:
+    from sqlalchemy import text
+
+    with db.engine.connect() as connection:
+        return tuple(connection.execute(text(f"SELECT count(*) FROM {name} WHERE job_id = :id"), {"id": job_id}).scalar()
+                     for name in ("job_events", "usage_records"))
+
+
+def test_downgrading_past_a_dropped_jobs_column_keeps_the_rows_that_point_at_jobs(database_url):
+    """SQLite rebuilds a table to drop a column (copy, DROP, rename): with foreign keys on, the
+    DROP deleted the job events first, or failed on the usage rows."""
+    db = Database(database_url)
+    job_id = _job_with_event_and_charge(db)
+    before = _rows_of(db, job_id)
+    assert before[0] >= 2 and before[1] == 1
+    downgrade(database_url, "0001")  # every later revision's downgrade, the jobs columns included
+    assert _rows_of(db, job_id) == before
+    upgrade(database_url)
+    assert _rows_of(db, job_id) == before
+    db.dispose()
+
+
+def test_two_migrates_at_once_take_turns(empty_database_url):
+    """Init containers of several replicas: the second one crashed on Alembic's version table."""
+    command = [sys.executable, "-m", "services.cli", "migrate"]
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": empty_database_url}
+    runs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [(run.wait(timeout=120), run.stderr.read()) for run in runs]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    Database(empty_database_url).check_schema()
+
+
+def test_a_database_migrated_by_a_newer_release_is_used_and_not_migrated(database_url, redis_url, tmp_path):
+    """A rolling upgrade migrates first: the older gateways and workers go on serving (readyz
+    200), and the older `migrate` says why it stops instead of Alembic's traceback."""
+    from sqlalchemy import text
+
+    newer = f"{int(SCHEMA_HEAD) + 1:04d}"
+    db = Database(database_url)
+    with db.engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = :newer"), {"newer": newer})
+    db.check_schema()  # runs on, with one warning
+    client = create_app(load_settings(database_url=database_url, redis_url=redis_url, data_dir=tmp_path)).test_client()
+    assert client.get("/readyz").status_code == 200
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "migrate"],
+        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"at {newer}, newer than this code's {SCHEMA_HEAD}" in result.stderr and "Traceback" not in result.stderr
+    with db.engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == newer
+    db.dispose()
+
+
+def test_0002_gives_running_jobs_a_lease_lapsed_now_in_utc_whatever_the_session_time_zone(empty_database_url):
+    """PostgreSQL's CURRENT_TIMESTAMP comes out in the session's time zone: in Tokyo the lease
+    was 9 h ahead, and the reaper left the job alone that long."""
+    from datetime import datetime, timedelta
+
+    from sqlalchemy import text
+
+    from shared.models import utcnow
+
+    db = Database(empty_database_url)
+    if db.engine.dialect.name == "postgresql":
+        with db.engine.connect() as connection:
+            name = connection.execute(text("SELECT current_database()")).scalar()
+        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" SET timezone TO \'Asia/Tokyo\''))
+        db.dispose()
+    upgrade(empty_database_url, "0001")
+    with db.engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO api_keys (id, key_hash, key_prefix, name, role, created_at) "
+            "VALUES ('key_a', 'h', 'p', 'n', 'user', :now)"), {"now": utcnow().replace(tzinfo=None)})
+        connection.execute(text(
+            "INSERT INTO jobs (id, owner_key_id, kind, model, queue, status, params, created_at, attempts) "
+            "VALUES ('job_a', 'key_a', 'generation', 'm', 'q', 'running', '{}', :now, 1)"),
+            {"now": utcnow().replace(tzinfo=None)})
+    upgrade(empty_database_url, "0002")
+    with db.engine.connect() as connection:
+        lease = connection.execute(text("SELECT lease_expires_at FROM jobs WHERE id = 'job_a'")).scalar()
+    lease = datetime.fromisoformat(lease) if isinstance(lease, str) else lease  # SQLite: text
+    assert abs(lease.replace(tzinfo=None) - utcnow().replace(tzinfo=None)) < timedelta(minutes=1)
+    db.dispose()
