@@ -31,7 +31,7 @@ from services.gateway.errors import database_unavailable_error
 from shared import token_stream
 from shared.db import DATABASE_UNAVAILABLE
 from shared.errors import InvalidField
-from shared.jobs import JobStatus
+from shared.jobs import TERMINAL_STATUSES, JobStatus
 from shared.models import JobEvent
 from shared.schemas import JobEventInfo
 
@@ -54,7 +54,8 @@ _CURSOR = re.compile(r"^(\d{1,19}):(\d{1,20}(?:-\d{1,20})?)$")
 
 def wants_event_stream(accept: MIMEAccept) -> bool:
     """Return whether the Accept header names text/event-stream itself (`*/*` does not count)."""
-    return any(value.lower() == EVENT_STREAM and quality > 0 for value, quality in accept)
+    # The media type alone: werkzeug keeps parameters in the value (`text/event-stream; charset=utf-8`).
+    return any(value.split(";", 1)[0].strip().lower() == EVENT_STREAM and quality > 0 for value, quality in accept)
 
 
 @dataclass
@@ -228,8 +229,8 @@ def listed_events(
         entries = []
     recorded = [JobEventInfo(id=row.id, type=row.type, data=row.data, created_at=row.created_at) for row in rows]
     streamed = [_entry_event(entry) for entry in entries if entry["type"] in ("token", "attempt")]
-    # Whole milliseconds, a recorded event first on a tie: the order the live stream sends.
-    merged = heapq.merge(recorded, streamed, key=lambda event: _millis(event.created_at))
+    # The order the live stream sends (`_in_time_order`).
+    merged = heapq.merge(recorded, streamed, key=lambda event: _in_time_order(event, event.id is None))
     attempt, page = attempt_begun(session, job_id, after), []
     for event in merged:
         counted = latest_attempt(attempt, event.type, event.data, streamed=event.id is None)
@@ -262,6 +263,26 @@ def attempt_begun(session: Session, job_id: str, up_to: int) -> int:
     return max((data.get("attempt", 0) for data in statuses), default=0)
 
 
+# Where an event goes among those of the same millisecond (see `_in_time_order`).
+BEGUN, STREAMED, ENDED = 0, 1, 2
+
+
+def _in_time_order(event: Any, streamed: bool) -> tuple[int, int]:
+    """Return the key that puts recorded events and stream entries in the order they happened.
+
+    Stream entry ids hold whole milliseconds, so that is the precision. On a tie a recorded
+    event goes before the stream's entries (a claim comes before its attempt's text), but a
+    job's end goes after them: its worker writes the last text before it commits the end, often
+    within the same millisecond, and a client that took the end for "the text is complete" lost
+    the tail.
+    """
+    if streamed:
+        place = STREAMED
+    else:
+        place = ENDED if event.type == "status" and event.data.get("status") in TERMINAL_STATUSES else BEGUN
+    return _millis(event.created_at), place
+
+
 def _millis(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
 
@@ -277,11 +298,9 @@ def _entry_event(entry: dict[str, Any]) -> JobEventInfo:
 
 def _merged(events: list[Any], entries: list[dict[str, Any]], cursor: Cursor) -> Iterator[str]:
     """Yield frames of both sources in time order, each source in its own order, moving the cursor."""
-    # Stream entry ids hold whole milliseconds, so events are compared at that precision; on a tie
-    # the database event goes first (heapq.merge is stable across its inputs).
     timed = heapq.merge(
-        ((int(event.created_at.timestamp() * 1000), event) for event in events),
-        ((token_stream.entry_millis(entry["id"]), entry) for entry in entries),
+        ((_in_time_order(event, False), event) for event in events),
+        (((token_stream.entry_millis(entry["id"]), STREAMED), entry) for entry in entries),
         key=lambda item: item[0],
     )
     for _, item in timed:

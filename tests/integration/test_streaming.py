@@ -294,6 +294,45 @@ def test_the_json_list_holds_the_tokens_in_time_order_on_every_page(client, auth
     assert client.get(f"/v1/jobs/{job_id}/events?after={2**40}", headers=auth).get_json()["data"] == []
 
 
+def test_a_job_end_in_the_millisecond_of_its_last_text_comes_after_that_text(client, auth, app, redis_client):
+    """Its worker writes the last text, then commits the end, often within one millisecond; on
+    such a tie the end went first, and a client that took it for "the text is complete" lost the tail."""
+    from datetime import timezone
+
+    from sqlalchemy import update
+
+    from shared.models import JobEvent
+
+    job_id = job_id_of(client, auth)
+    worker = worker_for(app, redis_client, job_id)
+    held = worker.claim()
+    worker.tokens(held, ("Hel", [10]), ("lo", [11]))
+    worker.finish(held)
+    last_text = [entry for entry in token_stream.read_entries(redis_client, job_id) if entry["type"] == "token"][-1]
+    tied = datetime.fromtimestamp(token_stream.entry_millis(last_text["id"]) / 1000, timezone.utc)
+    with worker.db.session_scope() as session:
+        ended = session.execute(update(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.data["status"].as_string() == "succeeded").values(created_at=tied))
+        assert ended.rowcount == 1
+    streamed = [(event.name, event.data.get("text") or event.data.get("status"))
+                for event in read_until_done(stream(client, auth, job_id))]
+    assert streamed[-4:] == [("token", "Hel"), ("token", "lo"), ("status", "succeeded"), ("done", "succeeded")]
+    listed = client.get(f"/v1/jobs/{job_id}/events", headers=auth).get_json()["data"]
+    assert [event["type"] for event in listed][-3:] == ["token", "token", "status"]
+    assert one_a_page(client, auth, job_id) == listed
+
+
+def test_an_accept_header_with_parameters_still_asks_for_the_stream(client, auth, app, redis_client):
+    """werkzeug keeps a media type's parameters in the value: such a client got the JSON list."""
+    job_id = job_id_of(client, auth)
+    worker = worker_for(app, redis_client, job_id)
+    worker.finish(worker.claim())
+    for accept in ("text/event-stream; charset=utf-8", "TEXT/EVENT-STREAM;charset=UTF-8", "application/json;q=0.5, text/event-stream ; q=0.9"):
+        response = client.get(f"/v1/jobs/{job_id}/events", headers={**auth, "Accept": accept})
+        assert response.headers["Content-Type"].startswith("text/event-stream"), accept
+        assert read_until_done(response)[-1].data["status"] == "succeeded"
+
+
 def one_a_page(client, auth, job_id: str) -> list[dict]:
     """The job's JSON event list read one recorded event a page, following `next_after`."""
     paged, after = [], 0
