@@ -256,6 +256,44 @@ def test_readiness_is_503_without_redis(database_url, tmp_path):
     assert body["error"]["code"] == "not_ready" and "redis" in body["error"]["message"]
 
 
+def test_a_wait_without_redis_reads_the_row_until_the_job_ends(database_url, tmp_path):
+    """Without pub/sub a wait answered at once, yet said `Preference-Applied: wait=N`."""
+    import threading
+
+    from shared import job_store
+    from tests.integration.helpers import RESULT, USAGE, claim
+
+    settings = load_settings(database_url=database_url, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
+    app = create_app(settings)
+    client, auth = app.test_client(), {"Authorization": f"Bearer {make_key(app)}"}
+    body = {"model": "gemma-3-270m", "prompt": "Hello", "max_new_tokens": 4}
+    started = time.monotonic()
+    waited = client.post("/v1/generations", json=body, headers={**auth, "Prefer": "wait=1"})
+    assert waited.status_code == 202 and waited.headers["Preference-Applied"] == "wait=1"
+    assert time.monotonic() - started >= 1.0
+
+    db = Database(database_url)
+
+    def act_as_worker() -> None:
+        job_id, deadline = None, time.monotonic() + 10
+        while job_id is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with db.session_scope(read_only=True) as session:
+                job_id = session.query(Job.id).filter(Job.status == "queued", Job.id != waited.get_json()["id"]).scalar()
+        held = claim(db, job_id, "worker-a")
+        with db.session_scope() as session:
+            assert job_store.finish(session, held, "worker-a", result=RESULT, usage=USAGE)
+
+    worker = threading.Thread(target=act_as_worker)
+    worker.start()
+    started = time.monotonic()
+    finished = client.post("/v1/generations", json={**body, "prompt": "Hi"}, headers={**auth, "Prefer": "wait=20"})
+    worker.join()
+    assert finished.status_code == 200 and finished.get_json()["status"] == "succeeded"
+    assert time.monotonic() - started < 5
+    db.dispose()
+
+
 def test_submit_without_redis_keeps_the_job(database_url, tmp_path):
     """Redis down at submit: the committed job is kept (queued) and the client gets its id."""
     settings = load_settings(database_url=database_url, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)

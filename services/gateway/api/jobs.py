@@ -213,8 +213,8 @@ def _is_finished(context: GatewayContext, job_id: str) -> bool:
 
 
 def job_response(context: GatewayContext, job_id: str, wait_s: float, body: JobOut | None = None):
-    """Answer with a job just submitted, read unless given: 202, or 200 if it finished while
-    `Prefer: wait` held the request (a replayed submit of a finished job is a 202, as it was)."""
+    """Answer with a job just submitted, read unless given: 202, or 200 if it has finished and
+    `Prefer: wait` was asked for (a replayed submit too: the job as it is now)."""
     if body is None:
         body = job_domain.poll_job(context.db, current_caller(), job_id, context.live_queues)
     finished = JobStatus(body.status).is_terminal
