@@ -6,7 +6,7 @@ import time
 from collections import namedtuple
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -389,8 +389,9 @@ class Database:
         if self.engine.dialect.name != "postgresql":
             return None
         with self.engine.connect() as connection:
-            lead, round_trip = clock.measure_offset(
-                lambda: connection.exec_driver_sql("SELECT clock_timestamp()").scalar_one())
+            # As seconds since the epoch: a timestamp's text depends on the server's DateStyle.
+            lead, round_trip = clock.measure_offset(lambda: datetime.fromtimestamp(float(
+                connection.exec_driver_sql("SELECT extract(epoch FROM clock_timestamp())").scalar_one()), timezone.utc))
         moved = abs((lead - clock.offset()).total_seconds())
         clock.set_offset(lead)
         if abs(lead.total_seconds()) >= CLOCK_WARN_S and moved >= CLOCK_WARN_S / 2:
