@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from typing import Any
 
 import structlog
@@ -14,7 +15,7 @@ from shared.models import Adapter
 from shared.storage import Storage
 from workers.fine_tuning import FineTuneError, FineTuneSpec, TrainingReport, train_adapter
 from workers.job_guard import JobGuard
-from workers.job_runs import claim_job, fail_attempt, store_attempt
+from workers.job_runs import claim_job, fail_attempt, retry_while_unreachable, store_attempt
 from workers.model_loader import ModelUnavailable
 from workers.runtime import WorkerRuntime
 
@@ -99,7 +100,11 @@ def _store_outcome(
         reason,
         usage,
         timeout_message=f"training ran past the fine-tune time limit of {timeout_s:g} s and was stopped",
-        finish=lambda: _register_adapter(rt, held, report, relative, usage),
+        # While the database is away the adapter's registration is tried again for up to half a
+        # lease (nothing renews it now): one failed try threw the whole training run away.
+        finish=lambda: retry_while_unreachable(
+            lambda: _register_adapter(rt, held, report, relative, usage),
+            time.monotonic() + rt.settings.lease_s / 2, "adapter_register_retrying"),
     )
     if outcome != "finished":
         rt.storage.remove_attempt(held.adapter_id, held.attempt)

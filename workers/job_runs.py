@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import time
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared import job_store
 from shared.celery_app import model_of_queue
@@ -20,6 +22,26 @@ if TYPE_CHECKING:  # the result writer process runs these without torch
     from workers.runtime import WorkerRuntime
 
 log = structlog.get_logger(__name__)
+
+# Pauses between tries of a write while the database is away: doubling from the first to the longest.
+RETRY_FIRST_PAUSE_S = 0.1
+RETRY_LONGEST_PAUSE_S = 2.0
+Result = TypeVar("Result")
+
+
+def retry_while_unreachable(write: Callable[[], Result], give_up_at: float, event: str) -> Result:
+    """Run a database write, again after doubling pauses while the database cannot be reached
+    (logged as `event`), until `give_up_at` (monotonic); then its last error is raised."""
+    pause_s = RETRY_FIRST_PAUSE_S
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + pause_s > give_up_at:
+                raise
+            log.warning(event, error=str(exc), pause_s=pause_s)
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, RETRY_LONGEST_PAUSE_S)
 
 
 def claim_job(rt: WorkerRuntime, job_id: str) -> Claim | None:

@@ -13,14 +13,10 @@ from shared import job_store
 from shared.job_store import Claim
 from shared.jobs import JobStatus
 from shared.notify import queue_job_end
-from workers.job_runs import fail_attempt, settle_unfinished
+from workers.job_runs import fail_attempt, retry_while_unreachable, settle_unfinished
 from workers.token_publisher import execute_each, write_tokens
 
 log = structlog.get_logger(__name__)
-
-# Pauses between tries of a result while the database is away: doubling from the first to the longest.
-RETRY_FIRST_PAUSE_S = 0.1
-RETRY_LONGEST_PAUSE_S = 2.0
 
 FINISHED, NOT_HELD, UNSTORED = "finished", "not_held", "result_not_stored"
 
@@ -111,23 +107,19 @@ class ResultWriter:
 
     def _store_alone(self, job: FinishedJob, give_up_at: float) -> str:
         """Store one result, trying again until `give_up_at` while the database cannot be reached."""
-        pause_s = RETRY_FIRST_PAUSE_S
         with structlog.contextvars.bound_contextvars(job_id=job.held.job_id):
-            while True:
-                try:
-                    done = job_store.finish_alone(self.rt.db, job.held, self.rt.worker_id, result=job.result,
-                                                  usage=job.usage)
-                    return FINISHED if done else NOT_HELD
-                except (OperationalError, InterfaceError) as exc:
-                    if time.monotonic() + pause_s > give_up_at:
-                        # Still away: the job's lease runs out and the reaper gives it another attempt.
-                        log.error("result_not_stored", error=str(exc))
-                        return UNSTORED
-                    log.warning("result_store_retrying", error=str(exc), pause_s=pause_s)
-                    time.sleep(pause_s)
-                    pause_s = min(pause_s * 2, RETRY_LONGEST_PAUSE_S)
-                except SQLAlchemyError as exc:
-                    return self._refused(job, exc)
+            try:
+                done = retry_while_unreachable(
+                    lambda: job_store.finish_alone(self.rt.db, job.held, self.rt.worker_id, result=job.result,
+                                                   usage=job.usage),
+                    give_up_at, "result_store_retrying")
+                return FINISHED if done else NOT_HELD
+            except (OperationalError, InterfaceError) as exc:
+                # Still away: the job's lease runs out and the reaper gives it another attempt.
+                log.error("result_not_stored", error=str(exc))
+                return UNSTORED
+            except SQLAlchemyError as exc:
+                return self._refused(job, exc)
 
     def _refused(self, job: FinishedJob, error: Exception) -> str:
         """Fail a job whose result the database refused (it would refuse it again)."""

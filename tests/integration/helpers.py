@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 from datetime import timedelta
 
+import psycopg
 from sqlalchemy import update
 
 from services.domain.keys import create_key
@@ -76,3 +78,37 @@ def answers_at_once(send, times: int) -> list[tuple[int, str | None]]:
     for thread in threads:
         thread.join()
     return answers
+
+
+def allow_connections(postgres_admin_url: str, database_url: str, allowed: bool) -> None:
+    """Let a PostgreSQL test database take connections again, or refuse new ones and end its open
+    ones (a database going down)."""
+    name = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                          "AND pid <> pg_backend_pid()", (name,))
+
+
+@contextmanager
+def cut_off(database_url: str, postgres_admin_url: str):
+    """Take a PostgreSQL test database away until the block ends."""
+    allow_connections(postgres_admin_url, database_url, False)
+    try:
+        yield
+    finally:
+        allow_connections(postgres_admin_url, database_url, True)
+
+
+@contextmanager
+def down_for(seconds: float, database_url: str, postgres_admin_url: str):
+    """Take a PostgreSQL test database away, and give it back `seconds` later while the block runs."""
+    allow_connections(postgres_admin_url, database_url, False)
+    back = threading.Timer(seconds, allow_connections, args=(postgres_admin_url, database_url, True))
+    back.start()
+    try:
+        yield
+    finally:
+        back.join()
+        allow_connections(postgres_admin_url, database_url, True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -21,7 +20,7 @@ from shared.models import Job
 from shared.db import Database
 from shared.keys import generate_key
 from shared.settings import load_settings
-from tests.integration.helpers import assert_error, submit
+from tests.integration.helpers import assert_error, cut_off, submit
 from tests.integration.test_streaming import sse_events, stream
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,20 +118,6 @@ def test_requests_answer_503_database_unavailable_while_the_database_is_down(tmp
     app.extensions["gemma_jobs"].db.dispose()
 
 
-@contextmanager
-def _cut_off(database_url: str, postgres_admin_url: str):
-    """Refuse new connections to the test database and end its open ones (a database going
-    down), until the block ends."""
-    name = database_url.rsplit("/", 1)[1]
-    with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        try:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            yield
-        finally:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-
-
 def _postgres_only(database_url: str) -> None:
     if not database_url.startswith("postgresql"):
         pytest.skip("a SQLite file cannot be taken away from a process that has it open")
@@ -144,7 +129,7 @@ def test_a_plain_submit_whose_commit_fails_answers_503_and_records_nothing(clien
     _postgres_only(database_url)
     assert submit(client, auth).status_code == 202  # the key is now cached: the submit gets to its commit
     before = _jobs(app)
-    with _cut_off(database_url, postgres_admin_url), capture_logs() as logs:
+    with cut_off(database_url, postgres_admin_url), capture_logs() as logs:
         _assert_database_unavailable(submit(client, auth))
     assert "unhandled_error" not in [entry["event"] for entry in logs]
     fresh = Database(database_url)  # the app's pooled connections were ended: a new one counts
@@ -161,7 +146,7 @@ def test_an_open_event_stream_says_the_database_is_unavailable_before_it_ends(cl
     _postgres_only(database_url)
     job_id = submit(client, auth).get_json()["id"]
     response = stream(client, auth, job_id)
-    with _cut_off(database_url, postgres_admin_url):
+    with cut_off(database_url, postgres_admin_url):
         # Its first database read fails, and the stream ends.
         text = b"".join(response.response).decode()
     [frame] = [frame for frame in text.split("\n\n") if frame and not frame.startswith(":")]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import psutil
@@ -24,7 +23,7 @@ from shared import job_store, token_stream
 from shared.db import Database
 from shared.models import Job, UsageRecord, utcnow
 from shared.notify import job_done_channel
-from tests.integration.helpers import USAGE, claim, queued_job
+from tests.integration.helpers import USAGE, claim, down_for, queued_job
 from workers import result_process
 from workers.job_runs import fail_attempt
 from workers.result_writer import FinishedJob, ResultWriter
@@ -198,24 +197,8 @@ def test_a_result_is_stored_once_the_database_is_back_within_half_a_lease(rt, wr
     if rt.db.engine.dialect.name != "postgresql":
         pytest.skip("PostgreSQL's backends")
     job = finished(rt, queued_job(rt.db), "words")
-    database = rt.db.engine.url.database
-
-    def allow_connections(allowed: bool) -> None:
-        with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
-            if not allowed:
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                              "AND pid <> pg_backend_pid()", (database,))
-
-    allow_connections(False)
-    back = threading.Timer(1.0, allow_connections, args=(True,))
-    back.start()
-    try:
-        with capture_logs() as logs:
-            assert writer.write([job], []) == [job]
-    finally:
-        back.join()
-        allow_connections(True)
+    with down_for(1.0, rt.db.url, postgres_admin_url), capture_logs() as logs:
+        assert writer.write([job], []) == [job]
     assert any(entry["event"] == "result_store_retrying" for entry in logs)
     row, usage = stored(rt.db, job.held.job_id)
     assert row.status == "succeeded" and len(usage) == 1
