@@ -19,8 +19,11 @@ def invariant_rows(model: torch.nn.Module, skip: torch.nn.Module | None = None) 
     """Return the most rows (from CANDIDATE_ROWS, else 1) at which every linear layer of `model` but
     `skip` gives each row the bits it gets with fewer rows, at any place in the batch."""
     weights = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not skip:
+    for name, module in model.named_modules():
+        # peft's LoRA layers live on the base model once an adapter is loaded, but only adapter
+        # batches run them, and those never pack: they set no limit on the base model's packing.
+        lora = any(part.startswith("lora_") for part in name.split("."))
+        if isinstance(module, torch.nn.Linear) and module is not skip and not lora:
             weights.setdefault(tuple(module.weight.shape), module.weight.detach())
     generator = torch.Generator().manual_seed(0)
     for rows in CANDIDATE_ROWS:

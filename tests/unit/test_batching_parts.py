@@ -171,6 +171,31 @@ def test_prompts_pack_only_up_to_the_rows_this_cpus_products_keep_bits_at(monkey
     assert invariant_rows(model, skip=model[2]) == expected
 
 
+def test_an_adapters_lora_layers_on_the_base_model_do_not_limit_its_packing(monkeypatch):
+    """Measured while an adapter was loaded first, its float32 LoRA layers made every base prompt
+    prefill alone for the engine's life."""
+
+    class LoraLinear(torch.nn.Module):
+        """What peft leaves in a base model's place: the base layer, and the adapter's layers."""
+
+        def __init__(self):
+            super().__init__()
+            self.base_layer = torch.nn.Linear(64, 48)
+            self.lora_A = torch.nn.ModuleDict({"ft-x": torch.nn.Linear(64, 4)})
+            self.lora_B = torch.nn.ModuleDict({"ft-x": torch.nn.Linear(4, 48)})
+
+    model = torch.nn.Sequential(LoraLinear(), torch.nn.Linear(48, 1000))
+    plain = torch.nn.functional.linear
+
+    def blas(x, weight, bias=None):
+        """A BLAS (outside the product) that keeps bits at any rows but for the LoRA layers' shapes."""
+        out = plain(torch.round(x * 4), torch.round(weight * 16), bias)
+        return out + 0.5 if x.shape[0] > 1 and 4 in weight.shape else out
+
+    monkeypatch.setattr(row_invariance.torch.nn.functional, "linear", blas)
+    assert invariant_rows(model, skip=model[1]) == 32
+
+
 def test_greedy_and_seeded_sampling():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
     history = torch.tensor([1])
