@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import structlog
+import torch
 
 from workers.model_loader import LoadedModel
 
@@ -84,8 +85,9 @@ class AdapterCache:
                 self._wrapped[loaded.entry.id] = wrapped
             else:
                 wrapped.load_adapter(path, adapter_name=adapter_id, is_trainable=False)
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a bad file (peft and safetensors raise many kinds) fails its jobs only
             log.error("adapter_load_failed", adapter=adapter_id, path=str(path), error=str(exc))
+            _undo_partial_load(loaded.model, wrapped, adapter_id)
             raise AdapterUnavailable(f"adapter {adapter_id!r} could not be loaded ({exc.__class__.__name__})") from exc
         self._lru[key] = None
         log.info("adapter_loaded", adapter=adapter_id, base=loaded.entry.id, cached=len(self._lru))
@@ -125,3 +127,24 @@ class AdapterCache:
         else:
             # peft cannot delete a model's last adapter; unload() restores the base's own modules.
             self._wrapped.pop(base_id).unload()
+
+
+def _undo_partial_load(base: torch.nn.Module, wrapped: PeftModel | None, adapter_id: str) -> None:
+    """Take out what a load that failed part way left on the shared base model.
+
+    peft injects an adapter's LoRA layers before it reads their weights: a missing or corrupt
+    weights file left them (and the adapter's config) on the base, so base jobs ran through them
+    and every later wrapper carried them along.
+    """
+    if wrapped is not None:  # other adapters are loaded: remove this one's layers alone
+        if adapter_id in wrapped.peft_config:
+            wrapped.delete_adapter(adapter_id)
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    injected = [name for name, module in base.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name in injected:  # the base's own module back in each one's place, as peft's unload() does
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, base.get_submodule(name).get_base_layer())
+    if hasattr(base, "peft_config"):
+        del base.peft_config

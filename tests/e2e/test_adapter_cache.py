@@ -138,3 +138,45 @@ def test_a_job_waiting_for_another_adapter_stops_at_once_when_cancelled(loaded, 
     while not running.done.is_set():
         engine.step()
     assert len(running.result().token_ids) == 40
+    engine.adapters.forget("ft-a")  # the base model is shared with the next tests: its own modules back
+    after = engine.submit(PARAMS)
+    while not after.done.is_set():
+        engine.step()
+    assert engine.adapters.loaded_ids() == []
+
+
+def test_an_adapter_that_fails_to_load_leaves_the_base_model_as_it_was(loaded, tmp_path):
+    """peft injects an adapter's layers before it reads their weights: a missing or corrupt file
+    left them on the shared base (base jobs ran through them, later wrappers carried them), and a
+    corrupt one failed its job as `internal_error`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def injected() -> int:
+        return sum(isinstance(module, BaseTunerLayer) for module in loaded.model.modules())
+
+    base_text = generate_alone(loaded, PARAMS).text
+    good = _random_adapter(loaded, tmp_path / "good", seed=5)
+    missing = shutil.copytree(good, tmp_path / "missing")
+    (missing / "adapter_model.safetensors").unlink()
+    corrupt = shutil.copytree(good, tmp_path / "corrupt")
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cache = AdapterCache(capacity=4)
+    for name, folder in (("ft-missing", missing), ("ft-corrupt", corrupt)):
+        with pytest.raises(AdapterUnavailable, match=name):
+            with cache.applied(loaded, name, folder):
+                pass
+        assert injected() == 0 and not hasattr(loaded.model, "peft_config")
+        assert generate_alone(loaded, PARAMS).text == base_text
+    # Beside an adapter in use, the failed one's layers go and the other's stay.
+    with cache.applied(loaded, "ft-good", good) as model:
+        good_text = generate_alone(model, PARAMS).text
+    with pytest.raises(AdapterUnavailable, match="ft-corrupt"):
+        with cache.applied(loaded, "ft-corrupt", corrupt):
+            pass
+    with cache.applied(loaded, "ft-good", good) as model:
+        assert list(model.model.peft_config) == ["ft-good"] and generate_alone(model, PARAMS).text == good_text
+    with cache.applied(loaded, None) as model:
+        assert generate_alone(model, PARAMS).text == base_text
+    cache.forget("ft-good")
+    assert cache.loaded_ids() == [] and injected() == 0
