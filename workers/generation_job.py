@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared.celery_app import model_of_queue
 from shared.models import Adapter
@@ -50,6 +51,9 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
             )
         except GenerationError as exc:
             code, message, usage = exc.code, exc.message, exc.usage
+            if code == "adapter_unavailable" and _deleted(rt, held.adapter_id):
+                # Deleted after this job passed its check: its files went before the batch got to it.
+                code, message = "adapter_not_found", _deleted_message(held.adapter_id)
         except ModelUnavailable as exc:
             code, message = "model_unavailable", str(exc)
         except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
@@ -65,14 +69,32 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
 
 def _adapter_path(rt: WorkerRuntime, adapter_id: str) -> Path:
     """Return where a live adapter's files are; a deleted adapter fails the job clearly."""
-    with rt.db.session_scope(read_only=True) as session:
-        adapter = session.get(Adapter, adapter_id)
-        deleted = adapter is None or adapter.deleted_at is not None
-        relative = None if deleted else adapter.path
+    relative = _live_adapter_folder(rt, adapter_id)
     if relative is None:
         rt.adapters.forget(adapter_id)
-        raise GenerationError("adapter_not_found", f"adapter {adapter_id!r} was deleted; fine-tune again to use it")
+        raise GenerationError("adapter_not_found", _deleted_message(adapter_id))
     return rt.storage.resolve(relative)
+
+
+def _live_adapter_folder(rt: WorkerRuntime, adapter_id: str) -> str | None:
+    """Return an adapter's folder in storage, or None if it was deleted."""
+    with rt.db.session_scope(read_only=True) as session:
+        adapter = session.get(Adapter, adapter_id)
+        return None if adapter is None or adapter.deleted_at is not None else adapter.path
+
+
+def _deleted(rt: WorkerRuntime, adapter_id: str | None) -> bool:
+    """Whether a job's adapter was deleted (a failed read says no: the job keeps its own error)."""
+    if adapter_id is None:
+        return False
+    try:
+        return _live_adapter_folder(rt, adapter_id) is None
+    except SQLAlchemyError:
+        return False
+
+
+def _deleted_message(adapter_id: str) -> str:
+    return f"adapter {adapter_id!r} was deleted; fine-tune again to use it"
 
 
 def _store_outcome(
