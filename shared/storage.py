@@ -51,6 +51,23 @@ class Storage:
             raise
         return target
 
+    def make_durable(self, relative: str) -> None:
+        """Flush a folder's files, the folder, and each folder above it up to the root to disk.
+
+        A trained adapter is registered in a durable commit just after it is saved: without this,
+        a host that lost power soon after kept the row and lost the files (or kept them empty),
+        and every job of the adapter failed, with no way back but training again.
+        """
+        folder = self.resolve(relative)
+        for path in folder.iterdir():
+            if path.is_file():
+                _fsync(path, os.O_RDONLY)
+        while True:
+            _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)  # its entries: the names of what it holds
+            if folder == self.root or self.root not in folder.parents:
+                return
+            folder = folder.parent
+
     def remove(self, relative: str) -> None:
         """Delete a stored file or folder; a missing one is fine."""
         path = self.resolve(relative)
@@ -70,3 +87,11 @@ class Storage:
     def remove_adapter(self, adapter_id: str) -> None:
         """Delete every attempt's folder of an adapter."""
         shutil.rmtree(self.root / "adapters" / adapter_id, ignore_errors=True)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -112,7 +112,9 @@ def _store_outcome(
 
 
 def _register_adapter(rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, usage) -> bool:
-    """Finish the job and insert its adapter in one transaction, if this worker still holds it."""
+    """Finish the job and insert its adapter in one transaction, if this worker still holds it
+    (its files on disk first: the commit is durable)."""
+    rt.storage.make_durable(relative)
     folder = rt.storage.resolve(relative)
     size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
     metrics = {
