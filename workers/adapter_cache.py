@@ -36,7 +36,11 @@ class AdapterCache:
         self._wrapped: dict[str, PeftModel] = {}
         # (base id, adapter id) in least- to most-recently used order.
         self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # The books (the fields here); held while choosing or loading an adapter, never for a step.
         self._lock = threading.Lock()
+        # Per base model, held while its batch steps: a step of one base's engine no longer waited
+        # for another's whole step. Its LoRA layers change only with it held (`_drop`).
+        self._steps: dict[str, threading.RLock] = {}
         # The adapter of each base model's last batch step (each base has its own engine), and
         # deleted adapters left loaded until the batch that runs them moves on (see `forget`).
         self._in_use: dict[str, str | None] = {}
@@ -45,21 +49,23 @@ class AdapterCache:
     @contextmanager
     def applied(self, loaded: LoadedModel, adapter_id: str | None, path: Path | None = None) -> Iterator[LoadedModel]:
         """Yield the model to generate with: the base alone, or the base with one adapter active."""
-        with self._lock:
-            self._in_use[loaded.entry.id] = adapter_id
-            for gone in self._forgotten - set(self._in_use.values()):
-                self._forget(gone)
-            wrapped = self._wrapped.get(loaded.entry.id)
-            if adapter_id is None:
-                if wrapped is None:
+        base = loaded.entry.id
+        with self._steps.setdefault(base, threading.RLock()):
+            with self._lock:
+                self._in_use[base] = adapter_id
+                for gone in self._forgotten - set(self._in_use.values()):
+                    self._forget(gone)
+                wrapped = self._wrapped.get(base)
+                if adapter_id is not None:
+                    wrapped = self._load(loaded, adapter_id, path)
+                    wrapped.set_adapter(adapter_id)
+            if adapter_id is not None:
+                yield replace(loaded, model=wrapped)
+            elif wrapped is None:
+                yield loaded
+            else:
+                with wrapped.disable_adapter():  # the injected LoRA layers must not apply
                     yield loaded
-                else:
-                    with wrapped.disable_adapter():  # the injected LoRA layers must not apply
-                        yield loaded
-                return
-            wrapped = self._load(loaded, adapter_id, path)
-            wrapped.set_adapter(adapter_id)
-            yield replace(loaded, model=wrapped)
 
     def loaded_ids(self) -> list[str]:
         """Return the adapters in memory, least recently used first."""
@@ -95,14 +101,18 @@ class AdapterCache:
         return wrapped
 
     def _evict(self, keep: tuple[str, str]) -> None:
-        """Drop least recently used adapters beyond capacity (never the one about to run)."""
+        """Drop least recently used adapters beyond capacity (never the one about to run, nor
+        one of a base model whose batch is stepping now)."""
         in_use = set(self._in_use.items())  # another base's batch may be running on its adapter
+        busy: set[tuple[str, str]] = set()
         while len(self._lru) > self.capacity:
-            victim = next((key for key in self._lru if key != keep and key not in in_use), None)
+            victim = next((key for key in self._lru if key != keep and key not in in_use and key not in busy), None)
             if victim is None:
                 return  # every other adapter is in use: over capacity until a batch moves on
-            self._drop(*victim)
-            log.info("adapter_evicted", adapter=victim[1], base=victim[0])
+            if self._drop(*victim):
+                log.info("adapter_evicted", adapter=victim[1], base=victim[0])
+            else:
+                busy.add(victim)
 
     def forget(self, adapter_id: str) -> None:
         """Unload an adapter that was deleted, so its memory goes: at once, or if the batch
@@ -115,18 +125,28 @@ class AdapterCache:
                 self._forget(adapter_id)
 
     def _forget(self, adapter_id: str) -> None:
-        self._forgotten.discard(adapter_id)
-        for key in [key for key in self._lru if key[1] == adapter_id]:
-            self._drop(*key)
-
-    def _drop(self, base_id: str, adapter_id: str) -> None:
-        """Remove one adapter; with the last one gone, take the LoRA layers out of the base."""
-        del self._lru[(base_id, adapter_id)]
-        if any(base == base_id for base, _ in self._lru):
-            self._wrapped[base_id].delete_adapter(adapter_id)
+        dropped = [self._drop(*key) for key in [key for key in self._lru if key[1] == adapter_id]]
+        if all(dropped):
+            self._forgotten.discard(adapter_id)
         else:
-            # peft cannot delete a model's last adapter; unload() restores the base's own modules.
-            self._wrapped.pop(base_id).unload()
+            self._forgotten.add(adapter_id)  # a base model's batch was stepping: at a later step
+
+    def _drop(self, base_id: str, adapter_id: str) -> bool:
+        """Remove one adapter, unless its base model's batch is stepping now (in another thread);
+        with the last one gone, take the LoRA layers out of the base. Returns whether it went."""
+        step = self._steps[base_id]
+        if not step.acquire(blocking=False):  # the thread stepping this base holds it: re-entered
+            return False
+        try:
+            del self._lru[(base_id, adapter_id)]
+            if any(base == base_id for base, _ in self._lru):
+                self._wrapped[base_id].delete_adapter(adapter_id)
+            else:
+                # peft cannot delete a model's last adapter; unload() restores the base's own modules.
+                self._wrapped.pop(base_id).unload()
+        finally:
+            step.release()
+        return True
 
 
 def _undo_partial_load(base: torch.nn.Module, wrapped: PeftModel | None, adapter_id: str) -> None:

@@ -180,3 +180,48 @@ def test_an_adapter_that_fails_to_load_leaves_the_base_model_as_it_was(loaded, t
         assert generate_alone(model, PARAMS).text == base_text
     cache.forget("ft-good")
     assert cache.loaded_ids() == [] and injected() == 0
+
+
+def test_one_base_models_step_does_not_wait_for_anothers(loaded, model_cache_dir, tmp_path):
+    """The cache held one lock over every base model's whole step: on a worker serving two
+    models, one engine's step (a long prefill, a stalled stream write) held up the other's."""
+    import threading
+
+    other = load_model(ModelEntry(id="second-base", path=model_cache_dir / DEFAULT_MODEL_ID), model_cache_dir,
+                       torch.device("cpu"))
+    first, third = _random_adapter(loaded, tmp_path / "a", seed=6), _random_adapter(loaded, tmp_path / "c", seed=7)
+    cache = AdapterCache(capacity=4)
+    with cache.applied(loaded, "ft-c", third):
+        pass
+    inside, release = threading.Event(), threading.Event()
+
+    def a_long_step() -> None:
+        with cache.applied(loaded, "ft-a", first):
+            inside.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=a_long_step)
+    holder.start()
+    try:
+        assert inside.wait(60)
+        other_text = []
+
+        def other_step() -> None:
+            with cache.applied(other, None) as model:
+                other_text.append(generate_alone(model, PARAMS).text)
+
+        stepper = threading.Thread(target=other_step, daemon=True)
+        stepper.start()
+        stepper.join(60)
+        assert other_text, "the other base model's step waited for the first's"
+        cache.forget("ft-c")  # not in use, but its base model is mid-step: it goes after that step
+        assert sorted(cache.loaded_ids()) == ["ft-a", "ft-c"]
+    finally:
+        release.set()
+        holder.join()
+    with cache.applied(loaded, None) as model:
+        assert cache.loaded_ids() == ["ft-a"] and generate_alone(model, PARAMS).text
+    cache.forget("ft-a")
+    with cache.applied(loaded, None):
+        pass
+    assert cache.loaded_ids() == []
