@@ -137,9 +137,10 @@ def train_adapter(
     report.train_rows = len(train_rows)
     eval_rows = None
     if spec.validation_file:
-        eval_rows, report.validation_rows_skipped = _tokenized(
-            spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file")
-        report.validation_rows = len(eval_rows)
+        kept, report.validation_rows_skipped = _tokenized(
+            spec.validation_file, tokenizer, hp["max_seq_length"], spec.max_rows, "validation_file", required=False)
+        report.validation_rows = len(kept)
+        eval_rows = kept or None  # every row skipped: the run trains on, without eval_loss
     set_seed(hp["seed"])  # before the LoRA weights are initialised, so a seed reproduces a run
     model = _peft_model(folder, device, spec)
     report.total_steps = optimizer_steps(len(train_rows), Hyperparameters(**hp))
@@ -170,10 +171,10 @@ def train_adapter(
 
 
 def _tokenized(
-    path: Path, tokenizer, max_seq_length: int, max_rows: int, name: str
+    path: Path, tokenizer, max_seq_length: int, max_rows: int, name: str, *, required: bool = True
 ) -> tuple[list[TokenizedExample], int]:
     """Read, check and tokenize a data file; return its rows and how many were skipped
-    (truncated to nothing to learn)."""
+    (truncated to nothing to learn). A `required` file must keep one."""
     try:
         examples = parse_training_file(path.read_bytes(), max_rows=max_rows)
     except FileNotFoundError:
@@ -182,7 +183,7 @@ def _tokenized(
         raise FineTuneError(f"invalid_{name}", exc.message) from None
     rows = [tokenize_example(tokenizer, example, max_seq_length) for example in examples]
     kept = [row for row in rows if row.learned_tokens]
-    if not kept:
+    if not kept and required:
         raise FineTuneError(
             "invalid_hyperparameters",
             f"with max_seq_length {max_seq_length} no row of the {name} keeps a token to learn; raise max_seq_length",
@@ -226,6 +227,13 @@ def _peft_model(folder: Path, device: torch.device, spec: FineTuneSpec):
         raise FineTuneError(
             "quantization_unavailable", f"quantization {spec.quantization} needs bitsandbytes on this worker: {exc}"
         ) from exc
+    except RuntimeError as exc:
+        if not kwargs:
+            raise
+        # bitsandbytes installed without a backend for this GPU: transformers' check raises this.
+        raise FineTuneError(
+            "quantization_unavailable", f"quantization {spec.quantization} cannot run on this worker: {exc}"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"model {spec.base.id!r}: cannot load from {folder}: {exc}") from exc
     if kwargs:
@@ -265,7 +273,8 @@ def _training_arguments(
         logging_strategy="steps",
         logging_steps=logging_steps,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=max(logging_steps, total_steps // 5) if has_eval else None,
+        # About five validation passes a run (total_steps // 5 made a run under 10 steps validate at every step).
+        eval_steps=max(logging_steps, math.ceil(total_steps / 5)) if has_eval else None,
         # No checkpoints: a retry after a lost worker starts over from the base, cleanly.
         save_strategy="no",
         report_to="none",
@@ -310,7 +319,9 @@ class _JobCallback(TrainerCallback):
         self._check(control)
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self._check(control)  # with gradient accumulation, stop between micro-batches too
+        # With gradient accumulation: a run stopped between micro-batches is charged those it ran.
+        self.report.train_tokens = int(state.num_input_tokens_seen)
+        self._check(control)  # and it stops between micro-batches too
 
     def on_prediction_step(self, args, state, control, **kwargs):
         # A validation pass has no step end: a cancel, timeout or shutdown waited for all of it.

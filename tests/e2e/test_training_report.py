@@ -94,3 +94,39 @@ def test_rows_whose_prompt_fills_max_seq_length_are_counted_as_skipped(model_cac
     assert (progress["train_rows"], progress["rows_skipped"]) == (2, 1)
     assert (progress["validation_rows"], progress["validation_rows_skipped"]) == (1, 1)
     assert report.eval_loss is not None  # the row left was evaluated
+
+
+def test_a_validation_file_whose_rows_are_all_skipped_leaves_the_run_without_eval_loss(model_cache_dir, tmp_path):
+    """As the docs say; the whole run failed `invalid_hyperparameters` after waiting its turn."""
+    long_question = " ".join(["Tell me about the lighthouse of Zorblax and its keeper."] * 6)
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(json.dumps({"prompt": long_question, "completion": "No."}) + "\n")
+    report = train_adapter(spec(1, validation=validation), model_cache_dir, torch.device("cpu"), tmp_path / "out",
+                           should_stop=lambda: False, on_log=lambda report, point: None)
+    assert (report.step, report.validation_rows, report.validation_rows_skipped, report.eval_loss) == (1, 0, 1, None)
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_run_stopped_between_accumulated_micro_batches_is_charged_them(model_cache_dir, tmp_path):
+    """The tokens were counted only at the end of an optimizer step: a stop within one charged none."""
+    hyperparameters = Hyperparameters(max_steps=1, batch_size=1, gradient_accumulation_steps=4,
+                                      max_seq_length=32).model_dump()
+    job_spec = FineTuneSpec(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), DATA, None, hyperparameters)
+    checks: list[int] = []
+
+    def stop_at_the_third_micro_batch() -> bool:
+        checks.append(1)
+        return len(checks) >= 3
+
+    report = train_adapter(job_spec, model_cache_dir, torch.device("cpu"), tmp_path / "out",
+                           should_stop=stop_at_the_third_micro_batch, on_log=lambda report, point: None)
+    assert report.stopped and report.step == 0
+    assert report.usage()["train_tokens"] > 0
+
+
+@pytest.mark.parametrize("total_steps, passes", [(8, 4), (3, 3), (50, 5)])
+def test_a_run_validates_about_five_times_whatever_its_length(total_steps, passes, tmp_path):
+    """`total_steps // 5` made a run under 10 steps validate at every step."""
+    arguments = fine_tuning._training_arguments(
+        tmp_path, torch.device("cpu"), Hyperparameters().model_dump(), total_steps, has_eval=True)
+    assert len(range(arguments.eval_steps, total_steps + 1, arguments.eval_steps)) == passes
