@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_file_rows: int = Field(default=100_000, ge=1)
     max_train_steps: int = Field(default=100_000, ge=1)
+    # batch_size x max_seq_length of one training micro-batch: its activations and full-vocabulary
+    # logits take ~6 MB a token on a CPU (float32), so what fits is the workers' memory's call.
+    max_train_batch_tokens: int = Field(default=4096, ge=16)
     fine_tune_timeout_s: float = Field(default=24 * 3600.0, gt=0)
     adapter_cache_size: int = Field(default=8, ge=1)
 

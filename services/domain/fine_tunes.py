@@ -55,6 +55,16 @@ def create_fine_tune(
         raise _invalid(
             "hyperparameters.lora_alpha", f"lora_alpha {hp.lora_alpha} is over 64 x lora_r: updates would blow up"
         )
+    batch_tokens = hp.batch_size * hp.max_seq_length
+    if batch_tokens > settings.max_train_batch_tokens:
+        # Past the workers' memory a CPU worker is killed (and the retries kill others), a GPU
+        # one fails: refused here, with the way to the same effective batch.
+        raise _invalid(
+            "hyperparameters.batch_size",
+            f"batch_size x max_seq_length is {batch_tokens} tokens a micro-batch; the limit on this server is "
+            f"{settings.max_train_batch_tokens}: lower batch_size and raise gradient_accumulation_steps to keep "
+            "the effective batch",
+        )
     steps = optimizer_steps(training.rows, hp)
     if steps > settings.max_train_steps:
         raise _invalid(

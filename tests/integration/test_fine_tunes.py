@@ -325,6 +325,20 @@ def test_a_run_over_max_train_steps_is_422_naming_the_limit(settings, redis_clie
         app.extensions["gemma_jobs"].db.dispose()
 
 
+def test_a_micro_batch_over_the_servers_token_limit_is_422_naming_the_way_out(client, auth, app, redis_client):
+    """batch_size 256 x max_seq_length 32768 was accepted: ~6 MB a token, it killed CPU workers."""
+    training = upload(client, auth, rows=3)
+    error = assert_error(fine_tune(client, auth, training, hyperparameters={"batch_size": 16, "max_seq_length": 512}),
+                         422, "invalid_field")
+    assert error["details"][0]["field"] == "hyperparameters.batch_size"
+    assert "8192 tokens" in error["message"] and "4096" in error["message"]
+    assert "gradient_accumulation_steps" in error["message"]
+    assert redis_client.llen(FT_QUEUE) == 0
+    accepted = fine_tune(client, auth, training, hyperparameters={"batch_size": 8, "max_seq_length": 512,
+                                                                  "gradient_accumulation_steps": 2})
+    assert accepted.status_code == 202, accepted.get_data(as_text=True)
+
+
 def test_steps_count_a_partial_gradient_accumulation_as_a_step(settings, redis_client):
     app = create_app(settings.model_copy(update={"max_train_steps": 5}))
     try:
