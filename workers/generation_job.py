@@ -30,6 +30,7 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
     output: GenerationOutput | None = None
     publisher: TokenPublisher | None = None
     usage = None  # what a failed attempt had used (its charge)
+    interrupted: BaseException | None = None
     with JobGuard(rt, held, timeout_s) as guard:
         try:
             engine = rt.engine(held.params.get("base_model", held.model))
@@ -57,8 +58,16 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
         except ModelUnavailable as exc:
             code, message = "model_unavailable", str(exc)
         except Exception as exc:  # noqa: BLE001 - one job's crash must not stop the worker
-            log.exception("job_crashed")
+            if rt.shutdown_deadline is not None:
+                # Raised into the job by Celery's cold shutdown (a second Ctrl-C): in the solo
+                # pool the job waits in the thread that takes signals. Not the job's failure.
+                interrupted = exc
+            else:
+                log.exception("job_crashed")
             code, message = "internal_error", f"{exc.__class__.__name__}: {exc}"
+    if interrupted is not None:
+        settle_unfinished(rt, held, StopReason.SHUTDOWN, {})  # handed back, for another worker
+        raise interrupted
     if output is None:
         if publisher is not None:
             publisher.ensure_started()  # readers drop what an earlier attempt streamed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 
 import structlog
 import torch
@@ -62,12 +63,41 @@ def run_worker(
     set_runtime(rt)
     _hand_back_on_shutdown(rt)
     rt.results.start()  # its imports (~1 s of CPU, at a low priority) overlap the model load
-    if metrics_port:
-        serve_metrics(metrics_port, rt.device)
-    queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
-    registration = Registration(rt, role, queues)
-    registration.register()  # before loading: CPU workers that start together split the cores
-    registration.start_heartbeat()  # a slow load is a worker starting, not a dead one
+    registration: Registration | None = None
+    # Whatever ends the worker, start-up failures included, closes its writer: a writer left
+    # running (it ignores SIGTERM) kept the exiting worker waiting on it for ever, its heartbeat
+    # thread saying it was alive and starting.
+    try:
+        if metrics_port:
+            serve_metrics(metrics_port, rt.device)
+        queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
+        registration = Registration(rt, role, queues)
+        registration.register()  # before loading: CPU workers that start together split the cores
+        registration.start_heartbeat()  # a slow load is a worker starting, not a dead one
+        queues = _load_models(rt, role, model_ids, queues)
+        if reaper:
+            # Every worker reaps; passes are conditional updates, so they never conflict.
+            Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
+        register_tasks(rt.celery)
+        if not rt.results.wait_ready(WRITER_READY_TIMEOUT_S):
+            # Go on: a hand-over starts a new writer if this one died, and results wait in the pipe.
+            log.warning("result_writer_not_ready", timeout_s=WRITER_READY_TIMEOUT_S)
+        _ready_once_consuming(rt, registration, queues)
+        # What start-up loaded (torch, transformers and the rest: ~430,000 objects) lives as long
+        # as the worker: keep it out of the garbage collector's full passes, each of which walked it
+        # all (~210 ms on a 2-core machine, bench/gc_pause.py), stalling the batch engine's steps.
+        gc.freeze()
+        _consume(rt, queues)
+    finally:
+        # Results handed over by tasks that returned are written before the worker says it stopped.
+        if not rt.results.close(rt.settings.shutdown_grace_s + 10):
+            log.warning("results_not_written", note="their jobs are retried when their leases run out")
+        if registration is not None:
+            registration.stop()
+
+
+def _load_models(rt: WorkerRuntime, role: str, model_ids: list[str], queues: list[str]) -> list[str]:
+    """Load what the role needs of each model; return the queues of the models that loaded."""
     if rt.cpu_threads is not None:
         rt.cpu_threads.apply()  # model loading runs in this thread
     unusable: set[str] = set()
@@ -78,47 +108,43 @@ def run_worker(
         unusable.update(_preload_tokenizers(rt, model_ids))
     # A model this worker cannot load is left to workers that can: taking its jobs only to fail
     # them would drain its queue beside a healthy worker. Its jobs wait, and say so.
-    queues = [queue for queue in queues if model_of_queue(queue) not in unusable]
-    if not queues:
-        registration.stop()
-        rt.results.close(10)
+    usable = [queue for queue in queues if model_of_queue(queue) not in unusable]
+    if not usable:
         raise SystemExit(f"no model of --models could be loaded ({', '.join(sorted(unusable))}; "
                          "see model_unavailable above): this worker would take no job")
-    if reaper:
-        # Every worker reaps; passes are conditional updates, so they never conflict.
-        Reaper(settings, rt.db, rt.celery, rt.redis).start_thread()
-    register_tasks(rt.celery)
-    if not rt.results.wait_ready(WRITER_READY_TIMEOUT_S):
-        # Go on: a hand-over starts a new writer if this one died, and results wait in the pipe.
-        log.warning("result_writer_not_ready", timeout_s=WRITER_READY_TIMEOUT_S)
-    registration.serve(queues)
-    log.info("worker_ready", queues=queues, models=rt.models.loaded_ids(), concurrency=concurrency,
-             unusable=sorted(unusable))
-    # What start-up loaded (torch, transformers and the rest: ~430,000 objects) lives as long
-    # as the worker: keep it out of the garbage collector's full passes, each of which walked it
-    # all (~210 ms on a 2-core machine, bench/gc_pause.py), stalling the batch engine's steps.
-    gc.freeze()
+    if unusable:
+        log.warning("models_left_to_other_workers", unusable=sorted(unusable))
+    return usable
+
+
+def _ready_once_consuming(rt: WorkerRuntime, registration: Registration, queues: list[str]) -> None:
+    """Say the worker is ready (its registry row, the `worker_ready` line) once Celery consumes
+    its queues: before, a worker that could not reach Redis was counted a live consumer."""
+
+    @signals.worker_ready.connect(weak=False)
+    def on_ready(**_kwargs) -> None:
+        registration.serve(queues)
+        log.info("worker_ready", queues=queues, models=rt.models.loaded_ids(), concurrency=rt.concurrency)
+
+
+def _consume(rt: WorkerRuntime, queues: list[str]) -> None:
+    """Run Celery's worker on the queues until it is stopped."""
     # Tasks run in this process, where the model already lives (no fork after torch or CUDA
     # started): the solo pool for one job at a time, else K threads feeding the batch engine.
+    concurrency = rt.concurrency
     pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
-    try:
-        rt.celery.worker_main(
-            argv=[
-                "--quiet",  # no banner on stdout; our logs say the same as JSON
-                "worker",
-                *pool,
-                "--queues=" + ",".join(queues),
-                f"--hostname={rt.worker_id.replace(':', '-')}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                f"--loglevel={settings.log_level.upper()}",
-            ]
-        )
-    finally:
-        # Results handed over by tasks that returned are written before the worker says it stopped.
-        if not rt.results.close(rt.settings.shutdown_grace_s + 10):
-            log.warning("results_not_written", note="their jobs are retried when their leases run out")
-        registration.stop()
+    rt.celery.worker_main(
+        argv=[
+            "--quiet",  # no banner on stdout; our logs say the same as JSON
+            "worker",
+            *pool,
+            "--queues=" + ",".join(queues),
+            f"--hostname={rt.worker_id.replace(':', '-')}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            f"--loglevel={rt.settings.log_level.upper()}",
+        ]
+    )
 
 
 def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> set[str]:
@@ -139,10 +165,16 @@ def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> set[str]:
     return failed
 
 
-def _hand_back_on_shutdown(rt: WorkerRuntime) -> None:
-    """On SIGTERM (Celery's warm shutdown) give the running job shutdown_grace_s, then hand it back."""
+def _hand_back_on_shutdown(rt: WorkerRuntime) -> Callable[..., None]:
+    """On SIGTERM (Celery's warm shutdown) give the running job shutdown_grace_s, then hand it
+    back; return the signal's handler."""
 
     @signals.worker_shutting_down.connect(weak=False)
     def on_shutting_down(**_kwargs) -> None:
-        # Runs inside a signal handler: set a value, log nothing (logging takes locks).
-        rt.shutdown_deadline = time.monotonic() + rt.settings.shutdown_grace_s
+        # Runs inside a signal handler: set a value, log nothing (logging takes locks). Celery
+        # sends this again at each further signal: the grace runs from the first, or an
+        # impatient supervisor repeating SIGTERM would put the hand-back off for ever.
+        if rt.shutdown_deadline is None:
+            rt.shutdown_deadline = time.monotonic() + rt.settings.shutdown_grace_s
+
+    return on_shutting_down

@@ -172,7 +172,7 @@ def load_model(
             )
             if copy is not None:
                 _save_float32_copy(model, copy)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # a truncated weights file raises the last
         raise ModelUnavailable(f"model {entry.id!r}: cannot load from {folder}: {exc}") from exc
     if not kwargs:
         model.to(device)

@@ -23,14 +23,23 @@ from tests.processes import Service, start_gateway, start_worker
 
 @pytest.fixture(scope="session")
 def registry_file(model_cache_dir: Path, tmp_path_factory) -> Path:
-    """Extra registry entries: the same weights by local path with a tiny context, and a broken model."""
-    path = tmp_path_factory.mktemp("registry") / "models.json"
+    """Extra registry entries: the same weights by local path with a tiny context, a model that
+    is not there, and one whose weights file is cut short."""
+    folder = tmp_path_factory.mktemp("registry")
+    corrupt = folder / "corrupt-gemma"
+    corrupt.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (corrupt / name).symlink_to(model_cache_dir / DEFAULT_MODEL_ID / name)
+    with open(model_cache_dir / DEFAULT_MODEL_ID / "model.safetensors", "rb") as weights:
+        (corrupt / "model.safetensors").write_bytes(weights.read(1 << 20))
+    path = folder / "models.json"
     path.write_text(
         json.dumps(
             {
                 "models": [
                     {"id": "gemma-3-270m-short", "path": str(model_cache_dir / DEFAULT_MODEL_ID), "context_length": 64},
                     {"id": "broken-model", "path": "/nonexistent/gemma"},
+                    {"id": "corrupt-model", "path": str(corrupt)},
                 ]
             }
         )

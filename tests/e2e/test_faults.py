@@ -265,6 +265,24 @@ def test_sigterm_hands_the_running_job_back_and_the_worker_exits(cluster):
     assert len(cluster.usage_rows(job_id)) == 1
 
 
+def test_a_second_ctrl_c_hands_the_running_job_back_rather_than_failing_it(cluster):
+    """Celery's cold shutdown raised into the job (the solo pool runs it in the thread that takes
+    signals), and the job ended `failed`/`internal_error`, for good."""
+    cluster.start_worker()
+    cluster.start_worker()
+    job_id = cluster.submit(LONG)
+    running = cluster.wait_running(job_id)
+    holder = cluster.worker_by_id(running.worker_id)
+    holder.process.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # within its 1 s of grace: the job still runs
+    holder.process.send_signal(signal.SIGINT)
+    holder.process.wait(timeout=30)
+    job = cluster.wait_done(job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    assert all(event.get("status") != "failed" for event in cluster.events(job_id))
+    assert len(cluster.usage_rows(job_id)) == 1
+
+
 def test_cancel_ttl_and_timeout_with_one_worker(cluster):
     cluster.start_worker()
     running = cluster.submit({**LONG, "max_new_tokens": 400})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import signal
+import socket
 import subprocess
 import time
 
@@ -100,6 +101,21 @@ def test_registry_queues_waiting_hint_status_and_metrics(ops):
     assert ops.get("/v1/admin/workers")["data"] == []  # live workers only
     (gone,) = ops.get("/v1/admin/workers?include_gone=true")["data"]
     assert (gone["state"], gone["alive"]) == ("stopped", False)
+    # A weights file cut short is a model it cannot load too (it raised past the check, and the
+    # worker hung for ever on its result writer, shown alive and starting).
+    corrupt = subprocess.run([*CLI, "worker", "--device", "cpu", "--models", "corrupt-model"],
+                             env=ops.env, capture_output=True, text=True, timeout=120)
+    assert corrupt.returncode == 1 and "no model of --models could be loaded (corrupt-model" in corrupt.stderr
+    # So does any other start-up failure: here its metrics port is taken.
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        blocked = subprocess.run([*CLI, "worker", "--device", "cpu", "--models", DEFAULT_MODEL_ID,
+                                  "--metrics-port", str(port)], env=ops.env, capture_output=True, text=True,
+                                 timeout=120)
+    assert blocked.returncode != 0 and "Address already in use" in blocked.stderr
+    assert ops.get("/v1/admin/workers")["data"] == []
 
     metrics_port = free_port()
     worker = ops.worker(f"{DEFAULT_MODEL_ID},broken-model", "generate", "--metrics-port", str(metrics_port))
