@@ -94,6 +94,8 @@ def _store_outcome(
 ) -> None:
     """Register the adapter (success) or record why not; partial output is always removed."""
     usage = report.usage()
+    if reason is None:
+        rt.storage.make_durable(relative)  # once, before the durable commit and any of its retries
     outcome = store_attempt(
         rt,
         held,
@@ -112,9 +114,7 @@ def _store_outcome(
 
 
 def _register_adapter(rt: WorkerRuntime, held: Claim, report: TrainingReport, relative: str, usage) -> bool:
-    """Finish the job and insert its adapter in one transaction, if this worker still holds it
-    (its files on disk first: the commit is durable)."""
-    rt.storage.make_durable(relative)
+    """Finish the job and insert its adapter in one transaction, if this worker still holds it."""
     folder = rt.storage.resolve(relative)
     size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
     metrics = {
