@@ -7,7 +7,16 @@ import unicodedata
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shared.jobs import QUEUE_POSITION_CAP
 
@@ -32,6 +41,11 @@ def _storable(value: datetime) -> datetime:
 
 
 Timestamp = Annotated[datetime, AfterValidator(_storable)]
+
+
+def _as_utc(value: datetime) -> datetime:
+    """Return a time as an aware UTC time; one without a timezone is taken as UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 class StrictModel(BaseModel):
@@ -389,6 +403,15 @@ class UsageRange(StrictModel):
 
     start: Timestamp | None = Field(default=None, alias="from")
     end: Timestamp | None = Field(default=None, alias="to")
+
+    @field_validator("end")
+    @classmethod
+    def _end_after_start(cls, end: datetime | None, info: ValidationInfo) -> datetime | None:
+        # An empty range matched nothing: a report of no usage, from a typing mistake.
+        start = info.data.get("start")
+        if start is not None and end is not None and _as_utc(end) <= _as_utc(start):
+            raise ValueError("`to` must be after `from` (the range is [from, to))")
+        return end
 
 
 class UsageQuery(UsageRange):

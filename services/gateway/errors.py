@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import structlog
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from shared.db import DATABASE_UNAVAILABLE, error_summary
 from shared.errors import DomainError
@@ -74,7 +74,13 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if exc.code == 413:
             message = f"request body is over the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
-        return error_response(exc.code or 500, codes.get(exc.code, "http_error"), message)
+        allowed = sorted(exc.valid_methods or []) if isinstance(exc, MethodNotAllowed) else []
+        if allowed:
+            message = f"{request.method} is not allowed here; use {', '.join(allowed)}"
+        response = error_response(exc.code or 500, codes.get(exc.code, "http_error"), message)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)  # RFC 9110: a 405 says what is allowed
+        return response
 
     def database_unavailable(exc: Exception):
         error, headers = database_unavailable_error(exc)

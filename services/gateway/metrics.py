@@ -90,6 +90,9 @@ class DatabaseCollector:
 # Each (method, route, status)'s two series, looked up once: `labels` takes a lock and builds a
 # key at every call, and this runs on every request.
 _SERIES: dict[tuple[str, str, int], tuple] = {}
+# The method label's values. gunicorn passes any token as a method, and this page needs no key:
+# a label per made-up method let anyone add series without end (2 MB of page per 1,000).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
@@ -113,7 +116,8 @@ def install_metrics(app: Flask, context) -> None:
         # The route template, not the path: one series per endpoint, not per job id.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         if route != "/metrics":
-            observe_request(request.method, route, response.status_code,
+            method = request.method if request.method in METHODS else "other"
+            observe_request(method, route, response.status_code,
                             time.perf_counter() - g.get("metrics_started", 0.0))
         return response
 

@@ -10,7 +10,7 @@ from flask import Response, request
 from pydantic import BaseModel
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from shared.errors import MalformedRequest
+from shared.errors import InvalidField, MalformedRequest
 
 Schema = TypeVar("Schema", bound=BaseModel)
 
@@ -47,6 +47,13 @@ def _read_body() -> bytes:
 
 def parse_query(schema: type[Schema]) -> Schema:
     """Validate query parameters with a schema (422 names the bad parameter)."""
+    # `to_dict` keeps a repeated parameter's first value and drops the rest without a word.
+    repeated = sorted(name for name, values in request.args.lists() if len(values) > 1)
+    if repeated:
+        raise InvalidField(
+            f"query parameter {repeated[0]!r} is given more than once; give it once",
+            details=[{"field": name, "message": "given more than once"} for name in repeated],
+        )
     return schema.model_validate(request.args.to_dict())
 
 

@@ -89,6 +89,24 @@ def test_unstorable_usage_queries_are_422(client, admin, path, field):
     assert field in [detail["field"] for detail in error["details"]]
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/admin/usage?from=2025-01-01&to=2024-01-01",
+        "/v1/usage?from=2025-01-01T00:00:00Z&to=2025-01-01T00:00:00Z",  # [t, t) is empty
+        "/v1/usage?from=2025-01-01T01:00:00%2B01:00&to=2025-01-01T00:00:00",  # the same time, in UTC
+    ],
+)
+def test_a_usage_range_that_ends_before_it_starts_is_422_not_an_empty_report(client, admin, path):
+    error = assert_error(client.get(path, headers=admin), 422, "invalid_field")
+    assert "`to` must be after `from`" in error["message"] and error["details"][0]["field"] == "to"
+
+
+def test_a_range_across_timezones_that_is_not_empty_is_answered(client, admin):
+    response = client.get("/v1/usage?from=2025-01-01T01:00:00%2B02:00&to=2025-01-01T00:00:00", headers=admin)
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
 def test_only_a_working_admin_key_counts_as_one_for_up(settings, redis_client):
     """`up` creates (and prints) an admin key when none works; an expired one counted."""
     from datetime import timedelta

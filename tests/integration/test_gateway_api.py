@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -175,7 +176,32 @@ def test_unknown_and_foreign_jobs_are_404(client, auth, app):
     assert_error(client.get("/v1/jobs/job_doesnotexist", headers=auth), 404, "not_found")
     assert client.get("/v1/jobs", headers=other).get_json()["data"] == []
     assert_error(client.get("/v1/nothing-here", headers=auth), 404, "not_found")
-    assert_error(client.delete("/v1/generations", headers=auth), 405, "method_not_allowed")
+    not_allowed = client.delete("/v1/generations", headers=auth)
+    error = assert_error(not_allowed, 405, "method_not_allowed")
+    # RFC 9110: a 405 names the methods the resource has; so does the message.
+    assert not_allowed.headers["Allow"] == "OPTIONS, POST" and "use OPTIONS, POST" in error["message"]
+
+
+def test_made_up_methods_add_no_metric_series(client):
+    """/metrics needs no key: a series per method anyone sends would grow the page without end."""
+    series = re.compile(r'gemma_jobs_http_requests_total\{method="other",route="unmatched",status="405"\} (\S+)')
+
+    def other_methods_counted() -> float:
+        found = series.search(client.get("/metrics").get_data(as_text=True))
+        return float(found.group(1)) if found else 0.0
+
+    before = other_methods_counted()
+    for method in ("AAAA", "AAAB", "ZZ1"):
+        assert client.open("/healthz", method=method).status_code == 405
+    assert other_methods_counted() == before + 3
+    page = client.get("/metrics").get_data(as_text=True)
+    assert "AAAA" not in page and "ZZ1" not in page
+
+
+def test_a_repeated_query_parameter_is_422_not_its_first_value(client, auth):
+    error = assert_error(client.get("/v1/jobs?limit=2&limit=50", headers=auth), 422, "invalid_field")
+    assert "'limit' is given more than once" in error["message"]
+    assert [detail["field"] for detail in error["details"]] == ["limit"]
 
 
 def test_list_is_newest_first_with_a_cursor(client, auth):
