@@ -48,6 +48,7 @@ def run_worker(
     role: str = "all",
     reaper: bool = True,
     metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
     concurrency: int | None = None,
 ) -> None:
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
@@ -69,7 +70,7 @@ def run_worker(
     # thread saying it was alive and starting.
     try:
         if metrics_port:
-            serve_metrics(metrics_port, rt.device)
+            serve_metrics(metrics_port, rt.device, metrics_host)
         queues = [queue_for(kind, model_id) for kind in ROLE_KINDS[role] for model_id in model_ids]
         registration = Registration(rt, role, queues)
         registration.register()  # before loading: CPU workers that start together split the cores

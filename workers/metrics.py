@@ -31,8 +31,12 @@ MODEL_LOAD_SECONDS = Gauge("gemma_jobs_worker_model_load_seconds", "Time the mod
 JOBS_IN_FLIGHT = Gauge("gemma_jobs_worker_jobs_in_flight", "Jobs running on this worker")
 
 
-def serve_metrics(port: int, device: torch.device) -> None:
-    """Serve /metrics on a port from a daemon thread; on CUDA, include GPU memory."""
+def serve_metrics(port: int, device: torch.device, host: str = "127.0.0.1") -> None:
+    """Serve /metrics on a port from a daemon thread; on CUDA, include GPU memory.
+
+    On 127.0.0.1 unless told otherwise, as the gateway: prometheus_client's own default is
+    every interface, which showed queue, model and GPU figures to anyone who could reach it.
+    """
     if device.type == "cuda":
         import torch
 
@@ -40,4 +44,4 @@ def serve_metrics(port: int, device: torch.device) -> None:
         allocated.set_function(lambda: torch.cuda.memory_allocated(device))
         reserved = Gauge("gemma_jobs_worker_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator")
         reserved.set_function(lambda: torch.cuda.memory_reserved(device))
-    start_http_server(port)
+    start_http_server(port, addr=host)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 
+import psutil
 import pytest
 import redis
 import requests
@@ -181,6 +182,10 @@ def test_registry_queues_waiting_hint_status_and_metrics(ops):
     assert metric(page, "gemma_jobs_jobs_finished_total", **ended, status="failed") == 1
     assert metric(page, "gemma_jobs_jobs_finished_total", **{**ended, "model": "broken-model"}, status="cancelled") == 1
     worker_page = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    # Loopback only, without --metrics-host (prometheus_client's default is every interface).
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(worker.pid).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+    assert ("127.0.0.1", metrics_port) in listening and ("0.0.0.0", metrics_port) not in listening
     assert metric(worker_page, "gemma_jobs_worker_job_duration_seconds_count", kind="generation") == 2
     assert metric(worker_page, "gemma_jobs_worker_tokens_generated_total", model=DEFAULT_MODEL_ID) > 0
     waits = metric(worker_page, "gemma_jobs_worker_queue_wait_seconds_count", kind="generation", model=DEFAULT_MODEL_ID)
