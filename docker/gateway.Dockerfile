@@ -7,7 +7,10 @@ COPY shared ./shared
 COPY services ./services
 COPY workers ./workers
 COPY migrations ./migrations
-RUN pip install . && useradd --create-home --uid 10001 gemma && mkdir -p /data /storage && chown gemma /data /storage
+# /models too, owned as in the worker image: whichever container mounts the empty volume first
+# gives it its owner, and the workers write the converted model there.
+RUN pip install . && useradd --create-home --uid 10001 gemma && mkdir -p /data /models /storage \
+    && chown gemma /data /models /storage
 USER gemma
 EXPOSE 8000
 CMD ["gemma-jobs", "gateway", "--host", "0.0.0.0", "--port", "8000"]

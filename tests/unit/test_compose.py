@@ -70,3 +70,14 @@ def test_dockerfiles_exist_and_only_the_worker_gets_cuda_torch():
     worker = (ROOT / "docker" / "worker.Dockerfile").read_text()
     assert 'pip install .' in gateway and "[worker" not in gateway
     assert "cuda" in worker.split("\n", 2)[1].lower() and '".[worker,cuda]"' in worker
+    # The image's own CUDA torch is kept: unpinned, pip swapped in a build for a newer CUDA.
+    assert "--constraint /tmp/keep-torch.txt" in worker and 'version("torch")' in worker
+    # Both images own the volumes' mount points: the first to mount an empty volume gives its owner.
+    for image in (gateway, worker):
+        assert "mkdir -p /data /models /storage" in image and "chown gemma /data /models /storage" in image
+
+
+def test_postgres_is_healthy_only_once_it_takes_tcp_connections(config):
+    # Without -h, pg_isready passed on the init server's socket, before migrate's TCP could connect.
+    check = config["services"]["postgres"]["healthcheck"]["test"]
+    assert check[check.index("-h") + 1] == "127.0.0.1"
