@@ -155,7 +155,7 @@ def plan_generation(
         enqueued_at=now,
         expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s else None,
         idempotency_key=idempotency_key,
-        request_hash=request_hash(request) if idempotency_key else None,
+        request_hash=request_hash(request, settings) if idempotency_key else None,
         reserved_tokens=reserved,
         rate_window_start=None,
     )
@@ -254,23 +254,33 @@ def _check_limits(
             raise InvalidField(message, details=[{"field": field, "message": "over the server maximum"}])
 
 
-def request_hash(request: BaseModel) -> str:
-    """Return a digest of a request's meaning (field order and defaults do not matter)."""
+def request_hash(request: BaseModel, settings: Settings | None = None) -> str:
+    """Return a digest of a request's meaning (field order and defaults do not matter).
+
+    With `settings`, a value sent equal to the one this server fills in when it is left out
+    (`max_new_tokens`, `timeout_s`) counts as left out.
+    """
     # How the answer is delivered is not part of the job: a retry may stream or not and still
     # get the same job (and hashes stored before `stream` existed still match).
     meaning = request.model_dump(mode="json", exclude={"stream"})
+    if settings is not None and isinstance(request, GenerationRequest):
+        for field, default in (("max_new_tokens", settings.default_max_new_tokens),
+                               ("timeout_s", settings.default_timeout_s)):
+            if meaning[field] == default:
+                meaning[field] = None
     canonical = json.dumps(meaning, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def find_idempotent(
-    session: Session, caller: Caller, idempotency_key: str, request: BaseModel
+    session: Session, caller: Caller, idempotency_key: str, request: BaseModel, settings: Settings
 ) -> Job | None:
     """Return the job an earlier submit with this key created; 409 if its body differed."""
     job = session.scalars(
         select(Job).where(Job.owner_key_id == caller.key_id, Job.idempotency_key == idempotency_key)
     ).first()
-    if job is not None and job.request_hash != request_hash(request):
+    # The body as sent also matches: jobs stored before explicit defaults counted as left out.
+    if job is not None and job.request_hash not in (request_hash(request, settings), request_hash(request)):
         raise Conflict(
             f"Idempotency-Key {idempotency_key!r} was already used with a different request body "
             f"(job {job.id}); use a new key for a new request",

@@ -8,9 +8,11 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
+from services.domain.jobs import request_hash
 from services.domain.keys import create_key
 from shared import job_store
 from shared.models import Job
+from shared.schemas import GenerationRequest
 from tests.integration.helpers import QUEUE, answers_at_once, assert_error, make_key, submit
 
 
@@ -56,6 +58,36 @@ def test_same_idempotency_key_and_body_gives_the_same_job(client, auth, app, red
     assert redis_client.llen(QUEUE) == 1  # published once
     with db_of(app).session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_the_servers_defaults_sent_explicitly_replay_the_same_job(client, auth, app):
+    """`max_new_tokens` and `timeout_s` default to settings: sent equal to them, they mean the same."""
+    settings = app.extensions["gemma_jobs"].settings
+    headers = {**auth, "Idempotency-Key": "order-19"}
+    body = {"model": "gemma-3-270m", "prompt": "Hello"}
+    first = client.post("/v1/generations", json=body, headers=headers).get_json()["id"]
+    for explicit in ({"max_new_tokens": settings.default_max_new_tokens}, {"timeout_s": settings.default_timeout_s},
+                     {"max_new_tokens": settings.default_max_new_tokens, "timeout_s": int(settings.default_timeout_s)}):
+        replay = client.post("/v1/generations", json={**body, **explicit}, headers=headers)
+        assert replay.status_code == 202 and replay.get_json()["id"] == first, replay.get_json()
+    other = {**body, "max_new_tokens": settings.default_max_new_tokens + 1}
+    assert_error(client.post("/v1/generations", json=other, headers=headers), 409, "idempotency_key_reused")
+    # The other way round: explicit first, then left out.
+    headers = {**auth, "Idempotency-Key": "order-20"}
+    explicit_first = client.post("/v1/generations", json={**body, "timeout_s": settings.default_timeout_s},
+                                 headers=headers).get_json()["id"]
+    assert client.post("/v1/generations", json=body, headers=headers).get_json()["id"] == explicit_first
+
+
+def test_a_job_stored_with_the_body_as_sent_still_replays(client, auth, app):
+    """Jobs recorded before explicit defaults counted as left out kept the hash of the body as sent."""
+    settings = app.extensions["gemma_jobs"].settings
+    headers = {**auth, "Idempotency-Key": "order-21"}
+    body = {"model": "gemma-3-270m", "prompt": "Hello", "max_new_tokens": settings.default_max_new_tokens}
+    job_id = client.post("/v1/generations", json=body, headers=headers).get_json()["id"]
+    with db_of(app).session_scope() as session:
+        session.get(Job, job_id).request_hash = request_hash(GenerationRequest(**body))
+    assert client.post("/v1/generations", json=body, headers=headers).get_json()["id"] == job_id
 
 
 def test_same_key_with_another_body_is_409(client, auth):

@@ -203,7 +203,7 @@ def idempotency_key_header() -> str | None:
 def existing_job(context: GatewayContext, body: BaseModel, idempotency_key: str) -> Job | None:
     """Return the caller's job an earlier submit with this key created (409 if its body differed)."""
     with context.db.session_scope(read_only=True) as session:
-        return job_domain.find_idempotent(session, current_caller(), idempotency_key, body)
+        return job_domain.find_idempotent(session, current_caller(), idempotency_key, body, context.settings)
 
 
 def _is_finished(context: GatewayContext, job_id: str) -> bool:
