@@ -61,8 +61,22 @@ class Message(StrictModel):
     content: str = Field(min_length=1)
 
 
+def _one_string_or_a_list(schema: dict[str, Any]) -> None:
+    """Describe `stop` as the server reads it: one string, or a list of them, none empty."""
+    item = {**schema.pop("items"), "minLength": 1}
+    array = {"type": "array", "items": item, "maxItems": schema.pop("maxItems")}
+    del schema["type"]
+    schema["anyOf"] = [item, array]
+
+
 class GenerationRequest(StrictModel):
     """Body of POST /v1/generations: `messages` (chat) or `prompt` (raw text), not both."""
+
+    # In the OpenAPI document too: a body with neither or both is a 422.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+    ]})
 
     model: str = Field(min_length=1, max_length=200, examples=["gemma-3-270m"])
     messages: list[Message] | None = Field(default=None, min_length=1)
@@ -72,7 +86,9 @@ class GenerationRequest(StrictModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, description="0 disables top-k filtering")
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    stop: list[StopSequence] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[StopSequence] = Field(
+        default_factory=list, max_length=MAX_STOP_SEQUENCES, json_schema_extra=_one_string_or_a_list
+    )
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     timeout_s: float | None = Field(
         default=None, gt=0, description="execution time limit; past it the job fails with `timeout`"

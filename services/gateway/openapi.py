@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from shared import schemas
+from shared.settings import Settings
 
 REF = "#/components/schemas/{model}"
 
@@ -143,6 +144,44 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
     ("get", "/readyz"): ("Readiness: database and Redis", None, {200: schemas.Health, 503: schemas.Health}, False),
 }
 
+# Routes whose answer is not one of the schemas: (summary, content type, schema of the body).
+OTHER_ROUTES = {
+    ("get", "/metrics"): ("Prometheus metrics of the gateway and the queues (no key)", "text/plain",
+                          {"type": "string"}),
+    ("get", "/openapi.json"): ("This document", "application/json", {"type": "object"}),
+}
+
+# Response headers, by status (any route) or by (method, path, status).
+_HEADER = {
+    "Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}},
+    "RateLimit-Policy": {"description": "the key's limits (IETF RateLimit headers draft)", "schema": {"type": "string"}},
+    "RateLimit": {"description": "what is left of each limit and when it resets", "schema": {"type": "string"}},
+    "Location": {"description": "where the created resource is read", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {"description": "`true`: an earlier submit with this Idempotency-Key made the job",
+                            "schema": {"type": "string", "enum": ["true"]}},
+    "Preference-Applied": {"description": "`wait=N`: the request was held up to N seconds (Prefer: wait)",
+                           "schema": {"type": "string"}},
+    "WWW-Authenticate": {"description": "how to authenticate: `Bearer`", "schema": {"type": "string"}},
+}
+HEADERS_BY_STATUS = {401: ["WWW-Authenticate"], 429: ["Retry-After", "RateLimit-Policy", "RateLimit"],
+                     503: ["Retry-After"]}
+_SUBMIT_HEADERS = ["Location", "Idempotent-Replayed", "Preference-Applied", "RateLimit-Policy", "RateLimit"]
+HEADERS_BY_ROUTE = {
+    ("post", "/v1/generations", 200): _SUBMIT_HEADERS,
+    ("post", "/v1/generations", 202): _SUBMIT_HEADERS,
+    ("post", "/v1/fine-tunes", 202): _SUBMIT_HEADERS,
+    ("post", "/v1/files", 201): ["Location"],
+}
+
+# This server's caps on a generation request (settings), put on the schema's fields.
+GENERATION_CAPS = {
+    "max_new_tokens": ("maximum", "max_new_tokens"),
+    "timeout_s": ("maximum", "max_timeout_s"),
+    "ttl_s": ("maximum", "max_ttl_s"),
+    "messages": ("maxItems", "max_messages"),
+    "prompt": ("maxLength", "max_prompt_chars"),
+}
+
 _RANGE = [
     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date-time"}},
     {"name": "to", "in": "query", "schema": {"type": "string", "format": "date-time"}},
@@ -210,9 +249,17 @@ HEADER_PARAMETERS = {
 }
 
 
-@lru_cache(maxsize=1)
-def openapi_document() -> dict[str, Any]:
-    """Build the document once per process."""
+def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
+    """Return the document; with `settings`, with this server's caps on generation requests."""
+    if settings is None:
+        return _document(None)
+    return _document(tuple((field, keyword, getattr(settings, setting))
+                           for field, (keyword, setting) in GENERATION_CAPS.items()))
+
+
+@lru_cache(maxsize=4)
+def _document(caps: tuple[tuple[str, str, float], ...] | None) -> dict[str, Any]:
+    """Build the document once per process (and set of caps)."""
     models = {model for _, request, responses, _ in ROUTES.values() for model in [request, *responses.values()] if model}
     _, definitions = models_json_schema(
         [(model, "validation") for model in sorted(models, key=lambda m: m.__name__)],
@@ -253,6 +300,10 @@ def openapi_document() -> dict[str, Any]:
                 "description": "error",
                 "content": {"application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}},
             })
+        for status, response in operation["responses"].items():
+            names = HEADERS_BY_STATUS.get(int(status), []) + HEADERS_BY_ROUTE.get((method, path, int(status)), [])
+            if names:
+                response["headers"] = {name: _HEADER[name] for name in names}
         if (method, path) in EVENT_STREAM_ANSWERS:
             operation["responses"]["200"]["content"]["text/event-stream"] = EVENT_STREAM_CONTENT
         if (method, path) == ("post", "/v1/generations"):
@@ -265,6 +316,15 @@ def openapi_document() -> dict[str, Any]:
                 operation["responses"][status]["links"] = links
         operation["operationId"] = OPERATION_IDS.get((method, path), f"{method}_{path.strip('/').replace('/', '_')}")
         paths.setdefault(path, {})[method] = operation
+    for (method, path), (summary, content_type, body) in OTHER_ROUTES.items():
+        paths.setdefault(path, {})[method] = {
+            "summary": summary,
+            "operationId": f"{method}_{path.strip('/').replace('.', '_')}",
+            "responses": {"200": {"description": summary, "content": {content_type: {"schema": body}}}},
+        }
+    generation = definitions["$defs"]["GenerationRequest"]["properties"]
+    for field, keyword, cap in caps or ():
+        _cap(generation[field], keyword, cap)
     return {
         "openapi": "3.1.0",
         "info": {"title": "gemma-jobs", "version": "1"},
@@ -274,6 +334,13 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _cap(schema: dict[str, Any], keyword: str, cap: float) -> None:
+    """Put a server cap on a field's schema (on each non-null branch of an optional field)."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") != "null":
+            branch[keyword] = min(branch.get(keyword, cap), cap)
 
 
 def _path_parameters(path: str) -> list[str]:

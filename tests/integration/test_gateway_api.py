@@ -6,6 +6,7 @@ import json
 import re
 import time
 
+import jsonschema_rs
 import pytest
 
 from services.domain.keys import create_key
@@ -259,6 +260,47 @@ def test_health_readiness_and_openapi(client):
     assert schemas["Job"]["properties"]["status"]["enum"] == ["queued", "running", "succeeded", "failed", "cancelled"]
     refs = {v for v in _refs(document)}
     assert all(ref.removeprefix("#/components/schemas/") in schemas for ref in refs)
+
+
+GENERATION_BODIES = [
+    {"prompt": "Hello"},
+    {"messages": [{"role": "user", "content": "Hi"}]},
+    {"prompt": "Hello", "messages": None},
+    {"prompt": "Hello", "stop": "\n"},  # one string is a list of one
+    {"prompt": "Hello", "stop": ["\n", "."]},
+    {},  # neither messages nor prompt
+    {"prompt": "Hello", "messages": [{"role": "user", "content": "Hi"}]},  # both
+    {"prompt": "Hello", "stop": [""]},
+    {"prompt": "Hello", "stop": ""},
+    {"prompt": "Hello", "max_new_tokens": 2048},
+    {"prompt": "Hello", "max_new_tokens": 2049},  # the server's cap, under the schema's own 32768
+    {"prompt": "Hello", "timeout_s": 3600},
+    {"prompt": "Hello", "timeout_s": 3600.5},
+    {"prompt": "Hello", "ttl_s": 7 * 86400 + 1},
+    {"messages": [{"role": "user", "content": "Hi"}] * 257},
+    {"prompt": "x" * 200_001},
+]
+
+
+@pytest.mark.parametrize("body", GENERATION_BODIES, ids=range(len(GENERATION_BODIES)))
+def test_the_openapi_document_accepts_the_generation_bodies_the_server_accepts(client, auth, body):
+    """A client that validates against the served document sends what the server takes, and only that."""
+    document = client.get("/openapi.json").get_json()
+    schema = {"$ref": "#/components/schemas/GenerationRequest", "components": document["components"]}
+    body = {"model": "gemma-3-270m", **body}
+    answer = client.post("/v1/generations", json=body, headers=auth)
+    assert answer.status_code in (202, 422), answer.get_data(as_text=True)
+    assert jsonschema_rs.Draft202012Validator(schema).is_valid(body) == (answer.status_code == 202)
+
+
+def test_the_openapi_document_declares_the_headers_and_every_route(client):
+    document = client.get("/openapi.json").get_json()
+    submit = document["paths"]["/v1/generations"]["post"]["responses"]
+    assert set(submit["429"]["headers"]) == {"Retry-After", "RateLimit-Policy", "RateLimit"}
+    assert {"Location", "Idempotent-Replayed", "Preference-Applied"} <= set(submit["202"]["headers"])
+    assert "WWW-Authenticate" in submit["401"]["headers"]
+    assert "text/plain" in document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "/openapi.json" in document["paths"]
 
 
 def _refs(node):

@@ -45,4 +45,4 @@ def readyz():
 @blueprint.get("/openapi.json")
 def openapi():
     """Serve the OpenAPI 3.1 document generated from the pydantic schemas."""
-    return jsonify(openapi_document())
+    return jsonify(openapi_document(gateway().settings))
