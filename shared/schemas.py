@@ -25,9 +25,20 @@ MAX_INT32 = 2**31 - 1
 MAX_METADATA_KEYS = 16
 # Bounded strings are also checked to be valid Unicode (a JSON "\ud800" escape decodes to a lone
 # surrogate that no UTF-8 answer or PostgreSQL column can hold); unbounded ones were not.
-MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-MetadataValue = Annotated[str, StringConstraints(max_length=512)]
-StopSequence = Annotated[str, StringConstraints(max_length=512)]
+
+
+def _no_nul(value: str) -> str:
+    """Refuse NUL: PostgreSQL cannot store it in text or JSON (it was a 500 there)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+# The constraints before the NUL check: after it, they no longer refused lone surrogates.
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_nul)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512), AfterValidator(_no_nul)]
+StopSequence = Annotated[str, StringConstraints(max_length=512), AfterValidator(_no_nul)]
 
 
 def _storable(value: datetime) -> datetime:
@@ -58,7 +69,7 @@ class Message(StrictModel):
     """One chat turn."""
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(min_length=1)
+    content: Text = Field(min_length=1)
 
 
 def _one_string_or_a_list(schema: dict[str, Any]) -> None:
@@ -80,7 +91,7 @@ class GenerationRequest(StrictModel):
 
     model: str = Field(min_length=1, max_length=200, examples=["gemma-3-270m"])
     messages: list[Message] | None = Field(default=None, min_length=1)
-    prompt: str | None = Field(default=None, min_length=1, examples=["The capital of France is"])
+    prompt: Text | None = Field(default=None, min_length=1, examples=["The capital of France is"])
     max_new_tokens: int | None = Field(default=None, ge=1, le=32768, examples=[16])
     temperature: float = Field(default=1.0, ge=0.0, le=5.0, description="0 means greedy (so does any value below 1e-5)")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

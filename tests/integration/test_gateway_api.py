@@ -293,6 +293,21 @@ def test_the_openapi_document_accepts_the_generation_bodies_the_server_accepts(c
     assert jsonschema_rs.Draft202012Validator(schema).is_valid(body) == (answer.status_code == 202)
 
 
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": "a\x00b"}, "prompt"),
+        ({"prompt": None, "messages": [{"role": "user", "content": "a\x00"}]}, "messages.0.content"),
+        ({"stop": ["\x00"]}, "stop.0"),
+        ({"metadata": {"team": "a\x00"}}, "metadata.team"),
+    ],
+)
+def test_a_nul_character_is_422_naming_its_field_not_a_500(client, auth, fields, field):
+    """PostgreSQL cannot store NUL in text or JSON: it was an unhandled error there."""
+    error = assert_error(submit(client, auth, **fields), 422, "invalid_field")
+    assert [detail["field"] for detail in error["details"]] == [field] and "NUL" in error["message"]
+
+
 def test_the_openapi_document_declares_the_headers_and_every_route(client):
     document = client.get("/openapi.json").get_json()
     submit = document["paths"]["/v1/generations"]["post"]["responses"]
