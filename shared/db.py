@@ -28,6 +28,8 @@ CLOCK_WARN_S = 1.0
 # What a database that is down, restarting, overloaded or locked raises (a refused connection, a
 # dropped one, a full pool, a statement timeout, a deadlock): the same request may succeed soon.
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+# Seconds a new PostgreSQL connection may take before it counts as the database unavailable.
+CONNECT_TIMEOUT_S = 5
 
 
 def error_summary(exc: Exception) -> str:
@@ -91,7 +93,13 @@ def make_engine(url: str, *, ping_idle_after_s: float | None = None) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_sqlite)
         return engine
-    engine = create_engine(url, pool_pre_ping=ping_idle_after_s is None, pool_size=10, max_overflow=20)
+    # A host that is gone (no refusal) held each new connection for the kernel's ~127 s of SYN
+    # retries. In the URL, so that direct connections (`DirectConnections`) have it too; one the
+    # URL gives wins.
+    parsed = make_url(url)
+    if "connect_timeout" not in parsed.query:
+        parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT_S)})
+    engine = create_engine(parsed, pool_pre_ping=ping_idle_after_s is None, pool_size=10, max_overflow=20)
     if ping_idle_after_s is not None:
         _ping_when_idle(engine, ping_idle_after_s)
     return engine

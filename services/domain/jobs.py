@@ -25,7 +25,7 @@ from services.domain.operations import LiveQueues, waiting_for
 from services.domain.queue_positions import QueuePositions
 from shared import job_store
 from shared.celery_app import queue_for
-from shared.db import Database, get_by_id
+from shared.db import DATABASE_UNAVAILABLE, Database, get_by_id
 from shared.errors import Conflict, InvalidField, NotFound
 from shared.ids import new_id
 from shared.jobs import QUEUE_POSITION_CAP, JobKind, JobStatus
@@ -194,8 +194,10 @@ def record_generations(db: Database, publisher: JobPublisher, jobs: list[NewGene
     """Commit planned jobs (keys without limits) in one statement per queue, then publish them in one
     Redis round trip; return each one's queue position, or the error that kept it from being recorded.
 
-    If the group's insert fails, each job is inserted alone, so that one bad row fails only its own
-    submit. A job whose message cannot be published stays queued: the reaper publishes it later.
+    If the group's insert fails on a row, each job is inserted alone, so that one bad row fails
+    only its own submit; if the database is unavailable, every job of the group fails at once (a
+    try per row waited out one failed connection after another, holding every later group). A
+    job whose message cannot be published stays queued: the reaper publishes it later.
     """
     committed: dict[str, int] = {}
     try:
@@ -203,6 +205,10 @@ def record_generations(db: Database, publisher: JobPublisher, jobs: list[NewGene
     except DBAPIError as exc:
         if len(jobs) == 1:
             return [exc]
+        if isinstance(exc, DATABASE_UNAVAILABLE):
+            outcomes = [committed.get(job.id, exc) for job in jobs]
+            publisher.publish_many([(job.id, job.queue) for job in jobs if job.id in committed])
+            return outcomes
         # A statement for another queue may have committed before this one failed: its jobs are
         # recorded (inserted again, each would fail as a duplicate, and its submit with it).
         outcomes = [committed[job.id] if job.id in committed else _insert_alone(db, job) for job in jobs]

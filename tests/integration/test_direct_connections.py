@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import psycopg
 import pytest
 from sqlalchemy import func, literal_column, select
 from sqlalchemy.exc import OperationalError
 
-from shared.db import Database
+from shared.db import CONNECT_TIMEOUT_S, Database
 from shared.direct_connections import forget_inherited
 
 BACKEND_PID = select(func.pg_backend_pid().label("pid"))
@@ -75,3 +78,19 @@ def test_a_forked_process_opens_its_own_connections(postgres_url):
         inherited.close()
     finally:
         db.dispose()
+
+
+def test_a_new_connection_gives_up_after_the_connect_timeout(postgres_url):
+    """A host that is gone (SYNs unanswered) held each new connection for ~127 s of retries."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes connections, never answers
+        port = silent.getsockname()[1]
+        db = Database(f"postgresql://gemma@127.0.0.1:{port}/gemma_jobs?sslmode=disable")
+        try:
+            started = time.monotonic()
+            with pytest.raises(OperationalError):
+                db.first(select(literal_column("1").label("one")), {})  # a direct connection
+            assert time.monotonic() - started < CONNECT_TIMEOUT_S + 2
+        finally:
+            db.dispose()
+    # A connect_timeout the URL gives wins.
+    assert Database(f"{postgres_url}?connect_timeout=11").engine.url.query["connect_timeout"] == "11"

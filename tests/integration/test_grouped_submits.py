@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from services.domain import jobs as job_domain
 from services.domain.keys import Caller
+from shared.db import Database
 from shared.models import Job
 from shared.publish import JobPublisher
 from shared.schemas import GenerationRequest
@@ -77,6 +80,33 @@ def test_a_queue_whose_insert_fails_leaves_another_queues_committed_jobs_recorde
     assert _queued_messages(redis_client) == [good.id]
     with context.db.session_scope(read_only=True) as session:
         assert session.get(Job, good.id).status == "queued" and session.get(Job, orphan.id) is None
+
+
+def test_a_group_meets_a_database_that_is_down_once_not_once_a_job(app, auth, redis_client):
+    """Each job was tried alone after the group failed: N+1 failed connections in a row, each up
+    to the connect timeout, while every later group of the process waited."""
+    context = app.extensions["gemma_jobs"]
+    jobs = [_plan(app, client_key_id(app, auth)) for _ in range(4)]
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a database that hangs up on every client
+        accepted = []
+
+        def hang_up() -> None:
+            while True:
+                try:
+                    client, _ = server.accept()
+                except OSError:  # closed: the test is over
+                    return
+                accepted.append(1)
+                client.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        down = Database(f"postgresql://gemma@127.0.0.1:{server.getsockname()[1]}/gemma_jobs?sslmode=disable")
+        try:
+            outcomes = job_domain.record_generations(down, context.publisher, jobs)
+        finally:
+            down.dispose()
+    assert all(isinstance(outcome, OperationalError) for outcome in outcomes)
+    assert len(accepted) == 1 and _queued_messages(redis_client) == []
 
 
 def test_jobs_stay_recorded_when_redis_is_unreachable(app, auth):
