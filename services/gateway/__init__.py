@@ -39,6 +39,9 @@ def create_app(settings: Settings | None = None, *, check_schema: bool = True) -
     from services.gateway.metrics import install_metrics
 
     install_metrics(app, context)
+    from services.gateway.handed_over import install_error_replay
+
+    install_error_replay(app)
 
     from services.gateway.api import admin, files, fine_tunes, jobs, models, system, usage
 

@@ -10,6 +10,7 @@ from services.domain.jobs import poll_job
 from services.gateway.api.jobs import JOB_PATH
 from services.gateway.auth import bearer_token
 from services.gateway.context import GatewayContext
+from services.gateway.handed_over import hand_over
 from services.gateway.metrics import observe_request
 from services.gateway.request_ids import RequestIds
 
@@ -27,8 +28,8 @@ class FastPolls:
     in one process. Here a poll makes the same checks and the same answer through the same
     domain functions (`poll_job`, the key cache, the metrics and request ids the hooks keep);
     anything else, including every error (no key, someone else's job, a database failure), is
-    handed to the Flask app, which answers it as it answers any request. A poll has no side
-    effects, so running it again there is harmless.
+    handed to the Flask app, which answers it as it answers any request: an error this path
+    met is raised there again rather than met a second time (`handed_over`).
     """
 
     def __init__(self, wsgi_app: Callable, context: GatewayContext, request_ids: RequestIds):
@@ -48,7 +49,8 @@ class FastPolls:
             caller = context.keys.authenticate(bearer_token(environ.get("HTTP_AUTHORIZATION", "")))
             job = poll_job(context.db, caller, match.group(1), context.live_queues, context.queue_positions,
                            context.poll_reads)
-        except Exception:  # noqa: BLE001 - Flask answers (and logs) what this path does not
+        except Exception as exc:  # noqa: BLE001 - Flask answers (and logs) what this path does not
+            hand_over(environ, started, exc)
             return self.wsgi_app(environ, start_response)
         body = job.model_dump_json().encode()
         start_response("200 OK", [

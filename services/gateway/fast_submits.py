@@ -17,6 +17,7 @@ from services.gateway.api.jobs import announce_submitted, job_path
 from services.gateway.auth import bearer_token
 from services.gateway.context import GatewayContext
 from services.gateway.errors import INTERNAL_ERROR, database_unavailable_error
+from services.gateway.handed_over import hand_over
 from services.gateway.metrics import observe_request
 from services.gateway.request_ids import RequestIds
 from shared.db import DATABASE_UNAVAILABLE
@@ -51,7 +52,7 @@ class FastSubmits:
             return self.wsgi_app(environ, start_response)
         started = time.perf_counter()
         raw = self._body(environ)
-        planned = self._plan(environ, raw) if raw else None
+        planned = self._plan(environ, raw, started) if raw else None
         if planned is None:
             return self.wsgi_app(environ, start_response)
         caller, job = planned
@@ -85,11 +86,16 @@ class FastSubmits:
         environ["wsgi.input"] = io.BytesIO(raw)
         return raw
 
-    def _plan(self, environ: dict, raw: bytes):
+    def _plan(self, environ: dict, raw: bytes, started: float):
         """Return (caller, planned job) for a submit this path takes; None for the route's."""
         context = self.context
         try:
             caller = context.keys.authenticate(bearer_token(environ.get("HTTP_AUTHORIZATION", "")))
+        except Exception as exc:  # noqa: BLE001 - the route answers it: the key is checked first there too
+            hand_over(environ, started, exc)
+            return None
+        hand_over(environ, started)
+        try:
             if limits.applies(caller, context.settings):
                 return None
             data = json.loads(raw)
@@ -115,8 +121,13 @@ class FastSubmits:
             described = job_domain.describe_new_job(job, position, context.live_queues.after_commit(context.db))
         except DATABASE_UNAVAILABLE as exc:
             error, headers = database_unavailable_error(exc)
-            return "503 SERVICE UNAVAILABLE", json.dumps(error).encode(), list(headers.items())
+            return "503 SERVICE UNAVAILABLE", _as_flask_json(error), list(headers.items())
         except Exception:  # noqa: BLE001 - as the app's last error handler answers
             log.exception("unhandled_error")
-            return "500 INTERNAL SERVER ERROR", json.dumps(INTERNAL_ERROR).encode(), []
+            return "500 INTERNAL SERVER ERROR", _as_flask_json(INTERNAL_ERROR), []
         return "202 ACCEPTED", described.model_dump_json().encode(), [("Location", job_path(job.id))]
+
+
+def _as_flask_json(body: dict) -> bytes:
+    """Serialize an error body byte for byte as the app's `jsonify` does."""
+    return (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()

@@ -15,6 +15,7 @@ from werkzeug.test import Client
 
 from services.domain import jobs as job_domain
 from services.domain.keys import Caller, KeyCache, create_key, find_key, revoke_key
+from services.gateway import fast_polls
 from services.gateway.errors import INTERNAL_ERROR
 from services.gateway.fast_polls import POLL_ROUTE, FastPolls
 from services.gateway.fast_submits import SUBMIT_PATH, FastSubmits
@@ -277,6 +278,32 @@ def test_what_a_fast_poll_does_not_answer_flask_does(app, client, auth):
         assert _answer(fast) == _answer(slow), path
         assert fast.status_code != 200 or path.endswith("/")
     assert client.head(f"/v1/jobs/{job_id}", headers=auth).status_code == 200  # Flask answers HEAD
+
+
+def test_an_error_a_fast_path_met_is_not_met_again_by_flask(app, client, auth, monkeypatch):
+    """Flask redid the work: two key lookups for an unknown key (anyone could double the
+    database's load), two reads of a job that is not the caller's, two timeouts in an outage."""
+    keys = app.extensions["gemma_jobs"].keys
+    lookups, polls = [], []
+    find = keys.find
+    monkeypatch.setattr(keys, "find", lambda digest: lookups.append(digest) or find(digest))
+    for module in (fast_polls, job_domain):
+        monkeypatch.setattr(module, "poll_job", _counted(module.poll_job, polls))
+    real = make_key(app)
+    unknown = {"Authorization": f"Bearer {real[:-4]}{'a' if real[-4] != 'a' else 'b'}{real[-3:]}"}  # well formed
+    assert client.get("/v1/jobs/job_doesnotexist", headers=unknown).status_code == 401
+    assert client.post(SUBMIT_PATH, json=SUBMIT, headers=unknown).status_code == 401
+    assert len(lookups) == 2
+    assert client.get("/v1/jobs/job_doesnotexist", headers=auth).status_code == 404
+    assert len(polls) == 1
+
+
+def _counted(function, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return counted
 
 
 def test_a_fast_poll_echoes_the_request_id_and_is_counted(app, client, auth):
