@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from shared.registry import ModelRegistry, RegistryError
 from shared.settings import SettingsError, get_settings
 
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args) or 0
-    except SettingsError as exc:
+    except (SettingsError, RegistryError) as exc:
         print(f"gemma-jobs: {exc}", file=sys.stderr)
         return 2
     except (*DATABASE_UNAVAILABLE, ArgumentError) as exc:
@@ -166,6 +167,9 @@ def cmd_gateway(args) -> int:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format, process="gateway")
     _checked_database().dispose()
+    # Here, not only in gunicorn's workers: one failing to boot is gunicorn's exit status 3,
+    # which reads as "database unreachable".
+    ModelRegistry.load(settings.model_registry)
     serve_gateway(args.host, args.port, workers=args.workers, threads=args.threads,
                   timeout_s=int(settings.max_wait_s) + 30)
     return 0

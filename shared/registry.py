@@ -69,9 +69,15 @@ class ModelRegistry:
         if path is not None:
             try:
                 raw = json.loads(Path(path).read_text(encoding="utf-8"))
-                entries += [ModelEntry.model_validate(item) for item in raw["models"]]
+                listed = [ModelEntry.model_validate(item) for item in raw["models"]]
             except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
                 raise RegistryError(f"GEMMA_JOBS_MODEL_REGISTRY={path}: {exc}") from exc
+            ids = [entry.id for entry in entries + listed]
+            twice = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
+            if twice:  # the last one silently won, a built-in included
+                raise RegistryError(f"GEMMA_JOBS_MODEL_REGISTRY={path}: model id {twice[0]!r} is listed more "
+                                    "than once (built-in ids are taken too); give each model its own id")
+            entries += listed
         return cls(entries)
 
     def get(self, model_id: str) -> ModelEntry | None:

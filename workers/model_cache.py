@@ -41,10 +41,14 @@ class ModelCache:
                 raise ModelUnavailable(f"model {model_id!r} is not registered on this worker")
             try:
                 loaded = load_model(entry, self.cache_root, self.device, self.dtype)
-            except ModelUnavailable as exc:
-                self._failed[model_id] = str(exc)
-                log.error("model_unavailable", model=model_id, error=str(exc))
-                raise
+            except Exception as exc:  # noqa: BLE001 - one model that cannot load must not end the worker
+                # Any error, not only those load_model names: a read-only or full cache, a config
+                # that does not fit its weights ended the whole worker, its other models with it.
+                unavailable = exc if isinstance(exc, ModelUnavailable) else ModelUnavailable(
+                    f"model {model_id!r}: cannot load: {exc.__class__.__name__}: {exc}")
+                self._failed[model_id] = str(unavailable)
+                log.error("model_unavailable", model=model_id, error=str(unavailable))
+                raise unavailable from exc
             log.info(
                 "model_loaded",
                 model=model_id,

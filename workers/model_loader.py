@@ -21,6 +21,7 @@ from safetensors import SafetensorError  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 from shared.registry import ModelEntry  # noqa: E402
+from workers.cache_files import flush_entries, share_and_flush  # noqa: E402
 from workers.cpu_threads import cpu_has_bf16_dot  # noqa: E402
 from workers.tokenizer_cache import load_tokenizer  # noqa: E402
 
@@ -92,8 +93,20 @@ def weights_dir(entry: ModelEntry, cache_root: Path) -> Path:
     with open(cache_root / f".{entry.id}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").is_file():
+            _remove_scratch(cache_root, f".{entry.id}-")  # left by a conversion that was killed
+            if target.exists():
+                # A cache emptied by hand but for its float32 copy made the rename below fail
+                # after every ~1 min conversion, at every start.
+                shutil.rmtree(target)
             _convert_gguf(entry, target)
     return target
+
+
+def _remove_scratch(folder: Path, prefix: str) -> None:
+    """Remove the scratch folders a killed conversion or copy left (the caller holds the model's lock)."""
+    for scratch in folder.glob(f"{prefix}*"):
+        if scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _gguf_source(entry: ModelEntry, scratch: Path) -> Path:
@@ -129,7 +142,9 @@ def _convert_gguf(entry: ModelEntry, target: Path) -> None:
         staging = Path(scratch) / "out"
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        share_and_flush(staging)
         os.replace(staging, target)  # atomic: readers see no half-written cache
+        flush_entries(target.parent)
     log.info("model_converted", model=entry.id, seconds=round(time.monotonic() - started, 1))
 
 
@@ -222,12 +237,15 @@ def _save_float32_copy(model: torch.nn.Module, copy: Path) -> None:
     try:
         with open(copy.parent.parent / f".{copy.parent.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be writing it right now
+            _remove_scratch(copy.parent, ".float32-")
             if (copy / "config.json").is_file():
                 return
             with tempfile.TemporaryDirectory(dir=copy.parent, prefix=".float32-") as scratch:
                 staging = Path(scratch) / "out"
                 model.save_pretrained(staging, safe_serialization=True)
+                share_and_flush(staging)
                 os.replace(staging, copy)
+                flush_entries(copy.parent)
     except OSError as exc:
         log.warning("float32_copy_not_saved", folder=str(copy), error=str(exc))
         return

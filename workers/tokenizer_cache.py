@@ -25,6 +25,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from workers.cache_files import share_and_flush
 from workers.tokenizer_backend import load_backend, save_backend
 
 log = structlog.get_logger(__name__)
@@ -128,6 +129,7 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, prepare
         else:
             log.warning("tokenizer_not_prepared", folder=str(folder), reason="reloaded tokenizer differs")
             return
+        share_and_flush(staging)
         _publish(staging, prepared)
         _remove_stale_prepared(prepared)
     # Only a speed-up: whatever goes wrong (tokenizers raises bare Exceptions), the loaded tokenizer stands.

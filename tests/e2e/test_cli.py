@@ -104,6 +104,20 @@ def test_commands_say_in_one_line_that_the_database_cannot_be_reached(tmp_path, 
         assert "127.0.0.1" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_bad_registry_file_is_one_line_and_status_2(tmp_path, model_cache_dir):
+    """It was a traceback (the worker) or gunicorn's status 3, "database unreachable" (the gateway)."""
+    registry = tmp_path / "models.json"
+    registry.write_text('{"models": [{"id": "x", "path": "/a"},]}')
+    env = cli_env(tmp_path, model_cache_dir, GEMMA_JOBS_MODEL_REGISTRY=str(registry),
+                  DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.db'}")
+    assert subprocess.run([*CLI, "migrate"], env=env, capture_output=True, timeout=120).returncode == 0
+    for command in (["worker", "--device", "cpu"], ["gateway", "--port", str(free_port())]):
+        result = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"gemma-jobs: GEMMA_JOBS_MODEL_REGISTRY={registry}: ")
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
 def test_worker_refuses_a_gpu_it_does_not_have(tmp_path, model_cache_dir):
     result = subprocess.run(
         [*CLI, "worker", "--gpu", "0"], env=cli_env(tmp_path, model_cache_dir), capture_output=True, text=True, timeout=120

@@ -76,6 +76,8 @@ def test_registry_file_adds_models(tmp_path):
         json.dumps({"models": [{"id": "x", "path": "/a", "hf_hub_id": "google/x"}]}),  # two sources
         json.dumps({"models": [{"id": "../etc", "path": "/a"}]}),  # id is not a name
         json.dumps({"models": [{"id": "x", "path": "/a", "url": "https://x"}]}),  # unknown field
+        json.dumps({"models": [{"id": "x", "path": "/a"}, {"id": "x", "path": "/b"}]}),  # the last one won
+        json.dumps({"models": [{"id": DEFAULT_MODEL_ID, "path": "/b"}]}),  # so it did over the built-in
     ],
 )
 def test_bad_registry_files_are_refused(tmp_path, content):

@@ -1,0 +1,51 @@
+"""Folders published into the model cache: readable by every user of the host, and on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_UMASK = 0o022
+
+
+def share_and_flush(folder: Path) -> None:
+    """Make a staged folder readable by every user (as the umask allows) and flush it to disk.
+
+    safetensors writes 0600 files and `mkdtemp` makes 0700 folders: a cache converted by one
+    account (`up`) could not be loaded by a worker running as another. Flushed before it is
+    renamed into place, so a power loss cannot leave a published folder with empty files.
+    """
+    umask = _umask()
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_dir():
+            path.chmod(0o755 & ~umask)
+        else:
+            path.chmod(0o644 & ~umask)
+            _fsync(path, os.O_RDONLY)
+    for path in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def flush_entries(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _umask() -> int:
+    """Return the process's umask without changing it (os.umask sets it, racing other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return DEFAULT_UMASK
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
