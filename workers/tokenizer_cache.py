@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ log = structlog.get_logger(__name__)
 
 # Bumped when what a prepared folder holds changes, so an older one is rebuilt rather than misread.
 PREPARED_FORMAT = 2
+# A prepared tokenizer no start used for this long is deleted once another of its source is written.
+STALE_PREPARED_S = 7 * 86400
 # Attributes a wrapper class's __init__ sets only to build its default backend (GemmaTokenizer's),
 # which a prepared load skips: transformers reads them nowhere else.
 DEFAULT_BACKEND_INPUTS = {"_vocab", "_merges"}
@@ -51,7 +54,9 @@ def load_tokenizer(folder: Path, cache_root: Path) -> PreTrainedTokenizerBase:
     prepared = cache_root / ".tokenizers" / tokenizer_fingerprint(folder)
     if prepared.is_dir():
         try:
-            return _load_prepared(prepared)
+            tokenizer = _load_prepared(prepared)
+            _mark_used(prepared)
+            return tokenizer
         except Exception as exc:  # tokenizers raises a bare Exception for a broken file
             log.warning("prepared_tokenizer_unusable", folder=str(folder), error=str(exc))
             shutil.rmtree(prepared, ignore_errors=True)  # so the load below can publish a good one
@@ -158,17 +163,33 @@ def _publish(staging: Path, prepared: Path) -> None:
         # Another worker published the same fingerprint first; its copy serves as well.
 
 
+def _mark_used(prepared: Path) -> None:
+    """Note that a prepared tokenizer served a start (its folder's time): in use, it is not stale."""
+    try:
+        os.utime(prepared)
+    except OSError:
+        pass  # a read-only cache: it is not cleaned up by this process either
+
+
 def _remove_stale_prepared(current: Path) -> None:
-    """Delete prepared tokenizers of the same source folder that an earlier version of it left."""
+    """Delete prepared tokenizers of the same source folder (an earlier version of it, or of the
+    libraries), or of a source that is gone, that no start used for STALE_PREPARED_S.
+
+    Not at once: two releases sharing a cache in a rolling upgrade deleted each other's at every
+    start, and each start took the ~5 s load.
+    """
     source = json.loads((current / "wrapper.json").read_text())["source"]
+    unused_since = time.time() - STALE_PREPARED_S
     for other in current.parent.iterdir():
         if other == current or other.name.startswith(".") or not (other / "wrapper.json").is_file():
             continue
         try:
-            stale = json.loads((other / "wrapper.json").read_text()).get("source") == source
+            if other.stat().st_mtime > unused_since:
+                continue
+            other_source = json.loads((other / "wrapper.json").read_text()).get("source")
         except (OSError, ValueError):
             continue  # another worker is replacing it; leave it to them
-        if stale:
+        if other_source == source or not (other_source and Path(other_source).is_dir()):
             shutil.rmtree(other, ignore_errors=True)
 
 

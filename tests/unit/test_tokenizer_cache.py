@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -122,7 +124,7 @@ def test_has_the_same_special_tokens_and_settings(prepared, reference):
 
 
 def test_a_changed_source_gets_a_new_prepared_form(folder: Path, tmp_path: Path):
-    from workers.tokenizer_cache import load_tokenizer, tokenizer_fingerprint
+    from workers.tokenizer_cache import STALE_PREPARED_S, load_tokenizer, tokenizer_fingerprint
 
     source = tmp_path / "model"
     source.mkdir()
@@ -134,13 +136,20 @@ def test_a_changed_source_gets_a_new_prepared_form(folder: Path, tmp_path: Path)
     (source / "tokenizer_config.json").unlink()
     (source / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "right"}))
     assert tokenizer_fingerprint(source) != before
-    # What the source's earlier version left behind goes once the new form is written.
-    stale = tmp_path / "cache" / ".tokenizers" / before
-    stale.mkdir(parents=True)
-    (stale / "wrapper.json").write_text(json.dumps({"source": str(source.resolve())}))
+    # What the source's earlier version left behind goes once the new form is written, if no
+    # start used it for a week; one in use (another release, in a rolling upgrade) stays.
+    folders = tmp_path / "cache" / ".tokenizers"
+    stale, in_use, orphan = folders / before, folders / "other-release", folders / "gone-source"
+    for prepared, source_of in ((stale, source), (in_use, source), (orphan, tmp_path / "deleted-model")):
+        prepared.mkdir(parents=True)
+        (prepared / "wrapper.json").write_text(json.dumps({"source": str(source_of.resolve())}))
+    week_ago = time.time() - STALE_PREPARED_S - 60
+    for prepared in (stale, orphan):
+        os.utime(prepared, (week_ago, week_ago))
 
     assert load_tokenizer(source, tmp_path / "cache").padding_side == "right"
-    assert [path.name for path in _prepared_dirs(tmp_path / "cache")] == [tokenizer_fingerprint(source)]
+    assert sorted(path.name for path in _prepared_dirs(tmp_path / "cache")) == sorted(
+        [tokenizer_fingerprint(source), "other-release"])
 
 
 def test_a_broken_prepared_form_falls_back_and_is_rewritten(folder, reference, prepared, cache_root, tmp_path,
