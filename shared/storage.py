@@ -61,9 +61,9 @@ class Storage:
         folder = self.resolve(relative)
         for path in folder.iterdir():
             if path.is_file():
-                _fsync(path, os.O_RDONLY)
+                fsync_path(path, os.O_RDONLY)
         while True:
-            _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)  # its entries: the names of what it holds
+            fsync_path(folder, os.O_RDONLY | os.O_DIRECTORY)  # its entries: the names of what it holds
             if folder == self.root or self.root not in folder.parents:
                 return
             folder = folder.parent
@@ -89,7 +89,8 @@ class Storage:
         shutil.rmtree(self.root / "adapters" / adapter_id, ignore_errors=True)
 
 
-def _fsync(path: Path, flags: int) -> None:
+def fsync_path(path: Path, flags: int) -> None:
+    """Flush a file (os.O_RDONLY) or a folder's entries (with os.O_DIRECTORY) to disk."""
     descriptor = os.open(path, flags)
     try:
         os.fsync(descriptor)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from shared.storage import fsync_path
+
 DEFAULT_UMASK = 0o022
 
 
@@ -21,14 +23,14 @@ def share_and_flush(folder: Path) -> None:
             path.chmod(0o755 & ~umask)
         else:
             path.chmod(0o644 & ~umask)
-            _fsync(path, os.O_RDONLY)
+            fsync_path(path, os.O_RDONLY)
     for path in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+        fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def flush_entries(folder: Path) -> None:
     """Flush a folder's entries (a rename into it) to disk."""
-    _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_path(folder, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _umask() -> int:
@@ -41,11 +43,3 @@ def _umask() -> int:
     except OSError:
         pass
     return DEFAULT_UMASK
-
-
-def _fsync(path: Path, flags: int) -> None:
-    descriptor = os.open(path, flags)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
