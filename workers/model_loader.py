@@ -6,6 +6,7 @@ import ctypes
 import fcntl
 import importlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -103,9 +104,14 @@ def weights_dir(entry: ModelEntry, cache_root: Path) -> Path:
 
 
 def _remove_scratch(folder: Path, prefix: str) -> None:
-    """Remove the scratch folders a killed conversion or copy left (the caller holds the model's lock)."""
-    for scratch in folder.glob(f"{prefix}*"):
-        if scratch.is_dir():
+    """Remove the scratch folders a killed conversion or copy left (the caller holds the model's lock).
+
+    Only `tempfile`'s names for this prefix (8 characters after it): `.gemma-3-270m-` is also
+    the start of another model's scratch (`.gemma-3-270m-short-…`), converted under its own lock.
+    """
+    ours = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
+    for scratch in folder.iterdir():
+        if scratch.is_dir() and ours.fullmatch(scratch.name):
             shutil.rmtree(scratch, ignore_errors=True)
 
 

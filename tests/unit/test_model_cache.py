@@ -27,11 +27,11 @@ def test_a_cache_that_cannot_be_written_makes_the_model_unavailable(tmp_path):
 
 def test_a_conversion_first_clears_a_half_deleted_cache_and_killed_conversions(tmp_path):
     entry = ModelEntry(id="my-gguf", gguf_file=tmp_path / "gone.gguf")
-    killed = tmp_path / ".my-gguf-x1y2z3"  # the scratch folder of a conversion that was SIGKILLed
+    killed = tmp_path / ".my-gguf-x1y2z3_4"  # the scratch folder of a conversion that was SIGKILLed
     (killed / "out").mkdir(parents=True)
     emptied = tmp_path / "my-gguf" / "float32"  # `rm my-gguf/*` leaves the float32 copy's folder
     emptied.mkdir(parents=True)
-    other = tmp_path / ".other-model-a1b2c3"  # another model's: not this one's to clear
+    other = tmp_path / ".my-gguf-short-a1b2c3d4"  # model my-gguf-short's: converted under its own lock
     other.mkdir()
     with pytest.raises(ModelUnavailable, match="gone.gguf not found"):
         weights_dir(entry, tmp_path)
@@ -42,7 +42,7 @@ def test_a_float32_copy_clears_the_scratch_of_a_copy_that_was_killed(tmp_path):
     copy = tmp_path / "my-gguf" / "float32"
     copy.mkdir(parents=True)
     (copy / "config.json").write_text("{}")
-    killed = tmp_path / "my-gguf" / ".float32-k1l2m3"
+    killed = tmp_path / "my-gguf" / ".float32-k1l2m3n4"
     killed.mkdir()
     _save_float32_copy(None, copy)  # written already: nothing to save
     assert not killed.exists() and (copy / "config.json").is_file()
