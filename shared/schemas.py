@@ -23,8 +23,6 @@ from shared.jobs import QUEUE_POSITION_CAP
 MAX_STOP_SEQUENCES = 8
 MAX_INT32 = 2**31 - 1
 MAX_METADATA_KEYS = 16
-# Bounded strings are also checked to be valid Unicode (a JSON "\ud800" escape decodes to a lone
-# surrogate that no UTF-8 answer or PostgreSQL column can hold); unbounded ones were not.
 
 
 def _no_nul(value: str) -> str:
@@ -35,7 +33,9 @@ def _no_nul(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_nul)]
-# The constraints before the NUL check: after it, they no longer refused lone surrogates.
+# Bounded strings are also checked to be valid Unicode (a JSON "\ud800" escape decodes to a lone
+# surrogate that no UTF-8 answer or PostgreSQL column can hold); unbounded ones were not. The
+# constraints come before the NUL check: after it, they no longer refused lone surrogates.
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_nul)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512), AfterValidator(_no_nul)]
 StopSequence = Annotated[str, StringConstraints(max_length=512), AfterValidator(_no_nul)]
