@@ -68,7 +68,7 @@ def test_counts_match_the_worker_s_tokenization(counting_app, model_cache_dir):
 
 def test_the_bound_is_never_below_the_exact_count(model_cache_dir):
     counter = TokenCounter(ModelRegistry.load(None), model_cache_dir)
-    texts = [" ", "\n\n\t  ", "The capital of France is", "日本語のテキスト", "🙂🤖" * 20, "\x00\x7f\u200b\ufeff",
+    texts = [" ", "\n\n\t  ", "The capital of France is", "日本語のテキスト", "🙂🤖" * 20, "\x01\x7f\u200b\ufeff",
              "<start_of_turn><end_of_turn><bos>", "1234567890" * 10, "ǅ\u0301 \U0010fffd", OVER_64]
     requests = [GenerationRequest(model=DEFAULT_MODEL_ID, prompt=text) for text in texts]
     requests += [GenerationRequest(model=DEFAULT_MODEL_ID, messages=[
