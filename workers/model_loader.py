@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import importlib
+import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -29,6 +31,8 @@ from workers.tokenizer_cache import load_tokenizer  # noqa: E402
 log = structlog.get_logger(__name__)
 
 GEMMA_END_OF_TURN = "<end_of_turn>"
+# In a converted folder: which GGUF it was converted from (`_gguf_source_identity`).
+SOURCE_FILE = "source.json"
 
 
 class ModelUnavailable(RuntimeError):
@@ -87,20 +91,55 @@ def weights_dir(entry: ModelEntry, cache_root: Path) -> Path:
                 f"model {entry.id!r}: {entry.hf_hub_id} is not in the local Hugging Face cache"
             ) from exc
     target = cache_root / entry.id
-    if (target / "config.json").is_file():
+    source = _gguf_source_identity(entry)
+    if _converted_from(target, source):
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     # Several workers may start at once: one converts, the others wait and reuse its output.
     with open(cache_root / f".{entry.id}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").is_file():
+        if not _converted_from(target, source):
             _remove_scratch(cache_root, f".{entry.id}-")  # left by a conversion that was killed
             if target.exists():
-                # A cache emptied by hand but for its float32 copy made the rename below fail
-                # after every ~1 min conversion, at every start.
+                # Converted from another GGUF; or emptied by hand but for its float32 copy, which
+                # made the rename below fail after every ~1 min conversion, at every start.
                 shutil.rmtree(target)
-            _convert_gguf(entry, target)
+            _convert_gguf(entry, target, source)
     return target
+
+
+def _gguf_source_identity(entry: ModelEntry) -> str | None:
+    """Say which GGUF an entry converts from: the file's path, size and time, or the package's
+    version. None when it cannot be told (the file is gone, the package not installed)."""
+    if entry.gguf_file is not None:
+        try:
+            stat = entry.gguf_file.stat()
+        except OSError:
+            return None
+        return f"{entry.gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        return f"{entry.gguf_package}=={importlib.metadata.version(entry.gguf_package)}"
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _converted_from(target: Path, source: str | None) -> bool:
+    """Whether a converted folder is complete and was converted from this source.
+
+    Kept by model id alone, an id pointed at another GGUF (or a newer package) went on serving
+    the old weights. A folder converted before sources were recorded, or whose source cannot be
+    told now, still serves.
+    """
+    if not (target / "config.json").is_file():
+        return False
+    if source is None:
+        return True
+    try:
+        return json.loads((target / SOURCE_FILE).read_text())["source"] == source
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _remove_scratch(folder: Path, prefix: str) -> None:
@@ -130,7 +169,7 @@ def _gguf_source(entry: ModelEntry, scratch: Path) -> Path:
     return Path(package.assemble(scratch / package.MODEL_NAME))
 
 
-def _convert_gguf(entry: ModelEntry, target: Path) -> None:
+def _convert_gguf(entry: ModelEntry, target: Path, source: str | None) -> None:
     """Dequantize a GGUF checkpoint once and cache it as bf16 safetensors (~40 s, then ~2 s loads)."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.id}-") as scratch:
@@ -148,6 +187,8 @@ def _convert_gguf(entry: ModelEntry, target: Path) -> None:
         staging = Path(scratch) / "out"
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if source is not None:
+            (staging / SOURCE_FILE).write_text(json.dumps({"source": source}))
         share_and_flush(staging)
         os.replace(staging, target)  # atomic: readers see no half-written cache
         flush_entries(target.parent)

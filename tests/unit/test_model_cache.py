@@ -3,6 +3,7 @@ or copy leaves behind is cleared before the next one."""
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from shared.registry import DEFAULT_MODEL_ID, ModelEntry, ModelRegistry
 from workers.cache_files import _umask, share_and_flush
 from workers.model_cache import ModelCache
-from workers.model_loader import ModelUnavailable, _save_float32_copy, weights_dir
+from workers.model_loader import SOURCE_FILE, ModelUnavailable, _save_float32_copy, weights_dir
 
 
 def test_a_cache_that_cannot_be_written_makes_the_model_unavailable(tmp_path):
@@ -61,3 +62,31 @@ def test_a_published_folder_is_readable_by_every_user(tmp_path):
     assert stat.S_IMODE(staged.stat().st_mode) == stat.S_IMODE((staged / "sub").stat().st_mode) == 0o755 & ~umask
     assert stat.S_IMODE((staged / "sub/tokenizer.json").stat().st_mode) == 0o644 & ~umask
     assert umask & 0o044 == 0 and (staged / "model.safetensors").stat().st_mode & 0o044 == 0o044
+
+
+def test_a_cache_converted_from_another_gguf_is_converted_again(tmp_path):
+    """Kept by id alone, an id pointed at another GGUF went on serving the old weights."""
+    gguf = tmp_path / "new.gguf"
+    gguf.write_bytes(b"not a real GGUF")  # the conversion fails on it, after the stale cache went
+    entry = ModelEntry(id="my-gguf", gguf_file=gguf)
+    target = tmp_path / "cache" / "my-gguf"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / SOURCE_FILE).write_text(json.dumps({"source": f"{tmp_path / 'old.gguf'}:1:1"}))
+    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises on a broken file
+        weights_dir(entry, tmp_path / "cache")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("recorded", [None, "this one"])
+def test_a_cache_converted_from_this_source_or_before_sources_were_recorded_serves(tmp_path, recorded):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    entry = ModelEntry(id="my-gguf", gguf_file=gguf)
+    target = tmp_path / "cache" / "my-gguf"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    if recorded:
+        stat = gguf.stat()
+        (target / SOURCE_FILE).write_text(json.dumps({"source": f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"}))
+    assert weights_dir(entry, tmp_path / "cache") == target
