@@ -18,19 +18,19 @@ def share_and_flush(folder: Path) -> None:
     renamed into place, so a power loss cannot leave a published folder with empty files.
     """
     umask = _umask()
-    for path in [*folder.rglob("*"), folder]:
-        if path.is_dir():
-            path.chmod(0o755 & ~umask)
-        else:
-            path.chmod(0o644 & ~umask)
-            fsync_path(path, os.O_RDONLY)
-    for path in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+    # Deepest first: a folder's entries are flushed after what they name.
+    for path in [*sorted(folder.rglob("*"), key=lambda path: len(path.parts), reverse=True), folder]:
+        is_folder = path.is_dir()
+        path.chmod((0o755 if is_folder else 0o644) & ~umask)
+        fsync_path(path, os.O_RDONLY | (os.O_DIRECTORY if is_folder else 0))
 
 
-def flush_entries(folder: Path) -> None:
-    """Flush a folder's entries (a rename into it) to disk."""
-    fsync_path(folder, os.O_RDONLY | os.O_DIRECTORY)
+def publish(staging: Path, target: Path) -> None:
+    """Share and flush a finished folder, rename it into place (readers never see it half
+    written), and flush the rename."""
+    share_and_flush(staging)
+    os.replace(staging, target)
+    fsync_path(target.parent, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _umask() -> int:

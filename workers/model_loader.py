@@ -24,7 +24,7 @@ from safetensors import SafetensorError  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 from shared.registry import ModelEntry  # noqa: E402
-from workers.cache_files import flush_entries, share_and_flush  # noqa: E402
+from workers.cache_files import publish  # noqa: E402
 from workers.cpu_threads import cpu_has_bf16_dot  # noqa: E402
 from workers.tokenizer_cache import load_tokenizer  # noqa: E402
 
@@ -189,9 +189,7 @@ def _convert_gguf(entry: ModelEntry, target: Path, source: str | None) -> None:
         tokenizer.save_pretrained(staging)
         if source is not None:
             (staging / SOURCE_FILE).write_text(json.dumps({"source": source}))
-        share_and_flush(staging)
-        os.replace(staging, target)  # atomic: readers see no half-written cache
-        flush_entries(target.parent)
+        publish(staging, target)
     log.info("model_converted", model=entry.id, seconds=round(time.monotonic() - started, 1))
 
 
@@ -290,9 +288,7 @@ def _save_float32_copy(model: torch.nn.Module, copy: Path) -> None:
             with tempfile.TemporaryDirectory(dir=copy.parent, prefix=".float32-") as scratch:
                 staging = Path(scratch) / "out"
                 model.save_pretrained(staging, safe_serialization=True)
-                share_and_flush(staging)
-                os.replace(staging, copy)
-                flush_entries(copy.parent)
+                publish(staging, copy)
     except OSError as exc:
         log.warning("float32_copy_not_saved", folder=str(copy), error=str(exc))
         return

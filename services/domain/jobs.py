@@ -205,13 +205,12 @@ def record_generations(db: Database, publisher: JobPublisher, jobs: list[NewGene
     except DBAPIError as exc:
         if len(jobs) == 1:
             return [exc]
-        if isinstance(exc, DATABASE_UNAVAILABLE):
-            outcomes = [committed.get(job.id, exc) for job in jobs]
-            publisher.publish_many([(job.id, job.queue) for job in jobs if job.id in committed])
-            return outcomes
         # A statement for another queue may have committed before this one failed: its jobs are
         # recorded (inserted again, each would fail as a duplicate, and its submit with it).
-        outcomes = [committed[job.id] if job.id in committed else _insert_alone(db, job) for job in jobs]
+        # The others: alone, unless the database is unavailable (then every try would fail too).
+        unavailable = isinstance(exc, DATABASE_UNAVAILABLE)
+        outcomes = [committed[job.id] if job.id in committed else exc if unavailable else _insert_alone(db, job)
+                    for job in jobs]
     publisher.publish_many([(job.id, job.queue) for job, outcome in zip(jobs, outcomes)
                             if not isinstance(outcome, Exception)])
     return outcomes

@@ -249,16 +249,14 @@ HEADER_PARAMETERS = {
 }
 
 
-def openapi_document(settings: Settings | None = None) -> dict[str, Any]:
-    """Return the document; with `settings`, with this server's caps on generation requests."""
-    if settings is None:
-        return _document(None)
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """Return the document, with this server's caps on generation requests."""
     return _document(tuple((field, keyword, getattr(settings, setting))
                            for field, (keyword, setting) in GENERATION_CAPS.items()))
 
 
 @lru_cache(maxsize=4)
-def _document(caps: tuple[tuple[str, str, float], ...] | None) -> dict[str, Any]:
+def _document(caps: tuple[tuple[str, str, float], ...]) -> dict[str, Any]:
     """Build the document once per process (and set of caps)."""
     models = {model for _, request, responses, _ in ROUTES.values() for model in [request, *responses.values()] if model}
     _, definitions = models_json_schema(
@@ -323,7 +321,7 @@ def _document(caps: tuple[tuple[str, str, float], ...] | None) -> dict[str, Any]
             "responses": {"200": {"description": summary, "content": {content_type: {"schema": body}}}},
         }
     generation = definitions["$defs"]["GenerationRequest"]["properties"]
-    for field, keyword, cap in caps or ():
+    for field, keyword, cap in caps:
         _cap(generation[field], keyword, cap)
     return {
         "openapi": "3.1.0",
