@@ -234,6 +234,7 @@ def load_model(
                 _save_float32_copy(model, copy)
     except (OSError, ValueError, SafetensorError) as exc:  # a truncated weights file raises the last
         raise ModelUnavailable(f"model {entry.id!r}: cannot load from {folder}: {exc}") from exc
+    _check_context_length(entry, model.config)
     if not kwargs:
         model.to(device)
     model.eval()
@@ -248,6 +249,20 @@ def load_model(
         load_seconds=time.monotonic() - started,
         tokenizer_seconds=tokenizer_seconds,
     )
+
+
+def _check_context_length(entry: ModelEntry, config) -> None:
+    """Refuse a registry entry whose context_length is over what the model was built for.
+
+    The gateway admits prompts by the registry's number; past the model's positions a job
+    would fail deep in a forward pass (or generate from positions it never learned).
+    """
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(positions, int) and entry.context_length > positions:
+        raise ModelUnavailable(
+            f"model {entry.id!r}: context_length {entry.context_length} in the registry is over the model's "
+            f"max_position_embeddings of {positions}; set context_length to {positions} or less"
+        )
 
 
 def _float32_copy(entry: ModelEntry, cache_root: Path) -> Path | None:

@@ -183,3 +183,16 @@ def test_the_worker_checks_the_context_where_the_gateway_could_not(model_cache_d
     assert "context of 64 tokens" in failure.value.message
     output = generate_alone(loaded, {"prompt": "word " * 20, "max_new_tokens": 2, "temperature": 0})
     assert output.completion_tokens == 2
+
+
+def test_a_context_length_over_the_models_positions_is_refused_at_load(model_cache_dir):
+    """The gateway admits prompts by the registry's context_length: it must fit the model."""
+    import torch
+
+    from shared.registry import ModelEntry
+    from workers.model_loader import ModelUnavailable, load_model
+
+    entry = ModelEntry(id="too-long", path=model_cache_dir / DEFAULT_MODEL_ID, context_length=65536)
+    with pytest.raises(ModelUnavailable) as refused:
+        load_model(entry, model_cache_dir, torch.device("cpu"))
+    assert "context_length 65536" in str(refused.value) and "max_position_embeddings of 32768" in str(refused.value)
