@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import time
 from pathlib import Path
 
 from shared.storage import fsync_path
@@ -31,6 +34,23 @@ def publish(staging: Path, target: Path) -> None:
     share_and_flush(staging)
     os.replace(staging, target)
     fsync_path(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def remove_scratch(folder: Path, prefix: str, *, older_than_s: float = 0.0) -> None:
+    """Remove the scratch folders a killed conversion, copy or preparation left in `folder`.
+
+    Only `tempfile`'s names for this prefix (8 characters after it): `.gemma-3-270m-` is also
+    the start of another model's scratch (`.gemma-3-270m-short-…`). A caller that holds no lock
+    over the prefix passes `older_than_s`, so another process's scratch in use is left alone.
+    """
+    ours = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
+    modified_before = time.time() - older_than_s
+    for scratch in folder.iterdir():
+        try:
+            if ours.fullmatch(scratch.name) and scratch.is_dir() and scratch.stat().st_mtime <= modified_before:
+                shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:
+            continue  # removed by another process meanwhile
 
 
 def _umask() -> int:

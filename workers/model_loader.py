@@ -8,7 +8,6 @@ import importlib
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ from safetensors import SafetensorError  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
 
 from shared.registry import ModelEntry  # noqa: E402
-from workers.cache_files import publish  # noqa: E402
+from workers.cache_files import publish, remove_scratch  # noqa: E402
 from workers.cpu_threads import cpu_has_bf16_dot  # noqa: E402
 from workers.tokenizer_cache import load_tokenizer  # noqa: E402
 
@@ -99,7 +98,7 @@ def weights_dir(entry: ModelEntry, cache_root: Path) -> Path:
     with open(cache_root / f".{entry.id}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _converted_from(target, source):
-            _remove_scratch(cache_root, f".{entry.id}-")  # left by a conversion that was killed
+            remove_scratch(cache_root, f".{entry.id}-")  # left by a conversion that was killed
             if target.exists():
                 # Converted from another GGUF; or emptied by hand but for its float32 copy, which
                 # made the rename below fail after every ~1 min conversion, at every start.
@@ -140,18 +139,6 @@ def _converted_from(target: Path, source: str | None) -> bool:
         return True
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def _remove_scratch(folder: Path, prefix: str) -> None:
-    """Remove the scratch folders a killed conversion or copy left (the caller holds the model's lock).
-
-    Only `tempfile`'s names for this prefix (8 characters after it): `.gemma-3-270m-` is also
-    the start of another model's scratch (`.gemma-3-270m-short-…`), converted under its own lock.
-    """
-    ours = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
-    for scratch in folder.iterdir():
-        if scratch.is_dir() and ours.fullmatch(scratch.name):
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _gguf_source(entry: ModelEntry, scratch: Path) -> Path:
@@ -297,7 +284,7 @@ def _save_float32_copy(model: torch.nn.Module, copy: Path) -> None:
     try:
         with open(copy.parent.parent / f".{copy.parent.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be writing it right now
-            _remove_scratch(copy.parent, ".float32-")
+            remove_scratch(copy.parent, ".float32-")
             if (copy / "config.json").is_file():
                 return
             with tempfile.TemporaryDirectory(dir=copy.parent, prefix=".float32-") as scratch:

@@ -26,7 +26,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from workers.cache_files import share_and_flush
+from workers.cache_files import remove_scratch, share_and_flush
 from workers.tokenizer_backend import load_backend, save_backend
 
 log = structlog.get_logger(__name__)
@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 PREPARED_FORMAT = 2
 # A prepared tokenizer no start used for this long is deleted once another of its source is written.
 STALE_PREPARED_S = 7 * 86400
+# A staging folder untouched this long was left by a preparation that was killed (one takes seconds).
+ABANDONED_STAGING_S = 3600
 # Attributes a wrapper class's __init__ sets only to build its default backend (GemmaTokenizer's),
 # which a prepared load skips: transformers reads them nowhere else.
 DEFAULT_BACKEND_INPUTS = {"_vocab", "_merges"}
@@ -119,6 +121,8 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, prepare
         return  # a Python or sentencepiece tokenizer has no single backend file to reload from
     try:
         prepared.parent.mkdir(parents=True, exist_ok=True)
+        # No lock is held here: another worker's staging, in use, is younger than this.
+        remove_scratch(prepared.parent, ".staging-", older_than_s=ABANDONED_STAGING_S)
         staging = Path(tempfile.mkdtemp(dir=prepared.parent, prefix=".staging-"))
     except OSError as exc:  # a read-only cache: every start takes the full load
         log.warning("tokenizer_not_prepared", folder=str(folder), error=str(exc))

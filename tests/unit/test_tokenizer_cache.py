@@ -124,7 +124,7 @@ def test_has_the_same_special_tokens_and_settings(prepared, reference):
 
 
 def test_a_changed_source_gets_a_new_prepared_form(folder: Path, tmp_path: Path):
-    from workers.tokenizer_cache import STALE_PREPARED_S, load_tokenizer, tokenizer_fingerprint
+    from workers.tokenizer_cache import ABANDONED_STAGING_S, STALE_PREPARED_S, load_tokenizer, tokenizer_fingerprint
 
     source = tmp_path / "model"
     source.mkdir()
@@ -146,10 +146,18 @@ def test_a_changed_source_gets_a_new_prepared_form(folder: Path, tmp_path: Path)
     week_ago = time.time() - STALE_PREPARED_S - 60
     for prepared in (stale, orphan):
         os.utime(prepared, (week_ago, week_ago))
+    # A killed preparation's staging folder goes; another worker's, being written now, stays.
+    abandoned, being_written = folders / ".staging-k1lled_0", folders / ".staging-w0rking1"
+    for staging in (abandoned, being_written):
+        staging.mkdir()
+        (staging / "bpe.marshal").write_bytes(b"half")
+    hours_ago = time.time() - ABANDONED_STAGING_S - 60
+    os.utime(abandoned, (hours_ago, hours_ago))
 
     assert load_tokenizer(source, tmp_path / "cache").padding_side == "right"
     assert sorted(path.name for path in _prepared_dirs(tmp_path / "cache")) == sorted(
         [tokenizer_fingerprint(source), "other-release"])
+    assert not abandoned.exists() and being_written.is_dir()
 
 
 def test_a_broken_prepared_form_falls_back_and_is_rewritten(folder, reference, prepared, cache_root, tmp_path,
