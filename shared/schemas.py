@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -52,6 +53,16 @@ def _storable(value: datetime) -> datetime:
 
 
 Timestamp = Annotated[datetime, AfterValidator(_storable)]
+
+
+def _integral_number(value: Any) -> Any:
+    """Take a JSON number with no fraction (`5.0`) as the integer it is, as JSON Schema does."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# A key's limit: a JSON integer (5 or 5.0; `true` was 1, "5" was 5), bounded by the 32-bit
+# integer columns that store it.
+KeyLimit = Annotated[int, Field(strict=True, ge=1, le=MAX_INT32), BeforeValidator(_integral_number)]
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -365,11 +376,9 @@ class KeyCreate(StrictModel):
 
     role: Literal["admin", "user"] = "user"
     name: str = Field(default="", max_length=200)
-    # Bounded by the 32-bit integer columns that store them; JSON integers only (`true` was 1, "5" was 5).
-    rpm: int | None = Field(default=None, ge=1, le=MAX_INT32, strict=True, description="requests per minute")
-    tpm: int | None = Field(default=None, ge=1, le=MAX_INT32, strict=True, description="tokens per minute")
-    max_concurrent: int | None = Field(default=None, ge=1, le=MAX_INT32, strict=True,
-                                       description="queued + running jobs")
+    rpm: KeyLimit | None = Field(default=None, description="requests per minute")
+    tpm: KeyLimit | None = Field(default=None, description="tokens per minute")
+    max_concurrent: KeyLimit | None = Field(default=None, description="queued + running jobs")
     expires_at: Timestamp | None = Field(default=None, description="the key stops working at this time")
 
     @field_validator("expires_at")

@@ -70,6 +70,15 @@ def test_bad_key_requests_are_422(client, admin, body, field):
     assert field in [detail["field"] for detail in error["details"]]
 
 
+def test_limits_are_json_integers_written_either_way(client, admin):
+    """JSON Schema's integer includes 5.0; a fraction or a string is still refused (above)."""
+    body = {"rpm": 5.0, "tpm": 60000, "max_concurrent": 2.0}
+    created = client.post("/v1/admin/keys", json=body, headers=admin)
+    assert created.status_code == 201, created.get_data(as_text=True)
+    assert [created.get_json()[name] for name in body] == [5, 60000, 2]
+    assert_error(client.post("/v1/admin/keys", json={"rpm": 5.5}, headers=admin), 422, "invalid_field")
+
+
 def test_key_names_may_hold_any_printable_text(client, admin):
     for name in ("ops team", "équipe nuit", "東京　チーム", "🙂 bots"):
         response = client.post("/v1/admin/keys", json={"name": name}, headers=admin)
