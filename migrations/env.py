@@ -1,5 +1,7 @@
 """Alembic environment: runs migrations against the URL passed in by shared.migrate."""
 
+import time
+
 from alembic import context
 from sqlalchemy import event
 
@@ -46,8 +48,7 @@ def run_migrations_online() -> None:
             if not sqlite:
                 # Two migrates at once (init containers of several replicas): the second waits
                 # here, then finds the work done; it crashed on the version table before.
-                connection.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_ID})")
-                connection.commit()  # the lock is the session's; each migration has its own transaction
+                _take_migration_lock(connection)
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,
@@ -60,6 +61,23 @@ def run_migrations_online() -> None:
                 _check_foreign_keys(connection)
     finally:
         engine.dispose()  # closing the connection releases the advisory lock
+
+
+# Pause between tries of the migration lock while another migrate holds it.
+LOCK_RETRY_S = 0.2
+
+
+def _take_migration_lock(connection) -> None:
+    """Take the session's migration lock, trying again between pauses spent outside any transaction.
+
+    A session waiting inside pg_advisory_lock holds a snapshot, and a concurrent index build
+    (migrations.online_index) waits for every older snapshot: the holder's build and the
+    waiter's lock waited on each other, and PostgreSQL ended them as a deadlock.
+    """
+    while not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({MIGRATION_LOCK_ID})").scalar():
+        connection.commit()
+        time.sleep(LOCK_RETRY_S)
+    connection.commit()  # the lock is the session's; each migration has its own transaction
 
 
 def _foreign_keys_off(dbapi_connection, _record) -> None:

@@ -228,3 +228,62 @@ def test_0002_gives_running_jobs_a_lease_lapsed_now_in_utc_whatever_the_session_
     lease = datetime.fromisoformat(lease) if isinstance(lease, str) else lease  # SQLite: text
     assert abs(lease.replace(tzinfo=None) - utcnow().replace(tzinfo=None)) < timedelta(minutes=1)
     db.dispose()
+
+
+def test_0006_builds_its_index_while_jobs_are_written(empty_database_url):
+    """A plain CREATE INDEX waits for open transactions on jobs, and every write queues behind
+    it: a migrate during traffic held all submits and claims for the whole build."""
+    import threading
+
+    import psycopg
+    from sqlalchemy import text
+
+    from shared.models import utcnow
+
+    if not empty_database_url.startswith("postgresql"):
+        pytest.skip("SQLite builds an index in a moment, under its single writer lock anyway")
+    upgrade(empty_database_url, "0005")
+    dsn = empty_database_url.replace("postgresql+psycopg://", "postgresql://")
+    insert_job = ("INSERT INTO jobs (id, owner_key_id, kind, model, queue, status, params, created_at, attempts) "
+                  "VALUES (%s, 'key_a', 'generation', 'm', 'q', 'queued', '{}', %s, 0)")
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("INSERT INTO api_keys (id, key_hash, key_prefix, name, role, created_at) "
+                           "VALUES ('key_a', 'h', 'p', 'n', 'user', now())")
+    with psycopg.connect(dsn) as open_transaction, psycopg.connect(dsn) as writer:
+        open_transaction.execute(insert_job, ("job_open", utcnow()))  # a submit in flight
+        migrating = threading.Thread(target=upgrade, args=(empty_database_url, "0006"))
+        migrating.start()
+        try:
+            _wait_for_index_build(open_transaction, dsn)
+            writer.execute("SET lock_timeout = '3s'")
+            writer.execute(insert_job, ("job_meanwhile", utcnow()))  # refused by the lock timeout before
+            writer.commit()
+        finally:
+            open_transaction.commit()  # the build waits for it, then ends
+            migrating.join(60)
+    db = Database(empty_database_url)
+    with db.engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"
+        assert connection.execute(text(
+            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE c.relname = 'ix_jobs_owner_key_id_status_id'")).scalar() is True
+        assert connection.execute(text("SELECT count(*) FROM jobs")).scalar() == 2
+    db.dispose()
+
+
+def _wait_for_index_build(connection, dsn: str) -> None:
+    """Wait until a CREATE INDEX on this database is waiting for a lock or an older transaction."""
+    import time
+
+    import psycopg
+
+    deadline = time.monotonic() + 30
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        while time.monotonic() < deadline:
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query ILIKE 'CREATE INDEX%%' AND wait_event_type = 'Lock'").fetchone()[0]
+            if waiting:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the migration never started its index build")
