@@ -10,6 +10,10 @@ import torch
 # Temperatures below this decode greedily (vLLM's rule): logits divided by a temperature near
 # zero overflow to inf, and sampling from them fails (it failed the job's whole batch).
 GREEDY_BELOW = 1e-5
+# Penalized scores stay within this: a seen logit over a penalty near zero (1e-38) overflowed to
+# inf, softmax made NaNs of it, and sampling raised (it failed the job's whole batch). Over the
+# smallest temperature sampled (GREEDY_BELOW) it still fits a float32.
+SCORE_LIMIT = 1e30
 
 
 class Sampler:
@@ -61,7 +65,7 @@ def _penalize(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> to
     """Make tokens already seen less likely (the CTRL rule transformers uses)."""
     history = history.to(scores.device)  # built on the CPU; a GPU's logits refuse a CPU index
     seen = scores.gather(0, history)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty).clamp(-SCORE_LIMIT, SCORE_LIMIT)
     return scores.scatter(0, history, seen)
 
 
@@ -69,6 +73,8 @@ def _nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability adds up to top_p."""
     ordered, order = torch.sort(scores, descending=True)
     probs = torch.softmax(ordered, dim=-1)
-    # Drop a token once the ones before it already reach top_p; the first always stays.
+    # Drop a token once the ones before it already reach top_p; the first always stays (a top_p
+    # below float32's smallest number, 1e-50, was 0 here and dropped every token: NaNs again).
     drop = probs.cumsum(dim=-1) - probs >= top_p
+    drop[0] = False
     return scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))

@@ -228,6 +228,19 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert {top_p.pick(logits, history) for _ in range(50)} == {0}  # the first token alone reaches 0.5
 
 
+@pytest.mark.parametrize("settings", [{"top_p": 1e-50}, {"repetition_penalty": 1e-38}, {"top_p": 5e-324},
+                                      {"repetition_penalty": 1e-38, "temperature": 1e-5}])
+def test_extreme_settings_the_schema_accepts_still_sample_a_token(settings):
+    """A top_p that is 0 in float32 dropped every token, and a seen logit over a penalty near zero
+    overflowed: softmax gave NaNs, and the raise failed every job in the batch."""
+    logits = torch.tensor([5.0, 4.0, 0.0, -2.0, -3.0])
+    history = torch.tensor([0, 3])
+    sampler = Sampler({"temperature": 1.0, "seed": 1, **settings}, torch.device("cpu"))
+    picked = {sampler.pick(logits, history) for _ in range(20)}
+    # Nucleus of the first token alone; or the seen token 0, its score huge after the penalty.
+    assert picked == {0}
+
+
 def test_cpu_workers_batch_in_bf16_only_where_the_cpu_has_bf16_dot_products():
     cpu = torch.device("cpu")
     assert generation_dtype(cpu, 1, bf16_dot=False) == torch.bfloat16
