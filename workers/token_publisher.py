@@ -58,7 +58,7 @@ class TokenPublisher:
         """Publish the rest of the final text (already cut at a stop string): at once, or as
         data in `writes`, for the result writer process to send."""
         self.text = final_text
-        self._send(len(final_text), token_ids, writes)
+        self._send(len(final_text), token_ids, writes, last=True)
         self.ensure_started(writes)
 
     def ensure_started(self, writes: StreamTail | None = None) -> None:
@@ -70,8 +70,10 @@ class TokenPublisher:
             else:
                 writes.append(self, self.attempt, None, [], True)
 
-    def _send(self, upto: int, token_ids: list[int], step_writes: StepWrites | None) -> None:
-        if upto <= self.sent_chars or self.failed:
+    def _send(self, upto: int, token_ids: list[int], step_writes: StepWrites | None, last: bool = False) -> None:
+        # The last write also carries ids that added no text (an end-of-turn token, one that
+        # completed a stop string at the text already sent): the stream's ids are the result's.
+        if self.failed or (upto <= self.sent_chars and not (last and len(token_ids) > self.sent_tokens)):
             return
         start, self.started = not self.started, True
         args = (self.attempt, self.text[self.sent_chars : upto], token_ids[self.sent_tokens :], start)
@@ -79,7 +81,7 @@ class TokenPublisher:
             self._call(write_tokens, *args)
         else:
             step_writes.append(self, *args)
-        self.sent_chars, self.sent_tokens = upto, len(token_ids)
+        self.sent_chars, self.sent_tokens = max(upto, self.sent_chars), len(token_ids)
 
     def _call(self, write, *args) -> None:
         """Write to Redis; a stream is a convenience, so an outage only stops this job's stream."""

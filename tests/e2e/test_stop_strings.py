@@ -57,9 +57,11 @@ class _Recorded:
 
     def __init__(self):
         self.texts: list[str] = []
+        self.token_ids: list[int] = []
 
-    def append(self, _publisher, _attempt, text, _token_ids, _start) -> None:
+    def append(self, _publisher, _attempt, text, token_ids, _start) -> None:
         self.texts.append(text or "")
+        self.token_ids += token_ids
 
 
 @pytest.mark.parametrize("stray", [False, True])
@@ -78,3 +80,24 @@ def test_the_streamed_text_is_the_result_text_around_byte_fallback_characters(to
     final = tokenizer.decode(ids, skip_special_tokens=True)
     publisher.finish(final, ids, writes)
     assert "".join(writes.texts) == final
+
+
+@pytest.mark.parametrize(("text", "stop", "last"), [
+    ("The answer is four", [], "<eos>"),  # a last token that adds no text
+    ("The answer is four", [], "<end_of_turn>"),
+    ("The answer is four", ["."], "."),  # completes a one-character stop at the text already sent
+])
+def test_the_stream_carries_every_token_id_of_the_result(tokenizer, text, stop, last):
+    """Ids went out only with new text: the stream's last ids (an end of turn, a stop's token)
+    were never sent, and its token_ids came up short of the result's."""
+    from workers.token_publisher import TokenPublisher
+
+    ids = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.convert_tokens_to_ids(last)]
+    writes = _Recorded()
+    publisher = TokenPublisher(None, tokenizer, "job_x", 1, stop, step_writes=writes)
+    for end in range(1, len(ids) + 1):
+        publisher.update(ids[:end])
+    final = tokenizer.decode(ids, skip_special_tokens=True)
+    final = final[: final.find(".")] if stop else final
+    publisher.finish(final, ids, writes)
+    assert "".join(writes.texts) == final == text and writes.token_ids == ids
