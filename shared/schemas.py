@@ -175,6 +175,13 @@ def optimizer_steps(rows: int, hp: Hyperparameters) -> int:
     return hp.epochs * math.ceil(batches / hp.gradient_accumulation_steps)
 
 
+def training_passes(rows: int, hp: Hyperparameters) -> int:
+    """Forward and backward passes (micro-batches) a run takes: the work, whatever its accumulation."""
+    if hp.max_steps:
+        return hp.max_steps * hp.gradient_accumulation_steps
+    return hp.epochs * math.ceil(rows / hp.batch_size)
+
+
 class FineTuneRequest(StrictModel):
     """Body of POST /v1/fine-tunes."""
 

@@ -17,7 +17,7 @@ from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
 from shared.models import Job, TrainingFile, utcnow
 from shared.registry import ModelRegistry
-from shared.schemas import FineTuneRequest, optimizer_steps
+from shared.schemas import FineTuneRequest, training_passes
 from shared.settings import Settings
 
 
@@ -65,11 +65,14 @@ def create_fine_tune(
             f"{settings.max_train_batch_tokens}: lower batch_size and raise gradient_accumulation_steps to keep "
             "the effective batch",
         )
-    steps = optimizer_steps(training.rows, hp)
-    if steps > settings.max_train_steps:
+    # Micro-batches, not optimizer steps: gradient_accumulation_steps 256 passed a run 256 times
+    # the limit's size.
+    passes = training_passes(training.rows, hp)
+    if passes > settings.max_train_steps:
         raise _invalid(
             "hyperparameters",
-            f"this run would take {steps} optimizer steps; the limit on this server is {settings.max_train_steps}",
+            f"this run would take {passes} micro-batches (forward and backward passes: optimizer steps x "
+            f"gradient_accumulation_steps); the limit on this server is {settings.max_train_steps}",
         )
     if (request.ttl_s or 0) > settings.max_ttl_s:
         raise _invalid("ttl_s", f"ttl_s is at most {settings.max_ttl_s:g} on this server")

@@ -307,15 +307,18 @@ def test_a_run_over_max_train_steps_is_422_naming_the_limit(settings, redis_clie
         client = app.test_client()
         auth = {"Authorization": f"Bearer {make_key(app)}"}
         training = upload(client, auth, rows=3)
-        # 3 rows, batch 1: 3 steps an epoch.
-        for hp in ({"batch_size": 1, "epochs": 2}, {"max_steps": 6}):
+        # 3 rows, batch 1: 3 micro-batches an epoch. Accumulating them into fewer optimizer steps
+        # does not make the run smaller (it passed 256 times the limit).
+        for hp in ({"batch_size": 1, "epochs": 2}, {"max_steps": 6},
+                   {"batch_size": 1, "epochs": 2, "gradient_accumulation_steps": 3},
+                   {"max_steps": 2, "gradient_accumulation_steps": 3}):
             error = assert_error(fine_tune(client, auth, training, hyperparameters=hp), 422, "invalid_field")
             assert error["details"][0]["field"] == "hyperparameters"
-            assert "6 optimizer steps" in error["message"] and "5" in error["message"]
+            assert "6 micro-batches" in error["message"] and "5" in error["message"]
         for hp in (
             {"batch_size": 1, "epochs": 1},
             {"max_steps": 5},
-            {"batch_size": 1, "epochs": 5, "gradient_accumulation_steps": 3},  # 1 step an epoch
+            {"batch_size": 3, "epochs": 5, "gradient_accumulation_steps": 3},  # 1 micro-batch an epoch
             {"epochs": 5},  # batch 4: one (partial) batch an epoch
         ):
             response = fine_tune(client, auth, training, hyperparameters=hp)
