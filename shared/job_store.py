@@ -627,13 +627,14 @@ def recover_lapsed(
     Returns (requeued (id, queue) pairs to publish after commit, ids failed `worker_lost`).
     """
     lapsed = session.execute(
-        select(J.id, J.queue, J.attempts, J.hand_backs, J.kind)
+        select(J.id, J.queue, J.attempts, J.hand_backs, J.kind, J.owner_key_id, J.model, J.progress, J.started_at,
+               J.heartbeat_at)
         .where(J.status == JobStatus.RUNNING, J.lease_expires_at < now)
         .order_by(J.id)
         .limit(limit)
     ).all()
     requeued, failed, ended = [], [], []
-    for job_id, queue, attempts, hand_backs, kind in lapsed:
+    for job_id, queue, attempts, hand_backs, kind, key_id, model, progress, started_at, heartbeat_at in lapsed:
         still_lapsed = (
             J.id == job_id,
             J.status == JobStatus.RUNNING,
@@ -658,6 +659,11 @@ def recover_lapsed(
             continue
         if lost >= max_attempts:
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "worker_lost"})
+            usage = _trained_before_lost(progress, started_at, heartbeat_at)
+            if usage:  # as a fine-tune that fails midway is charged: its worker cannot any more
+                charge, _ = _upserts(session.get_bind().dialect.name)
+                session.scalar(charge, {"job_id": job_id, "key_id": key_id, "model": model,
+                                        "status": JobStatus.FAILED, **usage})
             failed.append(job_id)
             ended.append((job_id, kind, queue, JobStatus.FAILED))
         else:
@@ -666,6 +672,18 @@ def recover_lapsed(
     count_ended(session, ended)
     settle_reservations(session, failed)
     return requeued, failed
+
+
+def _trained_before_lost(progress: dict[str, Any] | None, started_at: datetime | None,
+                         heartbeat_at: datetime | None) -> dict[str, Any] | None:
+    """Return the charge of a fine-tune's last attempt whose worker was lost: the tokens its last
+    stored progress counted, over the time from its claim to its worker's last renewal. None if
+    it recorded no training (a generation records none)."""
+    train_tokens = int(progress.get("train_tokens") or 0) if isinstance(progress, dict) else 0
+    if not train_tokens:
+        return None
+    seconds = (heartbeat_at - started_at).total_seconds() if started_at and heartbeat_at else 0.0
+    return {"train_tokens": train_tokens, "gpu_seconds": round(max(seconds, 0.0), 4)}
 
 
 def fine_tune_adapter_ids(session: Session, job_ids: list[str]) -> list[str]:

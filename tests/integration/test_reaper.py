@@ -149,6 +149,28 @@ def test_a_fine_tune_failed_worker_lost_leaves_no_partial_adapter(reaper):
     assert storage.resolve(storage.adapter_relative("ft-running", 1)).is_dir()  # still training: kept
 
 
+def test_a_fine_tune_failed_worker_lost_is_charged_what_it_trained(reaper):
+    """A fine-tune that fails midway is charged the steps it trained; one whose worker died (a
+    SIGKILL, the kernel's out-of-memory kill) was charged nothing, as was a lost generation."""
+    tuned = queued_job(reaper.db, kind="fine_tune", queue="fine_tune.gemma-3-270m", adapter_id="ft-charged")
+    generated = queued_job(reaper.db)
+    held = claim(reaper.db, tuned, "worker-a", max_attempts=1)
+    claim(reaper.db, generated, "worker-a", max_attempts=1)
+    with reaper.db.session_scope() as session:
+        job_store.record_progress(session, held, "worker-a", {"step": 6, "train_tokens": 470})
+        started = session.get(Job, tuned).started_at
+        session.execute(update(Job).where(Job.id == tuned).values(heartbeat_at=started + timedelta(seconds=12)))
+    for job_id in (tuned, generated):
+        lapse_lease(reaper.db, job_id)
+    reaper.settings = reaper.settings.model_copy(update={"max_attempts": 1})
+    assert reaper.run_once()["worker_lost"] == 2
+    assert reaper.run_once()["worker_lost"] == 0
+    with reaper.db.session_scope() as session:
+        charges = session.execute(select(UsageRecord.job_id, UsageRecord.status, UsageRecord.train_tokens,
+                                         UsageRecord.gpu_seconds)).all()
+    assert [tuple(row) for row in charges] == [(tuned, "failed", 470, 12.0)]
+
+
 def test_a_fine_tune_cancelled_while_its_worker_died_leaves_no_partial_adapter(reaper):
     """Nothing removed its attempt's folder: its worker was gone, and no attempt came after."""
     job_id = queued_job(reaper.db, kind="fine_tune", queue="fine_tune.gemma-3-270m", adapter_id="ft-abandoned")
