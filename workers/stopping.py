@@ -22,6 +22,11 @@ def stop_string_seen(tokenizer: PreTrainedTokenizerBase, new_ids: list[int], sto
     longest = max(len(stop.encode("utf-8")) for stop in stops)
     start = _window_start(new_ids, longest + 1, continuation_byte_tokens(tokenizer), special_tokens(tokenizer))
     text = tokenizer.decode(new_ids[start:], skip_special_tokens=True)
+    if not any(stop in text for stop in stops):
+        return False
+    # Confirmed on the whole text, as the result is cut: a stray byte before the window voids the
+    # whole byte run there, and the job stopped for a stop string its result did not hold.
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return any(stop in text for stop in stops)
 
 

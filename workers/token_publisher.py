@@ -8,7 +8,7 @@ import redis
 import structlog
 
 from shared import token_stream
-from workers.token_kinds import byte_tokens
+from workers.token_kinds import byte_tokens, special_tokens
 
 if TYPE_CHECKING:  # the result writer process runs `write_tokens` without transformers
     from transformers import PreTrainedTokenizerBase
@@ -45,7 +45,7 @@ class TokenPublisher:
 
     def update(self, token_ids: list[int]) -> None:
         """Publish what became certain since the last call (called after each step)."""
-        if token_ids and token_ids[-1] in byte_tokens(self.tokenizer):
+        if self._in_byte_run(token_ids):
             return  # inside a run of byte tokens: wait for the token that ends it
         pending = self.tokenizer.decode(token_ids[self.decoded :], skip_special_tokens=True)
         self.text += pending
@@ -53,6 +53,13 @@ class TokenPublisher:
         # Text before a completed stop string is final; so is text too far back to begin one.
         cuts = [index for index in (self.text.find(s) for s in self.stop) if index >= 0]
         self._send(min([len(self.text) - self.hold_back, *cuts]), token_ids, self.step_writes)
+
+    def _in_byte_run(self, token_ids: list[int]) -> bool:
+        """Whether the last token that decodes to something is a byte: the decoder skips special
+        tokens and joins the bytes around them into one run."""
+        specials = special_tokens(self.tokenizer)
+        last = next((token for token in reversed(token_ids) if token not in specials), None)
+        return last in byte_tokens(self.tokenizer)
 
     def finish(self, final_text: str, token_ids: list[int], writes: StreamTail | None = None) -> None:
         """Publish the rest of the final text (already cut at a stop string): at once, or as

@@ -64,7 +64,17 @@ class _Recorded:
         self.token_ids += token_ids
 
 
-@pytest.mark.parametrize("stray", [False, True])
+def test_a_stop_string_in_a_byte_run_the_result_voids_is_not_seen(tokenizer):
+    """A stray byte before "é"'s bytes voids the whole run in the result's decode; the window
+    started at "é" saw the stop, and the job stopped without its result holding it."""
+    byte = lambda value: tokenizer.convert_tokens_to_ids(f"<0x{value:02X}>")  # noqa: E731
+    ids = [byte(0xA9), byte(0xC3), byte(0xA9), *tokenizer.encode(" ok", add_special_tokens=False)]
+    assert "é" not in tokenizer.decode(ids, skip_special_tokens=True)
+    assert not stop_string_seen(tokenizer, ids, ["é"])
+    assert stop_string_seen(tokenizer, [byte(0xC3), byte(0xA9)], ["é"])
+
+
+@pytest.mark.parametrize("stray", [False, True, "special"])
 def test_the_streamed_text_is_the_result_text_around_byte_fallback_characters(tokenizer, stray):
     """A stray byte after a byte-fallback character voids the whole run in the result's decode:
     streamed apart, the character went out whole, and the stream then repeated the text after it."""
@@ -72,7 +82,10 @@ def test_the_streamed_text_is_the_result_text_around_byte_fallback_characters(to
 
     byte = lambda value: tokenizer.convert_tokens_to_ids(f"<0x{value:02X}>")  # noqa: E731
     ids = [*tokenizer.encode("Hi ", add_special_tokens=False), byte(0xEA), byte(0x99), byte(0xAE),
-           *([byte(0x80)] if stray else []), *tokenizer.encode(" ok", add_special_tokens=False)]
+           *([byte(0x80)] if stray is True else []), *tokenizer.encode(" ok", add_special_tokens=False)]
+    if stray == "special":  # a special token inside a byte run: the decoder skips it and joins the run
+        ids = [*tokenizer.encode(" ok", add_special_tokens=False), byte(0xE3), tokenizer.eos_token_id,
+               byte(0xC3), byte(0x9F), *tokenizer.encode(" ok", add_special_tokens=False)]
     writes = _Recorded()
     publisher = TokenPublisher(None, tokenizer, "job_x", 1, [], step_writes=writes)
     for end in range(1, len(ids) + 1):
