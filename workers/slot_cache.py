@@ -26,6 +26,9 @@ assert GROW_COLUMNS % SPAN_COLUMNS == 0  # a span never ends past the cache's ca
 SLOT_ATTENTION = "gemma_jobs_slots"
 # Passed as a model's attention_mask: the model builds no masks, the attention below masks itself.
 NO_MASKS = {"full_attention": None, "sliding_attention": None}
+# A sliding layer prefills a prompt longer than this in blocks of this many queries (a mask per
+# block, not one over the whole prompt); shorter prompts keep the one call they always had.
+WINDOW_QUERY_BLOCK = 2048
 
 
 @dataclass
@@ -211,12 +214,40 @@ def _segment_attention(
     for start, length in zip(segments.starts, segments.lengths):
         # Copies, so a prompt's tensors have one layout whatever is packed around it.
         segment = [tensor[:, :, start : start + length].contiguous() for tensor in (query, key, value)]
+        if window and length > WINDOW_QUERY_BLOCK:
+            outputs.append(_window_attention_in_blocks(module, *segment, window, kwargs))
+            continue
         mask = None  # plain causal
         if window and length > window:  # a sliding layer sees only the last `window` positions
-            position = torch.arange(length, device=query.device)
-            distance = position[:, None] - position[None, :]
-            mask = ((distance >= 0) & (distance < window))[None, None]
+            mask = _window_mask(length, length, 0, window, query.device)
         output, _ = sdpa_attention_forward(module, *segment, mask, **kwargs)
+        outputs.append(output)
+    return torch.cat(outputs, dim=1)
+
+
+def _window_mask(queries: int, keys: int, offset: int, window: int, device: torch.device) -> torch.Tensor:
+    """Sliding-window causal mask: query i (at position offset + i of the keys) sees the keys
+    at positions within `window` before it, itself included."""
+    mask = torch.ones(queries, keys, dtype=torch.bool, device=device)
+    return mask.tril_(offset).triu_(offset - window + 1)[None, None]
+
+
+def _window_attention_in_blocks(module, query, key, value, window: int, kwargs) -> torch.Tensor:
+    """A sliding layer's attention over a long prompt, WINDOW_QUERY_BLOCK queries at a time, each
+    block over the keys its window reaches.
+
+    One mask over the whole prompt is length² (with the int64 distances it was built from, ~11
+    bytes a cell: ~10 GB for a 31k-token prompt, which the context admits): a single submit could
+    get a CPU worker killed for memory, and its batch-mates with it.
+    """
+    length = query.shape[2]
+    outputs = []
+    for first in range(0, length, WINDOW_QUERY_BLOCK):
+        end = min(first + WINDOW_QUERY_BLOCK, length)
+        reach = max(0, first - window + 1)  # the first key any query of the block sees
+        mask = _window_mask(end - first, end - reach, first - reach, window, query.device)
+        output, _ = sdpa_attention_forward(
+            module, query[:, :, first:end], key[:, :, reach:end], value[:, :, reach:end], mask, **kwargs)
         outputs.append(output)
     return torch.cat(outputs, dim=1)
 

@@ -260,3 +260,29 @@ def test_concurrency_must_be_a_whole_number_from_1_to_64(value, capsys):
 def test_concurrency_is_parsed():
     assert build_parser().parse_args(["worker", "--concurrency", "16"]).concurrency == 16
     assert build_parser().parse_args(["worker"]).concurrency is None
+
+
+def test_a_long_prompts_sliding_window_attention_is_computed_in_blocks_of_queries(monkeypatch):
+    """One mask over a whole 31k-token prompt (which the context admits) took ~10 GB: a single
+    submit could get a CPU worker killed. Blocks give the attention the whole mask gives."""
+    from types import SimpleNamespace
+
+    from workers import slot_cache
+
+    monkeypatch.setattr(slot_cache, "WINDOW_QUERY_BLOCK", 96)
+    built = []
+    window_mask = slot_cache._window_mask
+    monkeypatch.setattr(slot_cache, "_window_mask", lambda *args: built.append(args[:2]) or window_mask(*args))
+    torch.manual_seed(0)
+    length, window, heads, dim = 250, 40, 2, 16
+    query, key, value = (torch.randn(1, heads, length, dim) for _ in range(3))
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1, training=False)
+    output = slot_cache._segment_attention(module, query, key, value, PrefillSegments([0], [length]), window,
+                                           {"dropout": 0.0, "scaling": dim**-0.5})
+    position = torch.arange(length)
+    distance = position[:, None] - position[None, :]
+    scores = (query @ key.transpose(-1, -2)) * dim**-0.5
+    scores = scores.masked_fill(~((distance >= 0) & (distance < window)), float("-inf"))
+    expected = (scores.softmax(-1) @ value).transpose(1, 2)
+    torch.testing.assert_close(output, expected)
+    assert built == [(96, 96), (96, 96 + window - 1), (58, 58 + window - 1)]
