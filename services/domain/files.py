@@ -18,7 +18,7 @@ from shared.jobs import JobKind, JobStatus
 from shared.models import Job, TrainingFile, utcnow
 from shared.schemas import FileInfo
 from shared.storage import Storage
-from shared.training_data import TrainingDataError, parse_training_file
+from shared.training_data import TrainingDataError, count_training_rows
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +35,7 @@ def check_upload(data: bytes, *, purpose: str, max_rows: int) -> int:
             details=[{"field": "purpose", "message": "unknown purpose"}],
         )
     try:
-        return len(parse_training_file(data, max_rows=max_rows))
+        return count_training_rows(data, max_rows=max_rows)
     except TrainingDataError as exc:
         details = [{"line": problem.line, "message": problem.message} for problem in exc.problems]
         raise InvalidField(exc.message, details=details or None) from None

@@ -130,6 +130,17 @@ def test_unusable_text_is_422_naming_the_line(client, auth, app, line, words):
     assert stored_files(app) == []
 
 
+def test_a_row_over_the_row_limit_is_422_naming_the_line(client, auth, app):
+    """A 50 MB row of ~1.6M tiny turns parsed into ~500 MB of objects in the gateway per upload."""
+    from shared.training_data import MAX_ROW_CHARS
+
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    row = {"messages": turns * (MAX_ROW_CHARS // 60)}
+    error = assert_error(upload(client, auth, jsonl(CHAT, row)), 422, "invalid_field")
+    assert error["message"].startswith("line 2:") and f"at most {MAX_ROW_CHARS}" in error["message"]
+    assert stored_files(app) == []
+
+
 def test_line_separators_inside_strings_do_not_split_rows(client, auth):
     """JSON strings may hold U+2028, U+2029 and U+0085 raw; only "\\n" ends a row."""
     rows = [{"prompt": "a\u2028b\u2029c\x85d", "completion": "e"}, CHAT]
