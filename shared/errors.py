@@ -45,6 +45,10 @@ class Conflict(DomainError):
     status, code = 409, "conflict"
 
 
+class QuotaExceeded(DomainError):
+    status, code = 409, "quota_exceeded"
+
+
 class InvalidField(DomainError):
     status, code = 422, "invalid_field"
 

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # worker keeps loaded beside one copy of each base model.
     max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_file_rows: int = Field(default=100_000, ge=1)
+    # What one key may keep uploaded at once: the storage volume is every tenant's.
+    max_files_per_key: int = Field(default=1000, ge=1)
+    max_file_storage_per_key_bytes: int = Field(default=5 * 1024**3, ge=1024)
     max_train_steps: int = Field(default=100_000, ge=1)  # micro-batches (forward and backward passes) a run may take
     # batch_size x max_seq_length of one training micro-batch: its activations and full-vocabulary
     # logits take ~6 MB a token on a CPU (float32), so what fits is the workers' memory's call.

@@ -6,16 +6,16 @@ import hashlib
 from collections.abc import Callable
 
 import structlog
-from sqlalchemy import delete, event, or_, select
+from sqlalchemy import delete, event, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from services.domain.keys import Caller
 from shared.db import get_by_id
-from shared.errors import Conflict, InvalidField, NotFound, StorageUnavailable
+from shared.errors import Conflict, InvalidField, NotFound, QuotaExceeded, StorageUnavailable
 from shared.ids import new_id
 from shared.jobs import JobKind, JobStatus
-from shared.models import Job, TrainingFile, utcnow
+from shared.models import ApiKey, Job, TrainingFile, utcnow
 from shared.schemas import FileInfo
 from shared.storage import Storage
 from shared.training_data import TrainingDataError, count_training_rows
@@ -41,6 +41,27 @@ def check_upload(data: bytes, *, purpose: str, max_rows: int) -> int:
         raise InvalidField(exc.message, details=details or None) from None
 
 
+def _check_quota(session: Session, key_id: str, new_bytes: int, max_files: int | None,
+                 max_stored_bytes: int | None) -> None:
+    """Refuse an upload that would take the key past its files or stored bytes (409, saying what
+    to delete). One key's uploads take turns on its row (FOR NO KEY UPDATE, as its submits' limits
+    do) until they commit, so two at once cannot both fit in the last place."""
+    session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True))
+    files, stored = session.execute(
+        select(func.count(), func.coalesce(func.sum(TrainingFile.bytes), 0)).where(TrainingFile.owner_key_id == key_id)
+    ).one()
+    over = []
+    if max_files is not None and files + 1 > max_files:
+        over.append(f"this key already has {files} files, the most it may keep on this server")
+    if max_stored_bytes is not None and stored + new_bytes > max_stored_bytes:
+        over.append(f"this key's files take {stored} bytes, and this one {new_bytes} more would be over the "
+                    f"{max_stored_bytes} bytes it may keep on this server")
+    if over:
+        raise QuotaExceeded(f"{'; '.join(over)}: delete files it no longer needs (DELETE /v1/files/{{id}})",
+                            details={"files": files, "bytes": stored, "max_files": max_files,
+                                     "max_bytes": max_stored_bytes})
+
+
 def create_file(
     session: Session,
     caller: Caller,
@@ -50,8 +71,13 @@ def create_file(
     data: bytes,
     rows: int,
     storage: Storage,
+    max_files: int | None = None,
+    max_stored_bytes: int | None = None,
 ) -> TrainingFile:
-    """Store a checked upload's bytes under a server id and record it."""
+    """Store a checked upload's bytes under a server id and record it, within the key's quota
+    (`max_files` files, `max_stored_bytes` bytes in all; None: no limit)."""
+    if max_files is not None or max_stored_bytes is not None:
+        _check_quota(session, caller.key_id, len(data), max_files, max_stored_bytes)
     file_id = new_id("file", "-")  # `file-…`, as the contract (DESIGN.md) shows it
     relative = Storage.file_relative(file_id)
     # The bytes are on disk before the row exists, so a committed row never names a missing file.

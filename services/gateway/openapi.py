@@ -63,9 +63,9 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
         True,
     ),
     ("post", "/v1/files"): (
-        "Upload a JSONL training file (multipart: `file`, `purpose=fine-tune`)",
+        "Upload a JSONL training file (multipart: `file`, `purpose=fine-tune`; 409 past the key's file quota)",
         None,  # multipart, described in MULTIPART_BODIES
-        {201: schemas.FileInfo, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse,
+        {201: schemas.FileInfo, 400: schemas.ErrorResponse, 401: schemas.ErrorResponse, 409: schemas.ErrorResponse,
          413: schemas.ErrorResponse, 422: schemas.ErrorResponse, 503: schemas.ErrorResponse},
         True,
     ),

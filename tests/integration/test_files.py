@@ -309,6 +309,25 @@ def test_an_id_with_nul_is_404_not_a_server_error(client, auth):
     assert_error(client.delete("/v1/files/file_%00x", headers=auth), 404, "not_found")
 
 
+@pytest.mark.parametrize("quota", [{"max_files_per_key": 2}, {"max_file_storage_per_key_bytes": 2 * 1024 + 1023}])
+def test_a_key_keeps_at_most_its_quota_of_files(settings, redis_client, quota):
+    """Uploads counted against nothing: one key could fill the storage volume every tenant shares."""
+    data = jsonl(CHAT) * (1024 // len(jsonl(CHAT)) + 1)  # just over 1 KiB
+    app = create_app(settings.model_copy(update=quota))
+    try:
+        client = app.test_client()
+        auth, other = ({"Authorization": f"Bearer {make_key(app)}"} for _ in range(2))
+        first, second = (upload(client, auth, data).get_json()["id"] for _ in range(2))
+        error = assert_error(upload(client, auth, data), 409, "quota_exceeded")
+        assert "DELETE /v1/files/{id}" in error["message"] and error["details"]["files"] == 2
+        assert len(stored_files(app)) == 2
+        assert upload(client, other, data).status_code == 201  # another key's quota is its own
+        assert client.delete(f"/v1/files/{first}", headers=auth).status_code == 200
+        assert upload(client, auth, data).status_code == 201
+    finally:
+        app.extensions["gemma_jobs"].db.dispose()
+
+
 def test_a_failed_insert_removes_the_stored_bytes(app):
     context = app.extensions["gemma_jobs"]
     # No such key: the foreign key makes the insert fail after the bytes were written.

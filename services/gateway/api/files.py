@@ -62,6 +62,8 @@ def upload_file():
             data=data,
             rows=rows,
             storage=context.storage,
+            max_files=context.settings.max_files_per_key,
+            max_stored_bytes=context.settings.max_file_storage_per_key_bytes,
         )
         body = file_domain.file_info(row)
     log.info("file_uploaded", file_id=body.id, rows=body.rows, bytes=body.bytes)
