@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     # so that polls, submits and health checks find a thread (the gateway warns of a cap that
     # leaves none).
     max_held_requests: int | None = Field(default=None, ge=1)
+    # Of those, what one API key may hold: unset, half the process's cap (at least one), so one
+    # key's streams cannot lock every other key out of streaming and `Prefer: wait`.
+    max_held_requests_per_key: int | None = Field(default=None, ge=1)
     # Threads of each gateway process; `gemma-jobs gateway --threads` sets it for its processes.
     gateway_threads: int = Field(default=16, ge=1, le=1024)
     max_new_tokens: int = Field(default=2048, ge=1, le=32768)
@@ -150,6 +153,11 @@ class Settings(BaseSettings):
     def held_requests_cap(self) -> int:
         """Return how many requests a gateway process may hold open at once."""
         return self.max_held_requests or max(1, self.gateway_threads - HELD_REQUESTS_SPARE_THREADS)
+
+    @property
+    def held_requests_per_key(self) -> int:
+        """Return how many of a gateway process's held requests one API key may take."""
+        return self.max_held_requests_per_key or max(1, self.held_requests_cap // 2)
 
     @property
     def model_cache_path(self) -> Path:

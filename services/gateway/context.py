@@ -71,7 +71,7 @@ class GatewayContext:
             submits=GroupedCalls(lambda jobs: record_generations(db, publisher, jobs)),
             poll_reads=(GroupedCalls(lambda job_ids: read_polled_rows(db, job_ids), POLL_READS_IN_FLIGHT)
                         if db.engine.dialect.name == "postgresql" else None),
-            held=HeldRequests(settings.held_requests_cap),
+            held=HeldRequests(settings.held_requests_cap, settings.held_requests_per_key),
         )
 
 

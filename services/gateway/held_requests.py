@@ -16,34 +16,56 @@ RETRY_AFTER_S = 2
 
 
 class HeldRequests:
-    """Counts this process's held requests; a request past the cap is not held."""
+    """Counts this process's held requests, in all and by API key; a request past either cap is not held."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, per_key: int):
         self.cap = cap
+        self.per_key = per_key
         self.held = 0
+        self._by_key: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def try_hold(self, kind: str) -> bool:
-        """Take a place for a `kind` of held request (stream, wait) if one is free; the caller
-        releases it once the request ends."""
-        with self._lock:
-            free = self.held < self.cap
-            self.held += free
-        if not free:
-            HELD_REFUSED.labels(kind).inc()
-        return free
+    def try_hold(self, kind: str, key_id: str) -> bool:
+        """Take a place for a `kind` of held request (stream, wait) of a key if one is free to it;
+        the caller releases it once the request ends."""
+        return self._take(key_id) is None or self._refused(kind)
 
-    def release(self) -> None:
+    def release(self, key_id: str) -> None:
         with self._lock:
             self.held -= 1
+            left = self._by_key.pop(key_id) - 1
+            if left:
+                self._by_key[key_id] = left
 
-    def hold_stream(self) -> None:
+    def hold_stream(self, key_id: str) -> None:
         """Take a place for an event stream, or refuse it with a 503 that says what to do instead."""
-        if not self.try_hold("stream"):
-            error = ServiceBusy(
-                f"this gateway process already holds its limit of {self.cap} open event streams and waits; "
-                f"retry after {RETRY_AFTER_S} s, or poll GET /v1/jobs/{{id}} or its events as JSON meanwhile",
-                details={"held_requests": self.cap},
-            )
-            error.headers["Retry-After"] = str(RETRY_AFTER_S)
-            raise error
+        full = self._take(key_id)
+        if full is None:
+            return
+        self._refused("stream")
+        if full == "key":
+            message = (f"this API key already holds {self.per_key} open event streams and waits on this gateway "
+                       f"process, its share of them; close one, retry after {RETRY_AFTER_S} s, or poll "
+                       "GET /v1/jobs/{id} or its events as JSON meanwhile")
+        else:
+            message = (f"this gateway process already holds its limit of {self.cap} open event streams and waits; "
+                       f"retry after {RETRY_AFTER_S} s, or poll GET /v1/jobs/{{id}} or its events as JSON meanwhile")
+        error = ServiceBusy(message, details={"held_requests": self.cap, "held_requests_per_key": self.per_key})
+        error.headers["Retry-After"] = str(RETRY_AFTER_S)
+        raise error
+
+    def _take(self, key_id: str) -> str | None:
+        """Take a place for the key; None if taken, else which cap is full ("process" or "key")."""
+        with self._lock:
+            if self.held >= self.cap:
+                return "process"
+            if self._by_key.get(key_id, 0) >= self.per_key:
+                return "key"
+            self.held += 1
+            self._by_key[key_id] = self._by_key.get(key_id, 0) + 1
+        return None
+
+    @staticmethod
+    def _refused(kind: str) -> bool:
+        HELD_REFUSED.labels(kind).inc()
+        return False

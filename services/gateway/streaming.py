@@ -137,11 +137,11 @@ def event_stream(
         job_domain.get_job(session, caller, job_id)
         # A resumed stream goes on dropping what attempts before the client's last one write.
         cursor.attempt = attempt_begun(session, job_id, cursor.event_id)
-    context.held.hold_stream()  # last: nothing between it and the response that gives it back
+    context.held.hold_stream(caller.key_id)  # last: nothing between it and the response that gives it back
     stream_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
     response = Response(_frames(context, caller, job_id, cursor), mimetype=EVENT_STREAM, headers=stream_headers)
     # The server closes the response however the stream ends, even one never started.
-    response.call_on_close(context.held.release)
+    response.call_on_close(lambda: context.held.release(caller.key_id))
     return response
 
 

@@ -25,7 +25,7 @@ STREAM = {"Accept": "text/event-stream"}
 def capped(database_url, redis_url, tmp_path, redis_client):
     """A gateway app whose process holds at most two requests."""
     settings = load_settings(database_url=database_url, redis_url=redis_url, data_dir=tmp_path / "var",
-                             max_held_requests=2, max_wait_s=5)
+                             max_held_requests=2, max_held_requests_per_key=2, max_wait_s=5)
     app = create_app(settings)
     yield app
     app.extensions["gemma_jobs"].db.dispose()
@@ -82,6 +82,34 @@ def test_past_the_cap_streams_are_refused_and_waits_answer_at_once(capped):
     open_stream(client, auth, job_id).close()
     streams[1].close()
     assert held(capped) == 0
+
+
+def test_one_key_takes_at_most_its_share_of_the_places(database_url, redis_url, tmp_path, redis_client):
+    """One key's streams took every place: every other key's streams were refused, and its
+    `Prefer: wait` and `"stream": true` submits answered at once."""
+    settings = load_settings(database_url=database_url, redis_url=redis_url, data_dir=tmp_path / "var",
+                             max_held_requests=4, max_wait_s=5)
+    assert settings.held_requests_per_key == 2  # half the process's places by default
+    app = create_app(settings)
+    try:
+        client = app.test_client()
+        hog, other = ({"Authorization": f"Bearer {make_key(app)}"} for _ in range(2))
+        hogs_job, others_job = (submit(client, auth).get_json()["id"] for auth in (hog, other))
+        streams = [open_stream(client, hog, hogs_job) for _ in range(2)]
+        error = assert_error(client.get(f"/v1/jobs/{hogs_job}/events", headers={**hog, **STREAM}), 503, "busy")
+        assert "already holds 2 open event streams" in error["message"] and "its share" in error["message"]
+        assert submit(client, {**hog, "Prefer": "wait=0.2"}).headers.get("Preference-Applied") is None
+        assert held(app) == 2
+        # The other key still finds its places: a stream, and a wait that is applied.
+        others = open_stream(client, other, others_job)
+        waited = submit(client, {**other, "Prefer": "wait=0.2"})
+        assert waited.headers["Preference-Applied"] == "wait=0.2"
+        for response in [*streams, others]:
+            response.close()
+        assert held(app) == 0
+        open_stream(client, hog, hogs_job).close()  # its places came back
+    finally:
+        app.extensions["gemma_jobs"].db.dispose()
 
 
 def test_a_stream_closed_before_its_first_read_gives_its_place_back(capped):

@@ -99,14 +99,15 @@ def _answer_submit(context: GatewayContext, body: GenerationRequest, job, positi
         except ServiceBusy:
             pass  # no place to hold it: the job is recorded, so answer as a plain submit (below)
     # No place to hold a wait either: answer at once (`Prefer` lets a server not wait).
-    if wait_s > 0 and not context.held.try_hold("wait"):
+    key_id = current_caller().key_id
+    if wait_s > 0 and not context.held.try_hold("wait", key_id):
         wait_s = 0
     described = None
     if wait_s > 0:
         try:
             wait_until_done(context.redis, job.id, wait_s, lambda: _is_finished(context, job.id))
         finally:
-            context.held.release()
+            context.held.release(key_id)
     elif not replayed:
         # Nothing can have changed the job but a worker claiming it: answer with it as recorded,
         # rather than read it back.
