@@ -23,6 +23,15 @@ log = structlog.get_logger(__name__)
 class AdapterUnavailable(RuntimeError):
     """An adapter's files cannot be loaded."""
 
+    @classmethod
+    def files_missing(cls, adapter_id: str) -> "AdapterUnavailable":
+        return cls(f"adapter {adapter_id!r} has no files in this worker's storage (deleted?)")
+
+
+def has_adapter_files(path: Path | None) -> bool:
+    """Whether an adapter's folder is there (a deleted adapter's files go at its delete)."""
+    return path is not None and (path / "adapter_config.json").is_file()
+
 
 class AdapterCache:
     """Wraps each base model in peft once and swaps adapters in and out of it by name.
@@ -78,10 +87,10 @@ class AdapterCache:
             self._lru.move_to_end(key)
             self._evict(keep=key)  # loads while other batches ran their adapters may have gone over
             return wrapped
-        if path is None or not (path / "adapter_config.json").is_file():
+        if not has_adapter_files(path):
             # The path stays in the worker's log: the job's error is shown to its client.
             log.error("adapter_files_missing", adapter=adapter_id, path=str(path))
-            raise AdapterUnavailable(f"adapter {adapter_id!r} has no files in this worker's storage (deleted?)")
+            raise AdapterUnavailable.files_missing(adapter_id)
         from peft import PeftModel  # only workers that serve adapters pay for importing peft
 
         try:

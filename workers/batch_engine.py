@@ -24,7 +24,7 @@ import structlog
 import torch
 from transformers import DynamicCache
 
-from workers.adapter_cache import AdapterUnavailable
+from workers.adapter_cache import AdapterUnavailable, has_adapter_files
 from workers.generation import GenerationError, GenerationOutput, finish_text, prompt_ids_within_context
 from workers.greedy_screen import GreedyScreen
 from workers.model_loader import LoadedModel
@@ -160,7 +160,9 @@ class BatchEngine:
             if self.cpu_threads is not None:
                 self.cpu_threads.apply()
             self._drop_stopped_waiting()
-            joining = self._admit()
+            joining = self._without_removed_adapters(self._admit())
+            if not joining and not self.active:
+                return  # all it admitted failed: the next round admits the next group
             with torch.inference_mode(), self._model_for_group(joining) as model:
                 if joining:
                     self._prefill(model, joining)
@@ -202,6 +204,18 @@ class BatchEngine:
             ):
                 joining.append(self.waiting.popleft())
         return joining
+
+    def _without_removed_adapters(self, joining: list[Sequence]) -> list[Sequence]:
+        """Fail the joining sequences whose adapter's files are gone (deleted after their job was
+        claimed); return the others. An adapter still in memory would have run them all the same."""
+        kept = []
+        for sequence in joining:
+            if sequence.adapter_id is None or has_adapter_files(sequence.adapter_path):
+                kept.append(sequence)
+            else:
+                gone = AdapterUnavailable.files_missing(sequence.adapter_id)
+                self._complete(sequence, error=_as_generation_error(gone))
+        return kept
 
     def _drop_stopped_waiting(self) -> None:
         """Hand back, unrun, waiting sequences whose job was cancelled or stopped: a job waiting

@@ -21,11 +21,13 @@ from workers.runtime import WorkerRuntime
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
+@pytest.mark.parametrize("cached", [False, True])
 def test_a_job_whose_adapter_is_deleted_while_it_waits_in_the_engine_fails_adapter_not_found(
-        database_url, redis_url, redis_client, model_cache_dir, tmp_path):
+        database_url, redis_url, redis_client, model_cache_dir, tmp_path, cached):
     """It passed its check before the delete, then waited behind a base model batch: the batch
     reached it after the files were gone, and it failed `adapter_unavailable` (which a client
-    may retry) where the docs promise `adapter_not_found`."""
+    may retry) where the docs promise `adapter_not_found`. An adapter still in the worker's
+    memory (`cached`: it served a job before) ran the job, on a deleted adapter."""
     from peft import LoraConfig, get_peft_model
 
     if database_url.startswith("sqlite"):
@@ -46,8 +48,12 @@ def test_a_job_whose_adapter_is_deleted_while_it_waits_in_the_engine_fails_adapt
             owner = session.get(Job, base_job).owner_key_id
             session.add(Adapter(id=adapter_id, owner_key_id=owner, base_model=DEFAULT_MODEL_ID, job_id=base_job,
                                 path=relative, hyperparameters={}, metrics={}, size_bytes=1))
-        adapter_job = queued_job(rt.db, model=adapter_id, adapter_id=adapter_id, params={
-            "prompt": "Hello", "max_new_tokens": 4, "temperature": 0, "base_model": DEFAULT_MODEL_ID})
+        adapter_params = {"prompt": "Hello", "max_new_tokens": 4, "temperature": 0, "base_model": DEFAULT_MODEL_ID}
+        if cached:
+            served = queued_job(rt.db, model=adapter_id, adapter_id=adapter_id, params=adapter_params)
+            run_generation_job(rt, served)
+            assert rt.adapters.loaded_ids() == [adapter_id]
+        adapter_job = queued_job(rt.db, model=adapter_id, adapter_id=adapter_id, params=adapter_params)
 
         base_run = threading.Thread(target=run_generation_job, args=(rt, base_job))
         base_run.start()
