@@ -44,4 +44,8 @@ def serve_metrics(port: int, device: torch.device, host: str = "127.0.0.1") -> N
         allocated.set_function(lambda: torch.cuda.memory_allocated(device))
         reserved = Gauge("gemma_jobs_worker_gpu_memory_reserved_bytes", "GPU memory reserved by the allocator")
         reserved.set_function(lambda: torch.cuda.memory_reserved(device))
-    start_http_server(port, addr=host)
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:  # a port in use: one line, as `up` says it, not a traceback
+        raise SystemExit(f"gemma-jobs: --metrics-port {port} on {host} cannot be served ({exc.strerror or exc}); "
+                         "choose a free port") from None

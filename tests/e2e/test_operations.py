@@ -115,7 +115,8 @@ def test_registry_queues_waiting_hint_status_and_metrics(ops):
         blocked = subprocess.run([*CLI, "worker", "--device", "cpu", "--models", DEFAULT_MODEL_ID,
                                   "--metrics-port", str(port)], env=ops.env, capture_output=True, text=True,
                                  timeout=120)
-    assert blocked.returncode != 0 and "Address already in use" in blocked.stderr
+    assert blocked.returncode == 1 and "Address already in use" in blocked.stderr
+    assert f"--metrics-port {port}" in blocked.stderr and "Traceback" not in blocked.stderr
     assert ops.get("/v1/admin/workers")["data"] == []
 
     metrics_port = free_port()
