@@ -29,8 +29,12 @@ class AdapterUnavailable(RuntimeError):
 
 
 def has_adapter_files(path: Path | None) -> bool:
-    """Whether an adapter's folder is there (a deleted adapter's files go at its delete)."""
-    return path is not None and (path / "adapter_config.json").is_file()
+    """Whether an adapter's folder is there (a deleted adapter's files go at its delete); a
+    storage that cannot be read (a stale NFS handle, EIO) says no: its jobs fail, and may be retried."""
+    try:
+        return path is not None and (path / "adapter_config.json").is_file()
+    except OSError:
+        return False
 
 
 class AdapterCache:

@@ -160,7 +160,8 @@ class BatchEngine:
             if self.cpu_threads is not None:
                 self.cpu_threads.apply()
             self._drop_stopped_waiting()
-            joining = self._without_removed_adapters(self._admit())
+            joining = self._admit()  # set first: a round that raises fails what it admitted
+            joining = self._without_removed_adapters(joining)
             if not joining and not self.active:
                 return  # all it admitted failed: the next round admits the next group
             with torch.inference_mode(), self._model_for_group(joining) as model:

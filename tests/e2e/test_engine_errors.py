@@ -44,6 +44,33 @@ def test_an_error_at_the_end_of_a_round_fails_its_job_and_the_engine_serves_on(m
     assert len(after.token_ids) == 3
 
 
+def test_a_storage_error_checking_an_adapters_files_fails_its_job_not_hangs_it(model_cache_dir, tmp_path,
+                                                                              monkeypatch):
+    """The check ran after the jobs left the waiting line and before the round knew them: an
+    error there (a stale NFS handle) left their threads waiting for good."""
+    import errno
+    from pathlib import Path
+
+    from workers.adapter_cache import AdapterCache
+
+    loaded = load_model(ModelRegistry.load(None).get(DEFAULT_MODEL_ID), model_cache_dir, torch.device("cpu"),
+                        torch.float32)
+    engine = BatchEngine(loaded, max_batch=2, adapters=AdapterCache(2))
+    folder = tmp_path / "adapters" / "ft-stale"
+    is_file = Path.is_file
+
+    def stale(path: Path) -> bool:
+        if folder in path.parents:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", stale)
+    failed = _generate(engine, {"prompt": "Hello", "max_new_tokens": 2, "temperature": 0},
+                       adapter_id="ft-stale", adapter_path=folder)
+    assert isinstance(failed, GenerationError) and failed.code == "adapter_unavailable"
+    assert len(_generate(engine, {"prompt": "Hello", "max_new_tokens": 2, "temperature": 0}).token_ids) == 2
+
+
 def _generate(engine: BatchEngine, params: dict, **kwargs):
     """Run a job as a task thread does; return its output or error (fail, not hang, if it never ends)."""
     outcome = []
