@@ -84,6 +84,9 @@ _CLAIM = (
         lease_expires_at=bindparam("p_lease_expires_at"),
         # ttl_s bounds the wait before a job first runs; a retry must not expire.
         expires_at=None,
+        # Progress is the attempt's own: a lost attempt's is charged by the reaper (`recover_lapsed`),
+        # which charged an earlier attempt's when a retry was lost before its first report.
+        progress=None,
     )
     .returning(
         J.id, J.attempts, J.kind, J.model, J.queue, J.owner_key_id, J.params, J.adapter_id, J.created_at,

@@ -171,6 +171,24 @@ def test_a_fine_tune_failed_worker_lost_is_charged_what_it_trained(reaper):
     assert [tuple(row) for row in charges] == [(tuned, "failed", 470, 12.0)]
 
 
+def test_a_retry_lost_before_its_first_report_is_not_charged_the_attempt_before(reaper):
+    """Progress outlived its attempt: a retry lost while it loaded was charged what the lost
+    attempt before it had trained (which the docs say is not charged)."""
+    tuned = queued_job(reaper.db, kind="fine_tune", queue="fine_tune.gemma-3-270m", adapter_id="ft-retried")
+    held = claim(reaper.db, tuned, "worker-a", max_attempts=2)
+    with reaper.db.session_scope() as session:
+        job_store.record_progress(session, held, "worker-a", {"step": 6, "train_tokens": 470})
+    lapse_lease(reaper.db, tuned)
+    assert reaper.run_once()["requeued"] == 1
+    claim(reaper.db, tuned, "worker-b", max_attempts=2)
+    with reaper.db.session_scope() as session:
+        assert session.get(Job, tuned).progress is None  # the retry's own, none yet
+    lapse_lease(reaper.db, tuned)
+    assert reaper.run_once()["worker_lost"] == 1
+    with reaper.db.session_scope() as session:
+        assert session.scalar(select(UsageRecord.id).where(UsageRecord.job_id == tuned)) is None
+
+
 def test_a_fine_tune_cancelled_while_its_worker_died_leaves_no_partial_adapter(reaper):
     """Nothing removed its attempt's folder: its worker was gone, and no attempt came after."""
     job_id = queued_job(reaper.db, kind="fine_tune", queue="fine_tune.gemma-3-270m", adapter_id="ft-abandoned")
