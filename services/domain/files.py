@@ -50,6 +50,7 @@ def _check_quota(session: Session, key_id: str, new_bytes: int, max_files: int |
     files, stored = session.execute(
         select(func.count(), func.coalesce(func.sum(TrainingFile.bytes), 0)).where(TrainingFile.owner_key_id == key_id)
     ).one()
+    stored = int(stored)  # PostgreSQL sums a bigint as a numeric (a Decimal, a string in JSON)
     over = []
     if max_files is not None and files + 1 > max_files:
         over.append(f"this key already has {files} files, the most it may keep on this server")
@@ -76,8 +77,6 @@ def create_file(
 ) -> TrainingFile:
     """Store a checked upload's bytes under a server id and record it, within the key's quota
     (`max_files` files, `max_stored_bytes` bytes in all; None: no limit)."""
-    if max_files is not None or max_stored_bytes is not None:
-        _check_quota(session, caller.key_id, len(data), max_files, max_stored_bytes)
     file_id = new_id("file", "-")  # `file-…`, as the contract (DESIGN.md) shows it
     relative = Storage.file_relative(file_id)
     # The bytes are on disk before the row exists, so a committed row never names a missing file.
@@ -100,10 +99,14 @@ def create_file(
         created_at=utcnow(),
     )
     try:
+        # Last, after the write and its flush to disk: the quota's lock on the key's row holds
+        # that key's limited submits until this transaction commits.
+        if max_files is not None or max_stored_bytes is not None:
+            _check_quota(session, caller.key_id, len(data), max_files, max_stored_bytes)
         session.add(row)
         session.flush()
-    except SQLAlchemyError:
-        storage.remove(relative)  # the insert failed for sure: nothing will ever point at the file
+    except (QuotaExceeded, SQLAlchemyError):
+        storage.remove(relative)  # refused, or the insert failed for sure: nothing will ever point at the file
         raise
     return row
 

@@ -320,6 +320,7 @@ def test_a_key_keeps_at_most_its_quota_of_files(settings, redis_client, quota):
         first, second = (upload(client, auth, data).get_json()["id"] for _ in range(2))
         error = assert_error(upload(client, auth, data), 409, "quota_exceeded")
         assert "DELETE /v1/files/{id}" in error["message"] and error["details"]["files"] == 2
+        assert error["details"]["bytes"] == 2 * len(data)  # a number on PostgreSQL too (it summed a Decimal)
         assert len(stored_files(app)) == 2
         assert upload(client, other, data).status_code == 201  # another key's quota is its own
         assert client.delete(f"/v1/files/{first}", headers=auth).status_code == 200
