@@ -53,18 +53,21 @@ MAX_ROW_CHARS = 2 * 1024 * 1024
 def parse_training_file(data: bytes, *, max_rows: int) -> list[Example]:
     """Parse and check a whole JSONL file; raise TrainingDataError naming the bad lines."""
     examples: list[Example] = []
-    _check_rows(data, max_rows, examples.append)
+    _check_rows(data, max_rows, examples.append, max_row_chars=None)
     return examples
 
 
 def count_training_rows(data: bytes, *, max_rows: int) -> int:
     """Check a whole JSONL file as `parse_training_file` does and return its row count, keeping
     no row (the gateway's check of an upload: the parsed rows took many times the file's size)."""
-    return _check_rows(data, max_rows, lambda _example: None)
+    return _check_rows(data, max_rows, lambda _example: None, max_row_chars=MAX_ROW_CHARS)
 
 
-def _check_rows(data: bytes, max_rows: int, keep) -> int:
-    """Parse every row, handing each to `keep`; return the row count, or raise TrainingDataError."""
+def _check_rows(data: bytes, max_rows: int, keep, *, max_row_chars: int | None) -> int:
+    """Parse every row, handing each to `keep`; return the row count, or raise TrainingDataError.
+
+    `max_row_chars` is the upload's check only: a file stored before it had one must still train.
+    """
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # a UTF-8 byte-order mark is harmless; drop it
     try:
@@ -81,8 +84,8 @@ def _check_rows(data: bytes, max_rows: int, keep) -> int:
         if not line.strip():
             continue  # blank lines (a trailing newline, say) carry no row
         try:
-            if len(line) > MAX_ROW_CHARS:
-                raise ValueError(f"the row is {len(line)} characters; at most {MAX_ROW_CHARS} (training cuts a "
+            if max_row_chars is not None and len(line) > max_row_chars:
+                raise ValueError(f"the row is {len(line)} characters; at most {max_row_chars} (training cuts a "
                                  "row at max_seq_length tokens anyway)")
             keep(parse_row(line))
             rows += 1

@@ -141,6 +141,17 @@ def test_a_row_over_the_row_limit_is_422_naming_the_line(client, auth, app):
     assert stored_files(app) == []
 
 
+def test_a_stored_file_with_a_row_over_the_limit_still_trains(monkeypatch):
+    """The row limit is the upload's: a file accepted before it must still parse in the worker."""
+    from shared import training_data
+
+    data = jsonl(CHAT, {"prompt": "p" * 200, "completion": "c"})
+    monkeypatch.setattr(training_data, "MAX_ROW_CHARS", 100)
+    assert len(training_data.parse_training_file(data, max_rows=10)) == 2
+    with pytest.raises(training_data.TrainingDataError, match="line 2: the row is"):
+        training_data.count_training_rows(data, max_rows=10)
+
+
 def test_line_separators_inside_strings_do_not_split_rows(client, auth):
     """JSON strings may hold U+2028, U+2029 and U+0085 raw; only "\\n" ends a row."""
     rows = [{"prompt": "a\u2028b\u2029c\x85d", "completion": "e"}, CHAT]
