@@ -345,8 +345,13 @@ def ended_counts(session: Session) -> list[tuple[str, str, str, int]]:
 
 def _charge(session: Session, held: Claim, status: str, usage: dict[str, Any]) -> bool:
     """Insert the job's one usage row; the unique job_id makes a second charge a no-op."""
+    return _charge_job(session, held.job_id, held.owner_key_id, held.model, status, usage)
+
+
+def _charge_job(session: Session, job_id: str, key_id: str, model: str, status: str, usage: dict[str, Any]) -> bool:
+    """`_charge` for a job known by its row's fields (the reaper holds no claim)."""
     charge, _ = _upserts(session.get_bind().dialect.name)
-    row = {"job_id": held.job_id, "key_id": held.owner_key_id, "model": held.model, "status": status, **usage}
+    row = {"job_id": job_id, "key_id": key_id, "model": model, "status": status, **usage}
     return session.scalar(charge, row) is not None
 
 
@@ -664,9 +669,7 @@ def recover_lapsed(
             add_event(session, job_id, "status", {"status": JobStatus.FAILED, "code": "worker_lost"})
             usage = _trained_before_lost(progress, started_at, heartbeat_at)
             if usage:  # as a fine-tune that fails midway is charged: its worker cannot any more
-                charge, _ = _upserts(session.get_bind().dialect.name)
-                session.scalar(charge, {"job_id": job_id, "key_id": key_id, "model": model,
-                                        "status": JobStatus.FAILED, **usage})
+                _charge_job(session, job_id, key_id, model, JobStatus.FAILED, usage)
             failed.append(job_id)
             ended.append((job_id, kind, queue, JobStatus.FAILED))
         else:
