@@ -68,6 +68,50 @@ def applies(caller: Caller, settings: Settings) -> bool:
     return caller.has_limits or defaults != (None, None, None)
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    """A key's limits: its own, else the server's defaults (None: not limited)."""
+
+    rpm: int | None
+    tpm: int | None
+    max_concurrent: int | None
+
+    @classmethod
+    def of(cls, key: ApiKey, settings: Settings) -> KeyLimits:
+        return cls(key.rpm or settings.default_rpm, key.tpm or settings.default_tpm,
+                   key.max_concurrent or settings.default_max_concurrent)
+
+    def admission(self, window: RateLimitWindow | None, active: int, window_start: datetime, reset_s: int) -> Admission:
+        """Return the limits as they stand with this minute's `window` and `active` jobs."""
+        requests, tokens = (window.requests, window.tokens) if window is not None else (0, 0)
+        policies = []
+        if self.rpm is not None:
+            policies.append(Policy("requests", self.rpm, self.rpm - requests, WINDOW_S, reset_s))
+        if self.tpm is not None:
+            policies.append(Policy("tokens", self.tpm, self.tpm - tokens, WINDOW_S, reset_s))
+        if self.max_concurrent is not None:
+            policies.append(Policy("concurrent", self.max_concurrent, self.max_concurrent - active, None, 1))
+        return Admission(tuple(policies), window_start)
+
+    def refusal(self, window: RateLimitWindow | None, active: int, tokens: int | None, window_start: datetime,
+                reset_s: int) -> RateLimited | None:
+        """Return the 429 for one more request of `tokens` (None: not checked), or None if it fits."""
+        requests, counted = (window.requests, window.tokens) if window is not None else (0, 0)
+        if self.max_concurrent is not None and active >= self.max_concurrent:
+            limit, retry_after_s = f"{self.max_concurrent} concurrent jobs (queued + running)", 1
+        elif self.rpm is not None and requests >= self.rpm:
+            limit, retry_after_s = f"{self.rpm} requests per minute", reset_s
+        elif self.tpm is not None and tokens is not None and counted + tokens > self.tpm:
+            limit = (f"{self.tpm} tokens per minute ({counted} reserved or used this minute, "
+                     f"this request needs {tokens})")
+            retry_after_s = reset_s
+        else:
+            return None
+        error = RateLimited(f"rate limited: this key allows {limit}; retry in {retry_after_s} s")
+        error.headers = self.admission(window, active, window_start, reset_s).headers(retry_after_s)
+        return error
+
+
 def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now: datetime) -> Admission:
     """Count one request of `tokens` against the key's limits, or raise RateLimited.
 
@@ -87,15 +131,12 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
     # The minute it is admitted in, not the one it was planned in: a submit that waited for the
     # lock across a minute's end counted in the minute before, beyond that minute's allowance.
     now = max(now, utcnow())
-    rpm = key.rpm or settings.default_rpm
-    tpm = key.tpm or settings.default_tpm
-    max_concurrent = key.max_concurrent or settings.default_max_concurrent
-    window_start = window_start_of(now)
-    reset_s = max(1, math.ceil((window_start + timedelta(seconds=WINDOW_S) - now).total_seconds()))
-    if tpm is not None and tokens > tpm:
+    key_limits = KeyLimits.of(key, settings)
+    window_start, reset_s = _minute_of(now)
+    if key_limits.tpm is not None and tokens > key_limits.tpm:
         raise InvalidField(
             f"this request reserves {tokens} tokens (prompt estimate + max_new_tokens), more than "
-            f"this key's {tpm} tokens per minute: lower max_new_tokens",
+            f"this key's {key_limits.tpm} tokens per minute: lower max_new_tokens",
             details=[{"field": "max_new_tokens", "message": "over the key's tokens per minute"}],
         )
     # Locked as well: workers settle reservations into this row (tokens = tokens + used - reserved)
@@ -110,43 +151,50 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
         )
         open_window(session, key_id, window_start)
         window = session.get(RateLimitWindow, (key_id, window_start), populate_existing=True, with_for_update=True)
-    active = (
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.owner_key_id == key_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-        )
-        if max_concurrent is not None
-        else 0
-    )
-
-    def state(active_now: int) -> Admission:
-        policies = []
-        if rpm is not None:
-            policies.append(Policy("requests", rpm, rpm - window.requests, WINDOW_S, reset_s))
-        if tpm is not None:
-            policies.append(Policy("tokens", tpm, tpm - window.tokens, WINDOW_S, reset_s))
-        if max_concurrent is not None:
-            policies.append(Policy("concurrent", max_concurrent, max_concurrent - active_now, None, 1))
-        return Admission(tuple(policies), window_start)
-
-    refusal = None
-    if max_concurrent is not None and active >= max_concurrent:
-        refusal = (f"{max_concurrent} concurrent jobs (queued + running)", 1)
-    elif rpm is not None and window.requests >= rpm:
-        refusal = (f"{rpm} requests per minute", reset_s)
-    elif tpm is not None and window.tokens + tokens > tpm:
-        refusal = (
-            f"{tpm} tokens per minute ({window.tokens} reserved or used this minute, "
-            f"this request needs {tokens})",
-            reset_s,
-        )
-    if refusal is not None:
-        limit, retry_after_s = refusal
-        error = RateLimited(f"rate limited: this key allows {limit}; retry in {retry_after_s} s")
-        error.headers = state(active).headers(retry_after_s)
-        raise error
+    active = _active_jobs(session, key_id) if key_limits.max_concurrent is not None else 0
+    refused = key_limits.refusal(window, active, tokens, window_start, reset_s)
+    if refused is not None:
+        raise refused
     window.requests += 1
     window.tokens += tokens
     session.flush()
-    return state(active + 1)
+    return key_limits.admission(window, active + 1, window_start, reset_s)
+
+
+def refuse_early(session: Session, caller: Caller, settings: Settings, tokens_at_least: int) -> None:
+    """Raise RateLimited now for a request its key's limits refuse whatever its prompt's count:
+    read without locks, before the gateway counts the prompt's tokens.
+
+    Counting a long prompt costs the gateway up to ~0.1 s of CPU, which a key over its limits
+    could otherwise make it spend on every request it sends only to be refused. `admit`
+    decides for real afterwards; this only turns away what it would surely refuse.
+    """
+    if not applies(caller, settings):
+        return
+    key = session.get(ApiKey, caller.key_id)
+    if key is None:
+        return  # deleted meanwhile: admission answers it
+    key_limits = KeyLimits.of(key, settings)
+    window_start, reset_s = _minute_of(utcnow())
+    window = session.get(RateLimitWindow, (caller.key_id, window_start))
+    active = _active_jobs(session, caller.key_id) if key_limits.max_concurrent is not None else 0
+    # A request over the whole minute's tokens is admission's 422 (no retry helps), not a 429.
+    fits_a_minute = key_limits.tpm is None or tokens_at_least <= key_limits.tpm
+    refused = key_limits.refusal(window, active, tokens_at_least if fits_a_minute else None, window_start, reset_s)
+    if refused is not None:
+        raise refused
+
+
+def _minute_of(now: datetime) -> tuple[datetime, int]:
+    """Return the start of `now`'s window and the seconds until it resets."""
+    window_start = window_start_of(now)
+    return window_start, max(1, math.ceil((window_start + timedelta(seconds=WINDOW_S) - now).total_seconds()))
+
+
+def _active_jobs(session: Session, key_id: str) -> int:
+    """Return how many of the key's jobs are queued or running."""
+    return session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner_key_id == key_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    )

@@ -15,6 +15,11 @@ from shared.schemas import GenerationRequest
 from shared.settings import Settings
 
 
+# Prompts over this many UTF-8 bytes take milliseconds to tokenize (~0.5 ms per 1,000 bytes of
+# plain text here; 200,000 characters ~0.1 s), worth a read of the key's limits first.
+COSTLY_PROMPT_BYTES = 16_384
+
+
 class TokenCounter:
     """Exact prompt token counts where the model's tokenizer.json is on this machine.
 
@@ -38,15 +43,24 @@ class TokenCounter:
         that might not fit the context (so the 422 stays exact), as a loaded tokenizer costs
         ~100 MB per process — and every prompt once one is loaded, as counting is then cheap.
         """
+        if not self.counts(request, settings, model_id):
+            return None
+        return self.count(request, model_id)
+
+    def counts(self, request: GenerationRequest, settings: Settings, model_id: str | None = None) -> bool:
+        """Return whether `at_submit` tokenizes this request's prompt."""
         mode = settings.gateway_count_tokens
         entry = self.registry.get(model_id or request.model)
         if mode is False or entry is None:
-            return None
+            return False
         if mode == "auto" and not self.is_loaded(entry.id):
             max_new_tokens = request.max_new_tokens or settings.default_max_new_tokens
-            if prompt_token_bound(request) + max_new_tokens <= entry.context_length:
-                return None
-        return self.count(request, entry.id)
+            return prompt_token_bound(request) + max_new_tokens > entry.context_length
+        return True
+
+    def costs_much(self, request: GenerationRequest, settings: Settings, model_id: str | None = None) -> bool:
+        """Return whether `at_submit` tokenizes a prompt long enough to cost milliseconds of CPU."""
+        return prompt_token_bound(request) > COSTLY_PROMPT_BYTES and self.counts(request, settings, model_id)
 
     def count(self, request: GenerationRequest, model_id: str | None = None) -> int | None:
         """Return the prompt's token count as the worker will see it (on `model_id`, else the

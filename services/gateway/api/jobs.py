@@ -139,10 +139,10 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
     Returns the job, its queue position, the limit headers and whether it was an earlier
     submit's job (a concurrent submit with the same Idempotency-Key won the insert).
     """
-    # Counted before the transaction (not while holding the key's lock); an adapter's prompt on
-    # its base model, so that one too long for the context is a 422 here, not a failed job.
-    prompt_tokens = _prompt_tokens(context, body, _adapter(context, body.model))
     try:
+        # Counted before the transaction (not while holding the key's lock); an adapter's prompt on
+        # its base model, so that one too long for the context is a 422 here, not a failed job.
+        prompt_tokens = _prompt_tokens(context, body, _adapter(context, body.model), limited=True)
         with context.db.session_scope() as session:
             submission = job_domain.create_generation(
                 session,
@@ -169,9 +169,19 @@ def _record_admitted(context: GatewayContext, body: GenerationRequest, idempoten
     return submission.job, submission.queue_position, submission.admission.headers(), False
 
 
-def _prompt_tokens(context: GatewayContext, body: GenerationRequest, adapter: Adapter | None) -> int | None:
-    """The prompt count the submit checks and reserves with, on the model that will run it."""
-    return context.token_counter.at_submit(body, context.settings, adapter.base_model if adapter else None)
+def _prompt_tokens(context: GatewayContext, body: GenerationRequest, adapter: Adapter | None,
+                   limited: bool = False) -> int | None:
+    """The prompt count the submit checks and reserves with, on the model that will run it.
+
+    For a key with limits (`limited`), a long prompt is counted only once a read of the key's
+    limits shows they could admit it (`limits.refuse_early`).
+    """
+    model_id = adapter.base_model if adapter else None
+    if limited and context.token_counter.costs_much(body, context.settings, model_id):
+        with context.db.session_scope(read_only=True) as session:
+            limits.refuse_early(session, current_caller(), context.settings,
+                                tokens_at_least=body.max_new_tokens or context.settings.default_max_new_tokens)
+    return context.token_counter.at_submit(body, context.settings, model_id)
 
 
 def _adapter(context: GatewayContext, model: str) -> Adapter | None:
