@@ -40,11 +40,15 @@ def list_workers(session: Session, now: datetime, dead_after_s: float) -> list[W
 
 
 def live_queues(session: Session | Connection, now: datetime, dead_after_s: float) -> dict[str, int]:
-    """Return how many live workers consume each queue."""
+    """Return how many live workers consume each queue: `ready` ones only.
+
+    A `starting` worker's queues are those it means to serve (it may fail to load their models,
+    or never reach Redis), and a `draining` one takes no new jobs.
+    """
     # The column, not the entity: a poll may read this on a Core connection.
     queue_lists = session.scalars(
         select(WorkerRecord.queues).where(
-            WorkerRecord.state != "stopped", WorkerRecord.heartbeat_at >= now - timedelta(seconds=dead_after_s)
+            WorkerRecord.state == "ready", WorkerRecord.heartbeat_at >= now - timedelta(seconds=dead_after_s)
         )
     ).all()
     counts: dict[str, int] = {}

@@ -80,13 +80,26 @@ def test_waiting_for_names_a_queue_without_live_workers(client, auth, app):
     assert "no live worker serves generation jobs for gemma-3-270m" in client.get(
         f"/v1/jobs/{job_id}", headers=auth).get_json()["waiting_for"]
     context = app.extensions["gemma_jobs"]
+    context.live_queues.max_age_s = 0  # each process rereads the registry at most once per max_age_s
+    # A worker still starting (it may never load the model, nor reach Redis) or draining (it takes
+    # no new jobs) is no consumer: its alive heartbeat does not hide that none serves the queue.
+    for state in ("starting", "draining"):
+        with context.db.session_scope() as session:
+            session.merge(WorkerRecord(id="worker-1", host="h", pid=1, device="cpu", role="generate",
+                                       models=[], queues=[QUEUE], state=state))
+        assert "no live worker serves" in client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["waiting_for"]
+        assert _live_workers(client, app) == 0
     with context.db.session_scope() as session:
-        session.add(WorkerRecord(id="worker-1", host="h", pid=1, device="cpu", role="generate",
-                                 models=["gemma-3-270m"], queues=[QUEUE], state="ready"))
-    # Each process rereads the registry at most once per max_age_s.
-    assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["waiting_for"] is not None
-    context.live_queues.max_age_s = 0
+        session.merge(WorkerRecord(id="worker-1", host="h", pid=1, device="cpu", role="generate",
+                                   models=["gemma-3-270m"], queues=[QUEUE], state="ready"))
     assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["waiting_for"] is None
+    assert _live_workers(client, app) == 1
+
+
+def _live_workers(client, app) -> int:
+    """Return /v1/admin/queues' live_workers of the default model's generation queue."""
+    queues = client.get("/v1/admin/queues", headers={"Authorization": f"Bearer {make_key(app, role='admin')}"})
+    return {queue["name"]: queue for queue in queues.get_json()["data"]}[QUEUE]["live_workers"]
 
 
 def test_missing_and_bad_keys_are_401(client, app):
