@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 
 class GunicornApp(BaseApplication):
@@ -32,6 +33,19 @@ class GunicornApp(BaseApplication):
         return app
 
 
+class RootHandlerLogger(Logger):
+    """gunicorn's own lines (a worker that exited or timed out) through the root logger's
+    handler, rendered as every other line of the gateway (JSON by default), not in gunicorn's
+    plain-text format."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
+
+
 def gunicorn_options(host: str, port: int, *, workers: int, threads: int, timeout_s: int) -> dict:
     """Return the gateway's gunicorn settings (benchmarks serve their baseline with the same)."""
     return {
@@ -44,6 +58,7 @@ def gunicorn_options(host: str, port: int, *, workers: int, threads: int, timeou
         "accesslog": None,
         "errorlog": "-",
         "loglevel": "warning",
+        "logger_class": RootHandlerLogger,
     }
 
 

@@ -41,10 +41,30 @@ def add_logger_name(logger, _method: str, event_dict: dict) -> dict:
     return event_dict
 
 
+# Fields every line of this process carries, in every thread: a thread starts with an empty
+# context (a worker's task threads, a gateway's request threads), and a request clears its own.
+_PROCESS_FIELDS: dict[str, str] = {}
+
+
+def bind_process_fields(**fields: str) -> None:
+    """Add fields (a worker's `worker_id`) to every line this process logs from now on."""
+    _PROCESS_FIELDS.update(fields)
+
+
+def add_process_fields(_logger, _method: str, event_dict: dict) -> dict:
+    """Add the process's own fields (`bind_process_fields`) to a line."""
+    for name, value in _PROCESS_FIELDS.items():
+        event_dict.setdefault(name, value)
+    return event_dict
+
+
 def configure_logging(level: str = "info", fmt: str = "json", process: str = "gemma-jobs") -> None:
     """Render structlog events and the standard library's records alike, to stderr."""
+    _PROCESS_FIELDS.clear()
+    bind_process_fields(process=process)
     shared_processors = [
         structlog.contextvars.merge_contextvars,
+        add_process_fields,
         structlog.processors.add_log_level,
         add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -81,7 +101,7 @@ def configure_logging(level: str = "info", fmt: str = "json", process: str = "ge
     root.setLevel(level.upper())
     # Alembic narrates every schema check at INFO; only its warnings matter at run time.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    structlog.contextvars.bind_contextvars(process=process)
+    logging.captureWarnings(True)  # Python's warnings as log lines (JSON too), not bare stderr text
 
 
 # Celery's line for every task received and every task returned: a job's own lines say more

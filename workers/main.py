@@ -12,10 +12,11 @@ from celery import signals
 
 from shared.celery_app import model_of_queue, queue_for
 from shared.jobs import JobKind
-from shared.logging import configure_logging, quiet_celery_task_lines
+from shared.logging import bind_process_fields, configure_logging, quiet_celery_task_lines
 from shared.reaper import Reaper
 from shared.settings import Settings
 from workers.metrics import serve_metrics
+from workers.model_loader import hide_progress_bars
 from workers.registration import Registration
 from workers.runtime import WorkerRuntime, set_runtime
 from workers.tasks import register_tasks
@@ -54,13 +55,15 @@ def run_worker(
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
     configure_logging(settings.log_level, settings.log_format, process="worker")
     quiet_celery_task_lines(settings.log_level)
+    if settings.log_format == "json":
+        hide_progress_bars()  # transformers' weight-loading bar is not a JSON line
     concurrency = concurrency or settings.worker_concurrency
     rt = WorkerRuntime.create(settings, resolve_device(device), concurrency)
     rt.db.check_schema()
     unknown = [model_id for model_id in model_ids if rt.models.registry.get(model_id) is None]
     if unknown:
         raise SystemExit(f"--models names unregistered models: {', '.join(unknown)}")
-    structlog.contextvars.bind_contextvars(worker_id=rt.worker_id)
+    bind_process_fields(worker_id=rt.worker_id)
     set_runtime(rt)
     _hand_back_on_shutdown(rt)
     rt.results.start()  # its imports (~1 s of CPU, at a low priority) overlap the model load

@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared.db import Database
-from shared.logging import configure_logging
+from shared.logging import bind_process_fields, configure_logging
 from shared.settings import Settings
 from workers.connections import connect_database, connect_redis
 from workers.result_writer import FinishedJob, ResultWriter
@@ -158,7 +158,7 @@ def serve(conn: Connection, settings: Settings, worker_id: str, in_flight: Any, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings.log_level, settings.log_format, process="result-writer")
-    structlog.contextvars.bind_contextvars(worker_id=worker_id)
+    bind_process_fields(worker_id=worker_id)
     context = WriterContext(settings, connect_database(settings), connect_redis(settings), worker_id)
     try:
         context.db.sync_clock()  # its finish times and rate-limit minutes are on the database's clock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from services.stack import free_port
 from shared.db import Database
 from shared.models import Job
 from shared.settings import load_settings
-from tests.processes import CLI
+from tests.processes import CLI, start_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -116,6 +117,23 @@ def test_a_bad_registry_file_is_one_line_and_status_2(tmp_path, model_cache_dir)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"gemma-jobs: GEMMA_JOBS_MODEL_REGISTRY={registry}: ")
         assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_gunicorn_s_own_lines_are_json_like_the_gateway_s(tmp_path, model_cache_dir, redis_url):
+    """A gateway process that died was logged in gunicorn's plain-text format."""
+    env = {**cli_env(tmp_path, model_cache_dir, DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.db'}", REDIS_URL=redis_url),
+           "GEMMA_JOBS_LOG_FORMAT": "json"}
+    assert subprocess.run([*CLI, "migrate"], env=env, capture_output=True, timeout=120).returncode == 0
+    gateway, _ = start_gateway(env, tmp_path, workers=1)
+    try:
+        (child,) = psutil.Process(gateway.pid).children()
+        child.kill()
+        gateway.wait_for_log("SIGKILL", timeout_s=30)
+    finally:
+        gateway.stop()
+    lines = [json.loads(line) for line in gateway.log().splitlines()]
+    (killed,) = [line for line in lines if "SIGKILL" in line["event"]]
+    assert killed["logger"] == "gunicorn.error" and killed["level"] == "error" and killed["process"] == "gateway"
 
 
 def test_worker_refuses_a_gpu_it_does_not_have(tmp_path, model_cache_dir):

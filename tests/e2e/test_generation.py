@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -133,6 +134,19 @@ def test_concurrent_submissions_all_finish_once(stack):
     listed = requests.get(f"{stack.base_url}/v1/jobs?limit=100", headers=headers, timeout=10).json()
     assert [job["id"] for job in listed["data"]] == list(reversed(ids))
     assert all(job["attempts"] == 1 for job in listed["data"])
+
+
+def test_every_log_line_is_json_and_a_worker_s_job_lines_name_it(stack):
+    """transformers' progress bar and Python's warnings were bare text in the worker's log, and
+    the lines of its task threads (`--concurrency` > 1) had no `worker_id`."""
+    headers = stack.new_key()
+    body = {"model": DEFAULT_MODEL_ID, "prompt": "Hi", "max_new_tokens": 2}
+    assert post(stack, headers, body, Prefer="wait=60").json()["status"] == "succeeded"
+    worker_lines = [json.loads(line) for line in stack.worker.log().splitlines()]
+    gateway_lines = [json.loads(line) for line in stack.gateway.log().splitlines()]
+    started = [line for line in worker_lines if line["event"] == "job_started"]
+    assert started and all(line["process"] == "worker" and line["worker_id"] for line in started)
+    assert all(line["process"] == "gateway" for line in gateway_lines)
 
 
 def test_another_key_cannot_see_a_job(stack):
