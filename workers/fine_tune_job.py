@@ -22,11 +22,12 @@ from workers.runtime import WorkerRuntime
 log = structlog.get_logger(__name__)
 
 
-def run_fine_tune_job(rt: WorkerRuntime, job_id: str) -> None:
-    """Claim the job, train without holding a DB connection, then store the outcome once."""
+def run_fine_tune_job(rt: WorkerRuntime, job_id: str) -> bool:
+    """Claim the job, train without holding a DB connection, then store the outcome once;
+    return whether the job was this worker's to run (a redelivery of one taken or ended is not)."""
     held = claim_job(rt, job_id)
     if held is None:
-        return
+        return False
     # Folders left by earlier attempts (a worker died mid-training) are partial: a retry
     # starts over from the base model.
     for attempt in range(1, held.attempt):
@@ -57,8 +58,9 @@ def run_fine_tune_job(rt: WorkerRuntime, job_id: str) -> None:
     if not trained:
         rt.storage.remove_attempt(held.adapter_id, held.attempt)
         fail_attempt(rt, held, code, message, report.usage())  # what it trained before it failed
-        return
+        return True
     _store_outcome(rt, held, report, relative, guard.reason, timeout_s)
+    return True
 
 
 def _spec(rt: WorkerRuntime, held: Claim) -> FineTuneSpec:

@@ -21,11 +21,12 @@ from workers.token_publisher import StreamTail, TokenPublisher
 log = structlog.get_logger(__name__)
 
 
-def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
-    """Claim the job, generate without holding a DB connection, then store the outcome once."""
+def run_generation_job(rt: WorkerRuntime, job_id: str) -> bool:
+    """Claim the job, generate without holding a DB connection, then store the outcome once;
+    return whether the job was this worker's to run (a redelivery of one taken or ended is not)."""
     held = claim_job(rt, job_id)
     if held is None:
-        return
+        return False
     timeout_s = held.params.get("timeout_s", rt.settings.default_timeout_s)
     output: GenerationOutput | None = None
     publisher: TokenPublisher | None = None
@@ -72,8 +73,9 @@ def run_generation_job(rt: WorkerRuntime, job_id: str) -> None:
         if publisher is not None:
             publisher.ensure_started()  # readers drop what an earlier attempt streamed
         fail_attempt(rt, held, code, message, usage)
-        return
+        return True
     _store_outcome(rt, held, output, publisher, guard.reason, timeout_s)
+    return True
 
 
 def _adapter_path(rt: WorkerRuntime, adapter_id: str) -> Path:

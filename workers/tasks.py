@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import structlog
 from celery import Celery
@@ -25,8 +27,8 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=GENERATE_TASK)
     def generate_task(job_id: str) -> None:
         """Run one generation job."""
-        with _running(job_id, "generation") as rt:
-            run_generation_job(rt, job_id)
+        with _running(job_id, "generation") as run:
+            run.claimed = run_generation_job(run.rt, job_id)
 
     @app.task(name=FINE_TUNE_TASK, bind=True)
     def fine_tune_task(task, job_id: str) -> None:
@@ -39,8 +41,8 @@ def register_tasks(app: Celery) -> None:
             _defer(rt, job_id, task.request.delivery_info.get("routing_key"))
             return
         try:
-            with _running(job_id, "fine_tune") as rt:
-                _in_own_thread(rt, run_fine_tune_job, job_id)
+            with _running(job_id, "fine_tune") as run:
+                run.claimed = _in_own_thread(rt, run_fine_tune_job, job_id)
         finally:
             rt.training_slot.release()
 
@@ -64,8 +66,8 @@ def _defer(rt: WorkerRuntime, job_id: str, queue: str | None) -> None:
         log.warning("fine_tune_deferral_not_sent", job_id=job_id, note="the reaper republishes it")
 
 
-def _in_own_thread(rt: WorkerRuntime, run: Callable[[WorkerRuntime, str], None], job_id: str) -> None:
-    """Run a job in a thread that ends with it, with this thread's log context.
+def _in_own_thread(rt: WorkerRuntime, run: Callable[[WorkerRuntime, str], bool], job_id: str) -> bool:
+    """Run a job in a thread that ends with it, with this thread's log context; return what `run` returned.
 
     A thread that has run multi-threaded torch work keeps an OpenMP team while it lives, and
     on a CPU host a second team slows every step of the batching engine (~20% on 2 cores;
@@ -73,12 +75,13 @@ def _in_own_thread(rt: WorkerRuntime, run: Callable[[WorkerRuntime, str], None],
     """
     context = contextvars.copy_context()
     errors: list[BaseException] = []
+    returned: list[bool] = []
 
     def target() -> None:
         if rt.cpu_threads is not None:
             rt.cpu_threads.apply()
         try:
-            context.run(run, rt, job_id)
+            returned.append(context.run(run, rt, job_id))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread
             errors.append(exc)
 
@@ -87,20 +90,34 @@ def _in_own_thread(rt: WorkerRuntime, run: Callable[[WorkerRuntime, str], None],
     thread.join()
     if errors:
         raise errors[0]
+    return returned[0]
+
+
+@dataclass
+class _Run:
+    """A task's run of a job: `claimed` once the job turned out to be this worker's to run."""
+
+    rt: WorkerRuntime
+    claimed: bool = False
 
 
 @contextmanager
 def _running(job_id: str, kind: str):
-    """Bind the job id to log lines, count the job in flight, and time it."""
-    rt: WorkerRuntime = runtime()
+    """Bind the job id to log lines and count the job in flight; count and time it as done
+    only if it ran here (a redelivered message of a job taken or ended elsewhere did not)."""
+    run = _Run(runtime())
+    rt = run.rt
     with rt.counter_lock:
         rt.results.jobs_in_flight += 1
     JOBS_IN_FLIGHT.inc()
+    started = time.perf_counter()
     try:
-        with structlog.contextvars.bound_contextvars(job_id=job_id), JOB_DURATION.labels(kind).time():
-            yield rt
+        with structlog.contextvars.bound_contextvars(job_id=job_id):
+            yield run
     finally:
         with rt.counter_lock:
             rt.results.jobs_in_flight -= 1
-            rt.jobs_done += 1
+            rt.jobs_done += run.claimed
         JOBS_IN_FLIGHT.dec()
+        if run.claimed:
+            JOB_DURATION.labels(kind).observe(time.perf_counter() - started)

@@ -20,7 +20,7 @@ from services.stack import free_port
 from shared.celery_app import GENERATE_TASK, make_celery, queue_for
 from shared.db import Database
 from shared.migrate import upgrade
-from shared.models import Job, JobEvent, UsageRecord
+from shared.models import Job, JobEvent, UsageRecord, WorkerRecord, utcnow
 from shared.publish import publish_job
 from tests.conftest import fresh_postgres_database
 from tests.e2e.conftest import stack_env
@@ -190,8 +190,9 @@ def test_a_worker_killed_after_acking_but_before_storing_the_result_loses_nothin
 
 
 def test_the_same_message_delivered_three_times_to_two_workers_runs_once(cluster, redis_url):
-    cluster.start_worker()
-    cluster.start_worker()
+    beat_often = {"GEMMA_JOBS_WORKER_HEARTBEAT_S": "0.3"}
+    cluster.start_worker(**beat_often)
+    cluster.start_worker(**beat_often)
     job_id = cluster.submit(SHORT)
     celery = make_celery(redis_url)
     assert publish_job(celery, job_id, QUEUE) and publish_job(celery, job_id, QUEUE)
@@ -203,6 +204,16 @@ def test_the_same_message_delivered_three_times_to_two_workers_runs_once(cluster
         time.sleep(0.2)
     assert len(cluster.usage_rows(job_id)) == 1
     assert count_in_logs(cluster, "job_started") == 1
+    # The registry counts one job done between the two workers: the redeliveries ran nothing.
+    seen_after, pids = utcnow(), [worker.pid for worker in cluster.workers]
+    while True:
+        with cluster.db.session_scope() as session:
+            rows = session.scalars(select(WorkerRecord).where(WorkerRecord.pid.in_(pids))).all()
+        if len(rows) == 2 and all(row.heartbeat_at > seen_after for row in rows):
+            break
+        assert time.monotonic() < deadline, "no heartbeat"
+        time.sleep(0.1)
+    assert sum(row.jobs_done for row in rows) == 1
     # At the info level, Celery's own lines per task (received, succeeded) are left out.
     assert count_in_logs(cluster, GENERATE_TASK + "[") == 0
     # What the key is billed equals what its one succeeded job used.
