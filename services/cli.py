@@ -20,13 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from sqlalchemy.exc import ArgumentError
 
-    from shared.db import DATABASE_UNAVAILABLE, error_summary
+    from shared.db import DATABASE_UNAVAILABLE, SchemaOutOfDate, error_summary
 
     try:
         return args.run(args) or 0
-    except (SettingsError, RegistryError) as exc:
+    except (SettingsError, RegistryError, SchemaOutOfDate) as exc:
         print(f"gemma-jobs: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`gemma-jobs status | head`): no traceback, and nothing more to
+        # write (Python would report the next failed flush at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (*DATABASE_UNAVAILABLE, ArgumentError) as exc:
         # One line, not a traceback: the driver's own first line names the host, port and database.
         print(f"gemma-jobs: cannot use the database (DATABASE_URL): {error_summary(exc)}", file=sys.stderr)
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway (gunicorn)")
     gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--port", type=PORT, default=8000)
     gateway.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
     gateway.add_argument("--threads", type=_whole_number(1, 1024), default=16,
                          help="threads per process; streams and waits hold at most all but 4 (GEMMA_JOBS_MAX_HELD_REQUESTS)")
@@ -60,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="which job kinds to take: generation, fine-tuning, or both (a fine-tune holds the worker for its run)",
     )
-    worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    worker.add_argument("--metrics-port", type=PORT, help="serve Prometheus /metrics on this port")
     worker.add_argument(
         "--metrics-host",
         default="127.0.0.1",
@@ -88,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=cmd_status)
 
     up = commands.add_parser("up", help="run the whole stack on this machine")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--port", type=PORT, default=8000)
     up.set_defaults(run=cmd_up)
 
     demo = commands.add_parser("demo", help="start the stack, run one generation over HTTP, stop")
-    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--port", type=PORT, default=8000)
     demo.add_argument("--prompt", default="Q: What is the capital of France?\nA:")
     demo.set_defaults(run=cmd_demo)
 
@@ -127,33 +132,17 @@ def _database():
 
 
 def _checked_database():
-    """Return the database, or exit with a clear message if its schema is behind."""
-    from shared.db import SchemaOutOfDate
-
+    """Return the database; one whose schema does not fit the code ends the command (`main`)."""
     db = _database()
-    try:
-        db.check_schema()
-    except SchemaOutOfDate as exc:
-        print(f"gemma-jobs: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    db.check_schema()
     return db
 
 
 def cmd_migrate(_args) -> int:
     """Upgrade the configured database to the migrations' head."""
-    from shared.db import schema_is_newer, schema_mismatch
-    from shared.migrate import head_revision, upgrade
+    from shared.migrate import upgrade_known
 
-    head = head_revision()
-    db = _database()
-    try:
-        current = db.schema_revision()
-    finally:
-        db.dispose()
-    if schema_is_newer(current, head):  # Alembic would fail on a revision it does not know
-        print(f"gemma-jobs: {schema_mismatch(current, head)}", file=sys.stderr)
-        return 2
-    upgrade(get_settings().database_url_or_default)
+    head = upgrade_known(get_settings().database_url_or_default)
     print(f"database at revision {head}", file=sys.stderr)
     return 0
 
@@ -185,6 +174,8 @@ def _whole_number(low: int, high: int):
 
     return parse
 
+
+PORT = _whole_number(0, 65535)  # an out-of-range port was an OverflowError traceback (0: any free one)
 
 def _cpu_threads(value: str) -> str:
     """Parse --cpu-threads: auto, or a whole number of threads from 1."""

@@ -73,13 +73,13 @@ class Stack:
     def start(self) -> None:
         """Migrate, find or start Redis, create the first admin key, start gateway and worker."""
         from services.domain.keys import create_key, has_active_admin
-        from shared.db import Database
-        from shared.migrate import upgrade
+        from shared.db import Database, make_folder
+        from shared.migrate import upgrade_known
 
         self._check_port_free()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.data_dir, "the data dir (GEMMA_JOBS_DATA_DIR)")
         database_url = self.settings.database_url_or_default
-        upgrade(database_url)
+        upgrade_known(database_url)
         self.redis_url = self._redis()
         db = Database(database_url)
         with db.session_scope() as session:

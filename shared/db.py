@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import clock
 from shared.direct_connections import DirectConnections
+from shared.settings import SettingsError
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +79,15 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def make_folder(folder: Path, what: str) -> None:
+    """Create a folder the settings name, or raise SettingsError saying which and why (a
+    read-only or full disk was a traceback)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"cannot create {what} {folder}: {exc.strerror or exc}") from None
+
+
 def make_engine(url: str, *, ping_idle_after_s: float | None = None) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and foreign keys.
 
@@ -88,7 +98,7 @@ def make_engine(url: str, *, ping_idle_after_s: float | None = None) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            make_folder(Path(database).parent, "the SQLite database's folder (DATABASE_URL or GEMMA_JOBS_DATA_DIR)")
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _configure_sqlite)
         event.listen(engine, "begin", _begin_sqlite)
@@ -410,7 +420,9 @@ class Database:
 
     def schema_revision(self) -> str | None:
         """Return the revision Alembic recorded in the database; None for an empty database."""
-        with self.engine.connect() as connection:
+        # A read: on SQLite it must not queue for the write lock (a readiness probe waited out
+        # every long write there).
+        with self.read_connection() as connection:
             if not inspect(connection).has_table(VERSION_TABLE):
                 return None
             rows = connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()

@@ -7,6 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 
 import migrations
 
@@ -39,3 +40,32 @@ def head_revision() -> str:
     if len(heads) != 1:
         raise RuntimeError(f"migrations must have exactly one head, found {heads}")
     return heads[0]
+
+
+def upgrade_known(database_url: str) -> str:
+    """Upgrade the database to head and return it; raise SchemaOutOfDate, saying what to do,
+    if the database is at a revision these migrations do not know (Alembic's own error was a
+    traceback): a newer release's, or not one of ours."""
+    from shared.db import Database, SchemaOutOfDate, schema_is_newer, schema_mismatch
+
+    head = head_revision()
+    db = Database(database_url)
+    try:
+        current = db.schema_revision()
+    finally:
+        db.dispose()
+    if schema_is_newer(current, head):
+        raise SchemaOutOfDate(schema_mismatch(current, head))
+    if current is not None and not _known(current):
+        raise SchemaOutOfDate(f"database schema is at revision {current!r}, which no gemma-jobs migration made: "
+                              "is DATABASE_URL another application's database?")
+    upgrade(database_url)
+    return head
+
+
+def _known(revision: str) -> bool:
+    """Return whether the migrations hold a revision."""
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False

@@ -5,9 +5,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 ENV_PREFIX = "GEMMA_JOBS_"
 # Threads of a gateway process that held requests (streams, waits) never take by default.
@@ -121,11 +124,34 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
-    @field_validator("database_url", "redis_url")
+    @field_validator("database_url")
     @classmethod
-    def _has_scheme(cls, value: str | None) -> str | None:
-        if value is not None and "://" not in value:
-            raise ValueError("must be a URL such as postgresql://host/db or redis://host:6379/0")
+    def _database_url(cls, value: str | None) -> str | None:
+        """A PostgreSQL (psycopg 3) or SQLite URL: any other failed later, with a traceback."""
+        if value is None:
+            return value
+        try:
+            backend, _, driver = make_url(value).drivername.partition("+")
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError(f"not a database URL ({exc}); e.g. postgresql://user@host:5432/db") from None
+        if backend not in ("postgresql", "postgres", "sqlite") or driver not in ("", "psycopg", "pysqlite"):
+            raise ValueError(f"{backend}{'+' + driver if driver else ''} is not supported: use postgresql://… "
+                             "(driven by psycopg 3) or sqlite:///path/to/file.db")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """A redis://, rediss:// or unix:// URL with a numeric port, if any."""
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc}); e.g. redis://host:6379/0") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL, e.g. redis://host:6379/0")
         return value
 
     @model_validator(mode="after")
@@ -147,7 +173,9 @@ class Settings(BaseSettings):
         """Return the database URL, defaulting to a SQLite file under the data dir."""
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{(self.data_dir / 'gemma-jobs.db').resolve()}"
+        # Escaped: a data dir with "?" or "%20" in its name put the file elsewhere.
+        path = str((self.data_dir / "gemma-jobs.db").resolve())
+        return URL.create("sqlite", database=path).render_as_string(hide_password=False)
 
     @property
     def held_requests_cap(self) -> int:
@@ -190,7 +218,7 @@ def load_settings(**overrides: object) -> Settings:
                 continue
             field = str(error["loc"][0])
             name = env_name(field) if field in Settings.model_fields else field
-            problems.append(f"{name}: {error['msg']}")
+            problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 

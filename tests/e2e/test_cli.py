@@ -14,6 +14,7 @@ import psutil
 import pytest
 import redis
 import requests
+from sqlalchemy import text
 
 from services.gateway import create_app
 from services.gateway.context import KEY_CACHE_TTL_S
@@ -134,6 +135,74 @@ def test_gunicorn_s_own_lines_are_json_like_the_gateway_s(tmp_path, model_cache_
     lines = [json.loads(line) for line in gateway.log().splitlines()]
     (killed,) = [line for line in lines if "SIGKILL" in line["event"]]
     assert killed["logger"] == "gunicorn.error" and killed["level"] == "error" and killed["process"] == "gateway"
+
+
+def _one_line(result: subprocess.CompletedProcess, status: int, starts: str) -> None:
+    assert result.returncode == status, result.stderr
+    assert result.stderr.startswith(starts) and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_schema_the_code_cannot_use_is_one_line_and_status_2_for_every_command(tmp_path, model_cache_dir):
+    """The worker, `migrate` on a revision no migration made, and `up` on a newer database's
+    schema ended in tracebacks; `migrate` and the gateway already said it in one line."""
+    from shared.migrate import downgrade
+
+    env = cli_env(tmp_path, model_cache_dir, DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.db'}")
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    downgrade(env["DATABASE_URL"], "0006")
+    worker = subprocess.run([*CLI, "worker", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    _one_line(worker, 2, "gemma-jobs: database schema is at 0006, the code needs")
+    db = Database(env["DATABASE_URL"])
+    with db.session_scope() as session:
+        session.execute(text("UPDATE alembic_version SET version_num = 'abc'"))
+    migrate = subprocess.run([*CLI, "migrate"], env=env, capture_output=True, text=True, timeout=60)
+    _one_line(migrate, 2, "gemma-jobs: database schema is at revision 'abc', which no gemma-jobs migration made")
+    with db.session_scope() as session:
+        session.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    db.dispose()
+    up = subprocess.run([*CLI, "up", "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
+    _one_line(up, 2, "gemma-jobs: database schema is at 9999, newer than this code's")
+
+
+@pytest.mark.parametrize(("variable", "value", "named"), [
+    ("REDIS_URL", "http://foo", "REDIS_URL: must be a redis://"),
+    ("DATABASE_URL", "mysql://user@host/db", "DATABASE_URL: mysql is not supported"),
+    ("DATABASE_URL", "postgresql://user@host:abc/db", "DATABASE_URL: not a database URL"),
+])
+def test_a_url_the_product_cannot_use_is_one_line_and_status_2(tmp_path, model_cache_dir, variable, value, named):
+    """Each was a traceback at the first connection (the gateway's was gunicorn's status 3)."""
+    env = cli_env(tmp_path, model_cache_dir, **{variable: value})
+    for command in (["status"], ["worker", "--device", "cpu"]):
+        result = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=60)
+        _one_line(result, 2, f"gemma-jobs: invalid settings: {named}")
+
+
+def test_an_unwritable_data_dir_is_one_line_and_status_2(tmp_path, model_cache_dir):
+    """A data dir that cannot be created (read-only, or under a file) was an OSError traceback."""
+    (tmp_path / "a-file").write_text("")
+    env = {**cli_env(tmp_path, model_cache_dir), "GEMMA_JOBS_DATA_DIR": str(tmp_path / "a-file" / "var")}
+    _one_line(subprocess.run([*CLI, "migrate"], env=env, capture_output=True, text=True, timeout=60), 2,
+              f"gemma-jobs: cannot create the SQLite database's folder (DATABASE_URL or GEMMA_JOBS_DATA_DIR) {tmp_path}")
+
+
+def test_out_of_range_ports_are_refused_naming_the_option(tmp_path, model_cache_dir):
+    """They were OverflowError tracebacks."""
+    env = cli_env(tmp_path, model_cache_dir)
+    for command, option in ((["gateway", "--port", "70000"], "--port"),
+                            (["worker", "--metrics-port", "65536"], "--metrics-port")):
+        result = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and f"argument {option}: must be a whole number from 0 to 65535" in result.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, model_cache_dir):
+    """`gemma-jobs status | head -3` printed a BrokenPipeError traceback."""
+    env = cli_env(tmp_path, model_cache_dir)
+    subprocess.run([*CLI, "migrate"], env=env, check=True, capture_output=True, timeout=60)
+    listing = subprocess.Popen([*CLI, "keys", "list"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    listing.stdout.close()  # the reader is gone before the command writes
+    _, errors = listing.communicate(timeout=60)
+    assert listing.returncode == 1 and errors == b""
 
 
 def test_worker_refuses_a_gpu_it_does_not_have(tmp_path, model_cache_dir):

@@ -18,6 +18,26 @@ def test_defaults_put_sqlite_under_the_data_dir(monkeypatch, tmp_path):
     assert settings.model_cache_path == tmp_path / "models"
 
 
+@pytest.mark.parametrize("name", ["q?mark", "pct%20dir", "sp ace ü", "h#sh"])
+def test_the_default_sqlite_file_is_under_the_data_dir_whatever_its_name(monkeypatch, tmp_path, name):
+    """A data dir named with "?" put the database in its parent, one with "%20" in "… dir"."""
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("GEMMA_JOBS_DATA_DIR", str(tmp_path / name))
+    url = load_settings().database_url_or_default
+    assert make_url(url).database == str(tmp_path / name / "gemma-jobs.db")
+
+
+def test_supported_database_and_redis_urls_are_taken(monkeypatch):
+    for database_url in ("postgresql://h/db", "postgres://h/db", "postgresql+psycopg://u@h:5432/db", "sqlite:///x.db"):
+        monkeypatch.setenv("DATABASE_URL", database_url)
+        assert load_settings().database_url == database_url
+    for redis_url in ("redis://h:6379/0", "rediss://u:p@h/1", "unix:///run/redis.sock"):
+        monkeypatch.setenv("REDIS_URL", redis_url)
+        assert load_settings().redis_url == redis_url
+
+
 def test_environment_names_are_read(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://db.example/jobs")
     monkeypatch.setenv("REDIS_URL", "redis://cache.example:6379/2")
@@ -34,7 +54,14 @@ def test_environment_names_are_read(monkeypatch):
         ("GEMMA_JOBS_MAX_WAIT_S", "soon"),
         ("GEMMA_JOBS_MAX_NEW_TOKENS", "0"),
         ("DATABASE_URL", "not a url"),
+        # Each passed, then failed at the first connection with a traceback.
+        ("DATABASE_URL", "mysql://user@host/db"),
+        ("DATABASE_URL", "postgresql+asyncpg://host/db"),
+        ("DATABASE_URL", "postgresql://user@host:abc/db"),
+        ("DATABASE_URL", "http://host/db"),
         ("REDIS_URL", "localhost"),
+        ("REDIS_URL", "http://foo"),
+        ("REDIS_URL", "redis://host:abc/0"),
         ("GEMMA_JOBS_LOG_FORMAT", "xml"),
     ],
 )
