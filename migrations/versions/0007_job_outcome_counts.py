@@ -1,7 +1,9 @@
 """Counters of ended jobs per kind, model and status, for the gateway's /metrics.
 
 Counting ended jobs at scrape time would read the whole jobs table; these rows are added to
-as jobs end. The upgrade counts the jobs that ended before it into shard 0.
+as jobs end. The upgrade counts the jobs that ended before it into shard 0, by the model of
+their queue (an adapter's jobs under its base model, as they are counted live; 0009 mends
+databases that counted them under the adapter's id).
 
 Revision ID: 0007
 Revises: 0006
@@ -29,8 +31,8 @@ def upgrade() -> None:
     )
     op.execute(
         "INSERT INTO job_outcome_counts (kind, model, status, shard, jobs) "
-        "SELECT kind, model, status, 0, COUNT(*) FROM jobs "
-        "WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY kind, model, status"
+        "SELECT kind, substr(queue, length(kind) + 2), status, 0, COUNT(*) FROM jobs "  # queue: kind.model
+        "WHERE status IN ('succeeded', 'failed', 'cancelled') GROUP BY kind, substr(queue, length(kind) + 2), status"
     )
 
 

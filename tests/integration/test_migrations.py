@@ -99,6 +99,27 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path):
     db.dispose()
 
 
+def test_the_schema_check_does_not_wait_for_sqlite_s_write_lock(tmp_path):
+    """It took the write lock as a writer does: /readyz waited out every long write (5 s here),
+    and past the 30 s busy timeout it would have answered 503."""
+    import sqlite3
+    import time
+
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    upgrade(url)
+    db = Database(url)
+    writer = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        db.check_schema()
+        assert time.monotonic() - started < 1.0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        db.dispose()
+
+
 def test_0007_counts_the_jobs_that_ended_before_it(database_url):
     from sqlalchemy import JSON, column, insert, table
 
@@ -115,17 +136,47 @@ def test_0007_counts_the_jobs_that_ended_before_it(database_url):
         jobs = table("jobs", *(column(name) for name in (
             "id", "owner_key_id", "kind", "model", "queue", "status", "attempts", "created_at", "reserved_tokens")),
             column("params", JSON))
-        for status in ("succeeded", "succeeded", "failed", "queued"):
+        # An adapter's generation names the adapter as its model; its queue, the base model's.
+        for status, model in (("succeeded", "gemma-3-270m"), ("succeeded", "ft-a1"), ("failed", "gemma-3-270m"),
+                              ("queued", "gemma-3-270m")):
             session.execute(insert(jobs).values(
-                id=new_id("job"), owner_key_id=key.id, kind="generation", model="gemma-3-270m",
+                id=new_id("job"), owner_key_id=key.id, kind="generation", model=model,
                 queue="generation.gemma-3-270m", status=status, params={"prompt": "x"}, attempts=0,
                 created_at=utcnow(), reserved_tokens=0,
             ))
-    upgrade(database_url)
+    upgrade(database_url, "0007")
     with db.session_scope() as session:
+        # Under the base model, as jobs are counted live: no series per adapter on /metrics.
         assert job_store.ended_counts(session) == [
             ("generation", "gemma-3-270m", "failed", 1),
             ("generation", "gemma-3-270m", "succeeded", 2),
+        ]
+    db.dispose()
+
+
+def test_0009_moves_counts_made_under_an_adapter_s_id_to_its_base_model(database_url):
+    """0007 counted an adapter's ended jobs under the adapter's id (a label per adapter)."""
+    from sqlalchemy import text
+
+    from shared import job_store
+    from tests.integration.helpers import queued_job
+
+    downgrade(database_url, "0008")
+    db = Database(database_url)
+    job_id = queued_job(db)
+    with db.session_scope() as session:
+        session.execute(text("UPDATE jobs SET model = 'ft-a1', status = 'succeeded' WHERE id = :id"), {"id": job_id})
+        session.execute(text("DELETE FROM job_outcome_counts"))
+        session.execute(text(
+            "INSERT INTO job_outcome_counts (kind, model, status, shard, jobs) VALUES "
+            "('generation', 'gemma-3-270m', 'succeeded', 0, 5), ('generation', 'ft-a1', 'succeeded', 0, 2), "
+            "('generation', 'ft-a1', 'failed', 3, 1), ('generation', 'ft-unknown', 'failed', 0, 4)"))
+    upgrade(database_url)
+    with db.session_scope() as session:
+        assert job_store.ended_counts(session) == [
+            ("generation", "ft-unknown", "failed", 4),  # no job names it: left as it was
+            ("generation", "gemma-3-270m", "failed", 1),
+            ("generation", "gemma-3-270m", "succeeded", 7),
         ]
     db.dispose()
 
