@@ -397,7 +397,7 @@ class KeyCreate(StrictModel):
             raise ValueError("give a timezone, e.g. 2027-01-01T00:00:00Z")
         if value <= datetime.now(timezone.utc):
             raise ValueError("must be in the future")
-        return value
+        return value.astimezone(timezone.utc)  # as stored, and as every later read shows it
 
     @field_validator("name")
     @classmethod

@@ -7,7 +7,7 @@ import re
 from typing import TypeVar
 
 from flask import Response, request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared.errors import InvalidField, MalformedRequest
@@ -55,6 +55,18 @@ def parse_query(schema: type[Schema]) -> Schema:
             details=[{"field": name, "message": "given more than once"} for name in repeated],
         )
     return schema.model_validate(request.args.to_dict())
+
+
+class NoQuery(BaseModel):
+    """The query of a route that takes no parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def refuse_query() -> None:
+    """Refuse (422) any query parameter on a route that takes none: ignored, a client's
+    `?limit=1` on a list seemed to page, and returned everything."""
+    parse_query(NoQuery)
 
 
 def prefer_wait_seconds(max_wait_s: float) -> float:

@@ -228,6 +228,21 @@ def test_bad_worker_queries_are_422(client, admin, query):
     assert_error(client.get(f"/v1/admin/workers?{query}", headers=admin), 422, "invalid_field")
 
 
+@pytest.mark.parametrize("path", ["/v1/admin/keys?limit=1", "/v1/admin/queues?x=1", "/v1/files?limit=1",
+                                  "/v1/models?after=gemma"])
+def test_a_list_that_takes_no_query_refuses_one(client, admin, path):
+    """Ignored, `?limit=1` on the keys list seemed to page, and every key came back."""
+    error = assert_error(client.get(path, headers=admin), 422, "invalid_field")
+    assert path.split("?")[1].split("=")[0] in str(error)
+
+
+def test_a_key_s_expiry_is_answered_in_utc_as_every_later_read_shows_it(client, admin):
+    """The create answer echoed the offset the request gave (-08:00); the list said Z."""
+    created = client.post("/v1/admin/keys", json={"expires_at": "2099-01-01T00:00:00-08:00"}, headers=admin).get_json()
+    listed = {key["id"]: key for key in client.get("/v1/admin/keys", headers=admin).get_json()["data"]}
+    assert created["expires_at"] == listed[created["id"]]["expires_at"] == "2099-01-01T08:00:00Z"
+
+
 def test_workers_are_the_live_ones_unless_gone_ones_are_asked_for(client, admin, app):
     from shared.models import WorkerRecord, utcnow
 

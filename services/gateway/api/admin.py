@@ -9,7 +9,7 @@ from services.domain import operations
 from services.domain.usage import usage_report
 from services.gateway.auth import require_key
 from services.gateway.context import gateway
-from services.gateway.requests import parse_body, parse_query
+from services.gateway.requests import parse_body, parse_query, refuse_query
 from shared.models import ApiKey, utcnow
 from shared.schemas import (
     KeyCreate, KeyCreated, KeyInfo, KeyList, QueueList, UsageQuery, UsageReport, WorkerList, WorkerQuery,
@@ -38,6 +38,7 @@ def create_key():
 @require_key(role="admin")
 def list_keys():
     """List every key, newest first."""
+    refuse_query()
     with gateway().db.session_scope(read_only=True) as session:
         keys = [key_info(row) for row in key_domain.list_keys(session)]
     return KeyList(data=keys).model_dump(mode="json")
@@ -82,6 +83,7 @@ def list_workers():
 @require_key(role="admin")
 def list_queues():
     """Depth, running jobs, oldest waiting job and live consumers of every queue in use."""
+    refuse_query()
     context = gateway()
     with context.db.session_scope(read_only=True) as session:
         queues = operations.queue_stats(session, utcnow(), context.settings.worker_dead_after_s)

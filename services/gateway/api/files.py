@@ -10,6 +10,7 @@ from services.domain import files as file_domain
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import gateway
 from services.gateway.errors import error_response
+from services.gateway.requests import refuse_query
 from shared.errors import DomainError, MalformedRequest
 from shared.schemas import FileDeleted, FileList
 
@@ -104,6 +105,7 @@ def upload_too_large(_exc: RequestEntityTooLarge):
 @require_key()
 def list_files():
     """List the caller's files, newest first."""
+    refuse_query()
     with gateway().db.session_scope(read_only=True) as session:
         data = [file_domain.file_info(row) for row in file_domain.list_files(session, current_caller())]
     return FileList(data=data).model_dump(mode="json")

@@ -8,6 +8,7 @@ from flask import Blueprint
 from services.domain import adapters as adapter_domain
 from services.gateway.auth import current_caller, require_key
 from services.gateway.context import gateway
+from services.gateway.requests import refuse_query
 from shared.schemas import FileDeleted, ModelInfo, ModelList
 
 log = structlog.get_logger(__name__)
@@ -18,6 +19,7 @@ blueprint = Blueprint("models", __name__)
 @require_key()
 def list_models():
     """List registered base models, then the caller's adapters (newest first)."""
+    refuse_query()
     context = gateway()
     models = [
         ModelInfo(id=entry.id, description=entry.description, context_length=entry.context_length)
