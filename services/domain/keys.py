@@ -85,12 +85,22 @@ def caller_for(row: Row | None, digest: str) -> Caller:
     # The lookup is by hash, so timing reveals nothing about the key; compare anyway.
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         raise Unauthenticated("unknown API key")
-    if row.revoked_at is not None:
-        raise Unauthenticated("this API key has been revoked")
-    if row.expires_at is not None and row.expires_at <= utcnow():
-        raise Unauthenticated("this API key has expired")
+    refusal = refusal_of(row)
+    if refusal is not None:
+        raise Unauthenticated(refusal)
     has_limits = (row.rpm, row.tpm, row.max_concurrent) != (None, None, None)
     return Caller(key_id=row.id, role=row.role, has_limits=has_limits)
+
+
+def refusal_of(row: Row | None) -> str | None:
+    """Return why a key's row authenticates no more (gone, revoked, expired), or None."""
+    if row is None:
+        return "this API key no longer exists"
+    if row.revoked_at is not None:
+        return "this API key has been revoked"
+    if row.expires_at is not None and row.expires_at <= utcnow():
+        return "this API key has expired"
+    return None
 
 
 def _digest(plaintext: str | None) -> str:

@@ -25,14 +25,14 @@ from sqlalchemy.orm import Session
 from werkzeug.datastructures import MIMEAccept
 
 from services.domain import jobs as job_domain
-from services.domain.keys import Caller
-from services.gateway.context import GatewayContext
+from services.domain.keys import Caller, refusal_of
+from services.gateway.context import KEY_CACHE_TTL_S, GatewayContext
 from services.gateway.errors import database_unavailable_error
 from shared import token_stream
 from shared.db import DATABASE_UNAVAILABLE
 from shared.errors import InvalidField
 from shared.jobs import TERMINAL_STATUSES, JobStatus
-from shared.models import JobEvent
+from shared.models import ApiKey, JobEvent
 from shared.schemas import JobEventInfo
 
 log = structlog.get_logger(__name__)
@@ -46,6 +46,9 @@ DB_POLL_S = 1.0
 KEEP_ALIVE_S = 15.0
 KEEP_ALIVE = ": keep-alive\n\n"
 REDIS_RETRY_S = 5.0
+# How often an open stream checks that its key still works: a revoked or expired key's stream
+# ends within this, as its other requests do in other gateway processes (KEY_CACHE_TTL_S).
+KEY_CHECK_S = KEY_CACHE_TTL_S
 EVENT_PAGE = 1000
 MAX_EVENT_ID = 2**63 - 1
 MAX_STREAM_ID_PART = 2**64 - 1
@@ -155,8 +158,14 @@ def _frames(context: GatewayContext, caller: Caller, job_id: str, cursor: Cursor
     done = False
     try:
         yield KEEP_ALIVE  # sends the headers now, even if nothing has happened yet
-        last_write, last_poll = time.monotonic(), None
+        last_write, last_poll, key_checked = time.monotonic(), None, time.monotonic()
         while True:
+            if time.monotonic() - key_checked >= KEY_CHECK_S:
+                refusal = _key_refusal(context, caller)
+                if refusal is not None:  # no retry: the key will not work again
+                    yield _frame("error", {"code": "unauthenticated", "message": f"{refusal}; the stream ends"}, cursor)
+                    return
+                key_checked = time.monotonic()
             entries = tokens.read(None if last_poll is None else BLOCK_MS)
             # An attempt or end entry follows a database commit (claim, finish): read it now,
             # so that the status event goes out before the tokens that came after it.
@@ -185,6 +194,12 @@ def _frames(context: GatewayContext, caller: Caller, job_id: str, cursor: Cursor
         yield _frame("error", error["error"], cursor, retry_ms=int(headers["Retry-After"]) * 1000)
     finally:
         log.info("event_stream_closed", job_id=job_id, done=done)
+
+
+def _key_refusal(context: GatewayContext, caller: Caller) -> str | None:
+    """Return why the stream's key authenticates no more (revoked, expired, deleted), or None."""
+    with context.db.session_scope(read_only=True) as session:
+        return refusal_of(session.get(ApiKey, caller.key_id))
 
 
 def _read_job(context: GatewayContext, caller: Caller, job_id: str, after: int) -> tuple[bool, list[Any]]:

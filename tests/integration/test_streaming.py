@@ -24,6 +24,7 @@ from shared.db import Database
 from shared.job_store import Claim
 from shared.models import Job
 from shared.settings import load_settings
+from services.domain.keys import create_key
 from tests.integration.helpers import RESULT, USAGE, assert_error, claim, lapse_lease, make_key, submit
 
 pytestmark = pytest.mark.timeout(60)
@@ -430,6 +431,30 @@ def test_a_client_that_goes_away_ends_the_stream(client, auth):
     assert [entry for entry in logs if entry["event"] == "event_stream_closed"] == [
         {"event": "event_stream_closed", "job_id": job_id, "done": False, "log_level": "info"}
     ]
+
+
+def test_revoking_the_key_ends_its_open_streams(client, app, monkeypatch):
+    """A revoked key's stream went on until its job ended (up to max_timeout_s, an hour)."""
+    monkeypatch.setattr(streaming, "KEY_CHECK_S", 0.2)
+    with app.extensions["gemma_jobs"].db.session_scope() as session:
+        key, plaintext = create_key(session, role="user")
+    own = {"Authorization": f"Bearer {plaintext}"}
+    job_id = job_id_of(client, own)
+    response = stream(client, own, job_id)
+    admin = {"Authorization": f"Bearer {make_key(app, role='admin')}"}
+
+    def revoke() -> None:
+        time.sleep(0.3)
+        assert app.test_client().delete(f"/v1/admin/keys/{key.id}", headers=admin).status_code == 200
+
+    join = in_background(revoke)
+    started = time.monotonic()
+    events = list(sse_events(response))  # the stream ends by itself
+    join()
+    assert [event.name for event in events] == ["error"]
+    assert events[0].data == {"code": "unauthenticated",
+                              "message": "this API key has been revoked; the stream ends"}
+    assert time.monotonic() - started < 5
 
 
 def test_an_idle_stream_sends_keep_alives_holding_no_database_connection(client, auth, app, monkeypatch):
