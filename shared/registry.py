@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 DEFAULT_MODEL_ID = "gemma-3-270m"
 
@@ -52,6 +52,9 @@ BUILTIN_MODELS = [
 ]
 
 
+_ENTRIES = TypeAdapter(list[ModelEntry])
+
+
 class RegistryError(RuntimeError):
     """The registry file cannot be read."""
 
@@ -69,8 +72,13 @@ class ModelRegistry:
         if path is not None:
             try:
                 raw = json.loads(Path(path).read_text(encoding="utf-8"))
-                listed = [ModelEntry.model_validate(item) for item in raw["models"]]
-            except (OSError, ValueError, KeyError, TypeError, ValidationError) as exc:
+                listed = _ENTRIES.validate_python(raw["models"])
+            except ValidationError as exc:
+                # One line, as every start-up error: pydantic's own text takes three per problem.
+                problems = "; ".join(f"{_where(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+                                     for error in exc.errors())
+                raise RegistryError(f"GEMMA_JOBS_MODEL_REGISTRY={path}: {problems}") from exc
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise RegistryError(f"GEMMA_JOBS_MODEL_REGISTRY={path}: {exc}") from exc
             ids = [entry.id for entry in entries + listed]
             twice = sorted({model_id for model_id in ids if ids.count(model_id) > 1})
@@ -90,3 +98,8 @@ class ModelRegistry:
     def all(self) -> list[ModelEntry]:
         """Return every entry, sorted by id."""
         return sorted(self._entries.values(), key=lambda entry: entry.id)
+
+
+def _where(loc: tuple) -> str:
+    """Return where in the file a validation error is: models[1].context_length."""
+    return "models" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)

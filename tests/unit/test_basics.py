@@ -83,8 +83,18 @@ def test_registry_file_adds_models(tmp_path):
 def test_bad_registry_files_are_refused(tmp_path, content):
     path = tmp_path / "models.json"
     path.write_text(content)
-    with pytest.raises(RegistryError, match="GEMMA_JOBS_MODEL_REGISTRY"):
+    with pytest.raises(RegistryError, match="GEMMA_JOBS_MODEL_REGISTRY") as raised:
         ModelRegistry.load(path)
+    assert "\n" not in str(raised.value)  # one line at start-up, as every other error there
+
+
+def test_a_registry_entry_s_problems_name_the_entry_and_field(tmp_path):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [{"id": "a", "path": "/a"}, {"id": "b", "path": "/b", "context_length": 1}]}))
+    with pytest.raises(RegistryError) as raised:
+        ModelRegistry.load(path)
+    assert str(raised.value) == (f"GEMMA_JOBS_MODEL_REGISTRY={path}: models[1].context_length: "
+                                 "Input should be greater than or equal to 16")
 
 
 def test_gemma_turn_format_folds_system_into_the_first_user_turn():
