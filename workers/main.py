@@ -15,6 +15,7 @@ from shared.jobs import JobKind
 from shared.logging import bind_process_fields, configure_logging, quiet_celery_task_lines
 from shared.reaper import Reaper
 from shared.settings import Settings
+from workers.celery_pool import HAND_BACK_THREADS
 from workers.metrics import serve_metrics
 from workers.model_loader import hide_progress_bars
 from workers.registration import Registration
@@ -33,6 +34,9 @@ def resolve_device(device: str) -> torch.device:
 
 # How long a starting worker waits for its result writer process before it says it is ready.
 WRITER_READY_TIMEOUT_S = 60.0
+# How long an exiting worker waits for jobs still running to stop and be handed back (each
+# stops at its next step; a training step on a CPU can take seconds).
+HAND_BACK_WAIT_S = 10.0
 
 ROLE_KINDS = {
     "generate": (JobKind.GENERATION,),
@@ -93,11 +97,27 @@ def run_worker(
         gc.freeze()
         _consume(rt, queues)
     finally:
+        _wait_for_running_jobs(rt, HAND_BACK_WAIT_S)
         # Results handed over by tasks that returned are written before the worker says it stopped.
         if not rt.results.close(rt.settings.shutdown_grace_s + 10):
             log.warning("results_not_written", note="their jobs are retried when their leases run out")
         if registration is not None:
             registration.stop()
+
+
+def _wait_for_running_jobs(rt: WorkerRuntime, timeout_s: float) -> None:
+    """Stop and hand back the jobs tasks still run once Celery has returned, and wait for them
+    (up to `timeout_s`): closing the result writer under them threw their results away, while
+    the worker exited mid-step and recorded itself stopped; each then waited out its lease and
+    used an attempt instead of going back."""
+    if rt.jobs_in_flight:
+        rt.start_shutdown(0)  # Celery is done with them: no one else would stop them
+    deadline = time.monotonic() + timeout_s
+    while rt.jobs_in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if rt.jobs_in_flight:
+        log.warning("jobs_still_running_at_exit", jobs=rt.jobs_in_flight,
+                    note="their leases lapse and the reaper requeues them")
 
 
 def _load_models(rt: WorkerRuntime, role: str, model_ids: list[str], queues: list[str]) -> list[str]:
@@ -136,7 +156,11 @@ def _consume(rt: WorkerRuntime, queues: list[str]) -> None:
     # Tasks run in this process, where the model already lives (no fork after torch or CUDA
     # started): the solo pool for one job at a time, else K threads feeding the batch engine.
     concurrency = rt.concurrency
-    pool = ["--pool=solo"] if concurrency == 1 else ["--pool=threads", f"--concurrency={concurrency}"]
+    if concurrency == 1:
+        pool = ["--pool=solo"]
+    else:  # named by the setting: the --pool option takes only Celery's own pools
+        rt.celery.conf.worker_pool = HAND_BACK_THREADS
+        pool = [f"--concurrency={concurrency}"]
     rt.celery.worker_main(
         argv=[
             "--quiet",  # no banner on stdout; our logs say the same as JSON
@@ -178,7 +202,6 @@ def _hand_back_on_shutdown(rt: WorkerRuntime) -> Callable[..., None]:
         # Runs inside a signal handler: set a value, log nothing (logging takes locks). Celery
         # sends this again at each further signal: the grace runs from the first, or an
         # impatient supervisor repeating SIGTERM would put the hand-back off for ever.
-        if rt.shutdown_deadline is None:
-            rt.shutdown_deadline = time.monotonic() + rt.settings.shutdown_grace_s
+        rt.start_shutdown(rt.settings.shutdown_grace_s)
 
     return on_shutting_down

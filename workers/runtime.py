@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -91,6 +92,13 @@ class WorkerRuntime:
     def jobs_in_flight(self) -> int:
         """Jobs running now: the count the result writer process reads too."""
         return self.results.jobs_in_flight
+
+    def start_shutdown(self, grace_s: float) -> None:
+        """Let running jobs go on at most `grace_s` more, then stop and be handed back; a later
+        call may shorten the grace, never lengthen it (SIGTERM repeated, then a cold shutdown)."""
+        deadline = time.monotonic() + grace_s
+        if self.shutdown_deadline is None or deadline < self.shutdown_deadline:
+            self.shutdown_deadline = deadline
 
     def engine(self, model_id: str) -> BatchEngine:
         """Return the batching engine of a model, loading the model on first use."""

@@ -294,6 +294,33 @@ def test_a_second_ctrl_c_hands_the_running_job_back_rather_than_failing_it(clust
     assert len(cluster.usage_rows(job_id)) == 1
 
 
+def test_a_second_ctrl_c_hands_back_every_job_of_a_batching_worker(cluster):
+    """The threads pool (--concurrency > 1) cannot kill a task: Celery's cold shutdown ended in
+    an "Unrecoverable error", and its tasks ran on to their ends (or until the grace ran out, or
+    the result writer was closed under them, which threw their results away)."""
+    batching = {"GEMMA_JOBS_WORKER_CONCURRENCY": "3"}
+    holder = cluster.start_worker(**batching, GEMMA_JOBS_SHUTDOWN_GRACE_S="60")
+    jobs = [cluster.submit({**LONG, "max_new_tokens": tokens}) for tokens in (400, 400, 60)]
+    for job_id in jobs:
+        cluster.wait_running(job_id, tokens_in_s=0)
+    time.sleep(0.5)  # mid-generation
+    holder.process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    started = time.monotonic()
+    holder.process.send_signal(signal.SIGINT)  # cold: no grace
+    assert holder.process.wait(timeout=90) in (0, 1), holder.log()[-3000:]  # exited, not aborted
+    assert time.monotonic() - started < 10  # not once the jobs ended, nor after the 60 s grace
+    for job_id in jobs:
+        job = cluster.job(job_id)
+        assert (job.status, job.hand_backs) == ("queued", 1), (job.status, job.hand_backs, job.error)
+    assert "Unrecoverable error" not in holder.log()
+    cluster.start_worker(**batching)
+    for job_id in jobs:
+        job = cluster.wait_done(job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        assert len(cluster.usage_rows(job_id)) == 1
+
+
 def test_cancel_ttl_and_timeout_with_one_worker(cluster):
     cluster.start_worker()
     running = cluster.submit({**LONG, "max_new_tokens": 400})
