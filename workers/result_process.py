@@ -94,6 +94,8 @@ class ResultProcess:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the result writer is closed")
+            if self._process is not None and not self._process.is_alive():
+                log.error("result_writer_lost", exitcode=self._process.exitcode)
             if self._process is None or not self._process.is_alive():
                 self._start()
             try:

@@ -246,11 +246,16 @@ def test_a_writer_process_that_died_is_replaced(rt):
         time.sleep(0.05)
     dead_pid = rt.results.pid
     os.kill(dead_pid, signal.SIGKILL)
-    psutil.Process(dead_pid).wait(10)
+    dead = psutil.Process(dead_pid)
+    while dead.status() != psutil.STATUS_ZOMBIE:  # dead, and left for the worker to reap, as in life
+        time.sleep(0.01)
 
     second = finished(rt, queued_job(rt.db), "after")
-    rt.results.put(second)
+    with capture_logs() as logs:
+        rt.results.put(second)
     assert rt.results.pid != dead_pid
+    # Said, as operations.md promises: it was silent when the death was seen before sending.
+    assert [entry["event"] for entry in logs] == ["result_writer_lost"]
     assert rt.results.close()
     job, usage = stored(rt.db, second.held.job_id)
     assert job.status == "succeeded" and job.result["text"] == "after" and len(usage) == 1
