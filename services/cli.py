@@ -195,7 +195,10 @@ def cmd_worker(args) -> int:
     else:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
         device = "cpu"
-    models = [m.strip() for m in (args.models or DEFAULT_MODEL_ID).split(",") if m.strip()]
+    # Each model once: one named twice counted its worker twice among a queue's live consumers.
+    models = list(dict.fromkeys(m.strip() for m in (args.models or DEFAULT_MODEL_ID).split(",") if m.strip()))
+    if not models:
+        raise SettingsError(f"--models names no model ({args.models!r}): give comma-separated model ids")
     if args.cpu_threads is not None:
         os.environ["GEMMA_JOBS_CPU_THREADS"] = args.cpu_threads  # read by get_settings() below
     from workers.main import run_worker

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import signal
 import time
 from collections.abc import Callable
 
@@ -70,6 +71,7 @@ def run_worker(
     bind_process_fields(worker_id=rt.worker_id)
     set_runtime(rt)
     _hand_back_on_shutdown(rt)
+    _exit_on_sigterm_until_celery_runs()
     rt.results.start()  # its imports (~1 s of CPU, at a low priority) overlap the model load
     registration: Registration | None = None
     # Whatever ends the worker, start-up failures included, closes its writer: a writer left
@@ -191,6 +193,17 @@ def _preload_tokenizers(rt: WorkerRuntime, model_ids: list[str]) -> set[str]:
             log.error("tokenizer_unavailable", model=model_id, error=str(exc))
             failed.add(model_id)
     return failed
+
+
+def _exit_on_sigterm_until_celery_runs() -> None:
+    """Make SIGTERM during start-up end the worker through its cleanup (writer closed, registry
+    row `stopped`): before Celery installs its own handler, the default one killed the process
+    at once, and its row stayed `starting`, counted among the host's CPU workers until it went quiet."""
+
+    def on_sigterm(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _hand_back_on_shutdown(rt: WorkerRuntime) -> Callable[..., None]:

@@ -84,13 +84,13 @@ class Registration:
         }
         if state == "stopped":
             values["stopped_at"] = values["heartbeat_at"]
+        row = WorkerRecord.id == rt.worker_id
+        if state != "stopped":  # a beat that began before stop() must not write over its `stopped`
+            row = row & (WorkerRecord.state != "stopped")
         try:
             with rt.db.session_scope() as session:
                 session.execute(
-                    update(WorkerRecord)
-                    .where(WorkerRecord.id == rt.worker_id)
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
+                    update(WorkerRecord).where(row).values(**values).execution_options(synchronize_session=False)
                 )
             self._share_cpu()
         except SQLAlchemyError as exc:

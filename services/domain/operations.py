@@ -53,7 +53,7 @@ def live_queues(session: Session | Connection, now: datetime, dead_after_s: floa
     ).all()
     counts: dict[str, int] = {}
     for queues in queue_lists:
-        for queue in queues:
+        for queue in set(queues):  # a worker counts once per queue, however often its list names it
             counts[queue] = counts.get(queue, 0) + 1
     return counts
 

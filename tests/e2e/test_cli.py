@@ -186,6 +186,13 @@ def test_an_unwritable_data_dir_is_one_line_and_status_2(tmp_path, model_cache_d
               f"gemma-jobs: cannot create the SQLite database's folder (DATABASE_URL or GEMMA_JOBS_DATA_DIR) {tmp_path}")
 
 
+def test_a_models_list_that_names_no_model_is_one_line_and_status_2(tmp_path, model_cache_dir):
+    """It was "no model of --models could be loaded (; see model_unavailable above)", with none above."""
+    result = subprocess.run([*CLI, "worker", "--device", "cpu", "--models", " , "], env=cli_env(tmp_path, model_cache_dir),
+                            capture_output=True, text=True, timeout=60)
+    _one_line(result, 2, "gemma-jobs: --models names no model (' , ')")
+
+
 def test_out_of_range_ports_are_refused_naming_the_option(tmp_path, model_cache_dir):
     """They were OverflowError tracebacks."""
     env = cli_env(tmp_path, model_cache_dir)

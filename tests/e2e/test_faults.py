@@ -24,7 +24,7 @@ from shared.models import Job, JobEvent, UsageRecord, WorkerRecord, utcnow
 from shared.publish import publish_job
 from tests.conftest import fresh_postgres_database
 from tests.e2e.conftest import stack_env
-from tests.processes import Service, start_gateway, start_worker, wait_for_job
+from tests.processes import CLI, Service, start_gateway, start_worker, wait_for_job
 
 pytestmark = pytest.mark.e2e
 
@@ -319,6 +319,26 @@ def test_a_second_ctrl_c_hands_back_every_job_of_a_batching_worker(cluster):
         job = cluster.wait_done(job_id)
         assert job["status"] == "succeeded" and job["attempts"] == 2, job
         assert len(cluster.usage_rows(job_id)) == 1
+
+
+def test_sigterm_during_start_up_records_the_worker_stopped(cluster):
+    """Before Celery's handlers were installed, SIGTERM killed the worker at once: its registry
+    row stayed `starting`, counted among the host's CPU workers until it went quiet."""
+    command = [*CLI, "worker", "--device", "cpu", "--models", "gemma-3-270m"]
+    worker = Service("starting-worker", command, cluster.env, cluster.workdir)
+    deadline = time.monotonic() + 60
+    while (row := _worker_row(cluster, worker.pid)) is None or row.state != "starting":
+        assert time.monotonic() < deadline and worker.process.poll() is None, worker.log()[-3000:]
+        time.sleep(0.05)
+    worker.process.send_signal(signal.SIGTERM)
+    worker.process.wait(timeout=60)
+    worker.stop()
+    assert _worker_row(cluster, worker.pid).state == "stopped", worker.log()[-3000:]
+
+
+def _worker_row(cluster: Cluster, pid: int) -> WorkerRecord | None:
+    with cluster.db.session_scope() as session:
+        return session.scalars(select(WorkerRecord).where(WorkerRecord.pid == pid)).first()
 
 
 def test_cancel_ttl_and_timeout_with_one_worker(cluster):

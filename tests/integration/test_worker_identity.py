@@ -31,3 +31,18 @@ def test_workers_with_the_same_host_and_pid_get_different_ids(settings, redis_cl
         for runtime in (first, second):
             runtime.results.close()
             runtime.db.dispose()
+
+
+def test_a_beat_that_lands_after_the_stop_leaves_the_worker_stopped(rt):
+    """A heartbeat already under way when the worker stopped wrote `ready` over `stopped`."""
+    from shared.models import WorkerRecord
+    from workers.registration import Registration
+
+    registration = Registration(rt, "generate", ["generation.gemma-3-270m"])
+    registration.register()
+    registration.serve(["generation.gemma-3-270m"])
+    registration.stop()
+    registration.state = "ready"  # as the late beat read it before stop() changed it
+    registration.beat()
+    with rt.db.session_scope() as session:
+        assert session.get(WorkerRecord, rt.worker_id).state == "stopped"
