@@ -201,10 +201,11 @@ def cmd_worker(args) -> int:
         raise SettingsError(f"--models names no model ({args.models!r}): give comma-separated model ids")
     if args.cpu_threads is not None:
         os.environ["GEMMA_JOBS_CPU_THREADS"] = args.cpu_threads  # read by get_settings() below
+    settings = get_settings()  # a bad setting is refused before seconds of torch imports
     from workers.main import run_worker
 
     run_worker(
-        get_settings(), device, models, role=args.role, metrics_port=args.metrics_port,
+        settings, device, models, role=args.role, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, concurrency=args.concurrency,
     )
     return 0
