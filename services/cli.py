@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway (gunicorn)")
     gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=PORT, default=8000)
+    gateway.add_argument("--port", type=ANY_PORT, default=8000)
     gateway.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
     gateway.add_argument("--threads", type=_whole_number(1, 1024), default=16,
                          help="threads per process; streams and waits hold at most all but 4 (GEMMA_JOBS_MAX_HELD_REQUESTS)")
@@ -175,7 +175,10 @@ def _whole_number(low: int, high: int):
     return parse
 
 
-PORT = _whole_number(0, 65535)  # an out-of-range port was an OverflowError traceback (0: any free one)
+# An out-of-range port was an OverflowError traceback. The gateway may take 0 (any free port);
+# `up` and `demo` must know theirs, and so must whoever scrapes a worker's metrics.
+PORT = _whole_number(1, 65535)
+ANY_PORT = _whole_number(0, 65535)
 
 def _cpu_threads(value: str) -> str:
     """Parse --cpu-threads: auto, or a whole number of threads from 1."""
@@ -202,6 +205,10 @@ def cmd_worker(args) -> int:
     if args.cpu_threads is not None:
         os.environ["GEMMA_JOBS_CPU_THREADS"] = args.cpu_threads  # read by get_settings() below
     settings = get_settings()  # a bad setting is refused before seconds of torch imports
+    if settings.log_format == "json":
+        # Progress bars (the model's conversion, its weights' loading) are not log lines; tqdm
+        # reads this when it is imported, below.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from workers.main import run_worker
 
     run_worker(

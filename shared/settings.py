@@ -137,21 +137,23 @@ class Settings(BaseSettings):
         if backend not in ("postgresql", "postgres", "sqlite") or driver not in ("", "psycopg", "pysqlite"):
             raise ValueError(f"{backend}{'+' + driver if driver else ''} is not supported: use postgresql://… "
                              "(driven by psycopg 3) or sqlite:///path/to/file.db")
+        _check_port(make_url(value).port, "postgresql://user@host:5432/db")
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        """A redis://, rediss:// or unix:// URL with a numeric port, if any."""
+        """A redis:// or rediss:// URL with a port in range, if any: both Celery's transport and
+        the Redis client must take it (Celery's has no unix:// sockets)."""
         if value is None:
             return value
         try:
             parts = urlsplit(value)
-            parts.port  # noqa: B018 - parsing it is the check
+            parts.port  # noqa: B018 - parsing it is the check: not a number, or out of range, raises
         except ValueError as exc:
             raise ValueError(f"not a Redis URL ({exc}); e.g. redis://host:6379/0") from None
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL, e.g. redis://host:6379/0")
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError("must be a redis:// or rediss:// URL, e.g. redis://host:6379/0")
         return value
 
     @model_validator(mode="after")
@@ -175,6 +177,14 @@ class Settings(BaseSettings):
             return self.database_url
         # Escaped: a data dir with "?" or "%20" in its name put the file elsewhere.
         path = str((self.data_dir / "gemma-jobs.db").resolve())
+        # Where releases before the escaping put it: a start that silently took up an empty
+        # file beside it would leave every job and key behind.
+        earlier = make_url(f"sqlite:///{path}").database
+        if earlier != path and Path(earlier).exists() and not Path(path).exists():
+            raise SettingsError(
+                f"the database is at {earlier}, where releases before this one put it for "
+                f"GEMMA_JOBS_DATA_DIR={self.data_dir}: move it (with its -wal and -shm files) to {path}, "
+                f"or set DATABASE_URL to {URL.create('sqlite', database=earlier).render_as_string()}")
         return URL.create("sqlite", database=path).render_as_string(hide_password=False)
 
     @property
@@ -226,3 +236,9 @@ def load_settings(**overrides: object) -> Settings:
 def get_settings() -> Settings:
     """Return the process-wide settings, read once."""
     return load_settings()
+
+
+def _check_port(port: int | None, example: str) -> None:
+    """Refuse a URL's port out of 1-65535 (the driver refused it at the first connection)."""
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range (1-65535); e.g. {example}")

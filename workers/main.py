@@ -18,7 +18,6 @@ from shared.reaper import Reaper
 from shared.settings import Settings
 from workers.celery_pool import HAND_BACK_THREADS
 from workers.metrics import serve_metrics
-from workers.model_loader import hide_progress_bars
 from workers.registration import Registration
 from workers.runtime import WorkerRuntime, set_runtime
 from workers.tasks import register_tasks
@@ -60,8 +59,6 @@ def run_worker(
     """Run a worker until it is stopped; `gemma-jobs worker` calls this."""
     configure_logging(settings.log_level, settings.log_format, process="worker")
     quiet_celery_task_lines(settings.log_level)
-    if settings.log_format == "json":
-        hide_progress_bars()  # transformers' weight-loading bar is not a JSON line
     concurrency = concurrency or settings.worker_concurrency
     rt = WorkerRuntime.create(settings, resolve_device(device), concurrency)
     rt.db.check_schema()
@@ -201,20 +198,23 @@ def _exit_on_sigterm_until_celery_runs() -> None:
     at once, and its row stayed `starting`, counted among the host's CPU workers until it went quiet."""
 
     def on_sigterm(signum: int, _frame) -> None:
+        # Once: a second SIGTERM raised into the cleanup itself, and the row stayed `starting`.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _hand_back_on_shutdown(rt: WorkerRuntime) -> Callable[..., None]:
-    """On SIGTERM (Celery's warm shutdown) give the running job shutdown_grace_s, then hand it
-    back; return the signal's handler."""
+    """On SIGTERM (Celery's warm shutdown) give the running jobs shutdown_grace_s, then hand them
+    back, at once on a cold shutdown; return the signal's handler."""
 
     @signals.worker_shutting_down.connect(weak=False)
-    def on_shutting_down(**_kwargs) -> None:
+    def on_shutting_down(how: str = "Warm", **_kwargs) -> None:
         # Runs inside a signal handler: set a value, log nothing (logging takes locks). Celery
         # sends this again at each further signal: the grace runs from the first, or an
-        # impatient supervisor repeating SIGTERM would put the hand-back off for ever.
-        rt.start_shutdown(rt.settings.shutdown_grace_s)
+        # impatient supervisor repeating SIGTERM would put the hand-back off for ever. A cold
+        # shutdown (a second Ctrl-C, SIGQUIT) leaves no grace: every running job goes back now.
+        rt.start_shutdown(0 if how == "Cold" else rt.settings.shutdown_grace_s)
 
     return on_shutting_down

@@ -29,13 +29,6 @@ from workers.tokenizer_cache import load_tokenizer  # noqa: E402
 
 log = structlog.get_logger(__name__)
 
-
-def hide_progress_bars() -> None:
-    """Leave out transformers' (and the hub's) progress bars, which are not log lines."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
 GEMMA_END_OF_TURN = "<end_of_turn>"
 # In a converted folder: which GGUF it was converted from (`_gguf_source_identity`).
 SOURCE_FILE = "source.json"

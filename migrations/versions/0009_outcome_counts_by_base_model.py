@@ -24,23 +24,24 @@ ADAPTER_PREFIX = 'ft-'  # services.domain.adapters.ADAPTER_PREFIX; migrations do
 
 def upgrade() -> None:
     bind = op.get_bind()
+    prefix = {"prefix": ADAPTER_PREFIX + "%"}
     counted = bind.execute(sa.text(
-        "SELECT kind, model, status, shard, jobs FROM job_outcome_counts WHERE model LIKE :prefix"),
-        {"prefix": ADAPTER_PREFIX + "%"}).all()
-    for kind, adapter_id, status, shard, jobs in counted:
-        # The base model is in the queue of the adapter's jobs (kind.model).
-        base = bind.execute(sa.text(
-            "SELECT substr(queue, length(kind) + 2) FROM jobs WHERE model = :model AND kind = :kind LIMIT 1"),
-            {"model": adapter_id, "kind": kind}).scalar()
+        "SELECT kind, model, status, shard, jobs FROM job_outcome_counts WHERE model LIKE :prefix"), prefix).all()
+    if not counted:
+        return
+    # Each adapter's base model is in the queue of its jobs (kind.model): one pass over jobs.
+    base_of = dict(((kind, model), base) for kind, model, base in bind.execute(sa.text(
+        "SELECT DISTINCT kind, model, substr(queue, length(kind) + 2) FROM jobs WHERE model LIKE :prefix"), prefix))
+    # Rows in one order, as a worker's upserts of the same counters may run meanwhile.
+    for kind, adapter_id, status, shard, jobs in sorted(counted):
+        base = base_of.get((kind, adapter_id))
         if base is None:
             continue  # no job names it: not an adapter's count, leave it
-        key = {"kind": kind, "base": base, "status": status, "shard": shard}
-        added = bind.execute(sa.text(
-            "UPDATE job_outcome_counts SET jobs = jobs + :jobs "
-            "WHERE kind = :kind AND model = :base AND status = :status AND shard = :shard"), {**key, "jobs": jobs})
-        if added.rowcount == 0:
-            bind.execute(sa.text("INSERT INTO job_outcome_counts (kind, model, status, shard, jobs) "
-                                 "VALUES (:kind, :base, :status, :shard, :jobs)"), {**key, "jobs": jobs})
+        # An upsert: a job ending now may create the base model's row in between.
+        bind.execute(sa.text(
+            "INSERT INTO job_outcome_counts (kind, model, status, shard, jobs) VALUES (:kind, :base, :status, :shard, "
+            ":jobs) ON CONFLICT (kind, model, status, shard) DO UPDATE SET jobs = job_outcome_counts.jobs + "
+            "excluded.jobs"), {"kind": kind, "base": base, "status": status, "shard": shard, "jobs": jobs})
         bind.execute(sa.text(
             "DELETE FROM job_outcome_counts WHERE kind = :kind AND model = :model AND status = :status "
             "AND shard = :shard"), {"kind": kind, "model": adapter_id, "status": status, "shard": shard})

@@ -93,17 +93,28 @@ class KeyLimits:
             policies.append(Policy("concurrent", self.max_concurrent, self.max_concurrent - active, None, 1))
         return Admission(tuple(policies), window_start)
 
-    def refusal(self, window: RateLimitWindow | None, active: int, tokens: int | None, window_start: datetime,
-                reset_s: int) -> RateLimited | None:
-        """Return the 429 for one more request of `tokens` (None: not checked), or None if it fits."""
+    def over_a_minute(self, tokens: int, at_least: bool = False) -> InvalidField | None:
+        """Return the 422 for a request of `tokens` (`at_least`: a lower bound) that alone is over
+        the key's tokens per minute, which no retry helps; None if it is not."""
+        if self.tpm is None or tokens <= self.tpm:
+            return None
+        return InvalidField(
+            f"this request reserves {'at least ' if at_least else ''}{tokens} tokens (prompt estimate + "
+            f"max_new_tokens), more than this key's {self.tpm} tokens per minute: lower max_new_tokens",
+            details=[{"field": "max_new_tokens", "message": "over the key's tokens per minute"}],
+        )
+
+    def refusal(self, window: RateLimitWindow | None, active: int, tokens: int, window_start: datetime,
+                reset_s: int, at_least: bool = False) -> RateLimited | None:
+        """Return the 429 for one more request of `tokens` (`at_least`: a lower bound), or None if it fits."""
         requests, counted = (window.requests, window.tokens) if window is not None else (0, 0)
         if self.max_concurrent is not None and active >= self.max_concurrent:
             limit, retry_after_s = f"{self.max_concurrent} concurrent jobs (queued + running)", 1
         elif self.rpm is not None and requests >= self.rpm:
             limit, retry_after_s = f"{self.rpm} requests per minute", reset_s
-        elif self.tpm is not None and tokens is not None and counted + tokens > self.tpm:
+        elif self.tpm is not None and counted + tokens > self.tpm:
             limit = (f"{self.tpm} tokens per minute ({counted} reserved or used this minute, "
-                     f"this request needs {tokens})")
+                     f"this request needs {'at least ' if at_least else ''}{tokens})")
             retry_after_s = reset_s
         else:
             return None
@@ -133,12 +144,9 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
     now = max(now, utcnow())
     key_limits = KeyLimits.of(key, settings)
     window_start, reset_s = _minute_of(now)
-    if key_limits.tpm is not None and tokens > key_limits.tpm:
-        raise InvalidField(
-            f"this request reserves {tokens} tokens (prompt estimate + max_new_tokens), more than "
-            f"this key's {key_limits.tpm} tokens per minute: lower max_new_tokens",
-            details=[{"field": "max_new_tokens", "message": "over the key's tokens per minute"}],
-        )
+    too_many = key_limits.over_a_minute(tokens)
+    if too_many is not None:
+        raise too_many
     # Locked as well: workers settle reservations into this row (tokens = tokens + used - reserved)
     # without the key's lock, and an unlocked read here would write back a count that lost theirs.
     window = session.get(RateLimitWindow, (key_id, window_start), populate_existing=True, with_for_update=True)
@@ -162,8 +170,10 @@ def admit(session: Session, caller: Caller, settings: Settings, tokens: int, now
 
 
 def refuse_early(session: Session, caller: Caller, settings: Settings, tokens_at_least: int) -> None:
-    """Raise RateLimited now for a request its key's limits refuse whatever its prompt's count:
-    read without locks, before the gateway counts the prompt's tokens.
+    """Raise RateLimited (or the 422 of a request over a whole minute's tokens) now for a
+    request its key's limits refuse whatever its prompt's count: read without locks, before the
+    gateway counts the prompt's tokens (so a prompt over the context is a 422 only once the key's
+    limits admit a request again).
 
     Counting a long prompt costs the gateway up to ~0.1 s of CPU, which a key over its limits
     could otherwise make it spend on every request it sends only to be refused. `admit`
@@ -175,12 +185,14 @@ def refuse_early(session: Session, caller: Caller, settings: Settings, tokens_at
     if key is None:
         return  # deleted meanwhile: admission answers it
     key_limits = KeyLimits.of(key, settings)
+    # First, as admission: a request over the whole minute's tokens is a 422 (no retry helps).
+    too_many = key_limits.over_a_minute(tokens_at_least, at_least=True)
+    if too_many is not None:
+        raise too_many
     window_start, reset_s = _minute_of(utcnow())
     window = session.get(RateLimitWindow, (caller.key_id, window_start))
     active = _active_jobs(session, caller.key_id) if key_limits.max_concurrent is not None else 0
-    # A request over the whole minute's tokens is admission's 422 (no retry helps), not a 429.
-    fits_a_minute = key_limits.tpm is None or tokens_at_least <= key_limits.tpm
-    refused = key_limits.refusal(window, active, tokens_at_least if fits_a_minute else None, window_start, reset_s)
+    refused = key_limits.refusal(window, active, tokens_at_least, window_start, reset_s, at_least=True)
     if refused is not None:
         raise refused
 

@@ -52,7 +52,7 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
     ("get", "/v1/models"): (
         "List the base models and your adapters",
         None,
-        {200: schemas.ModelList, 401: schemas.ErrorResponse},
+        {200: schemas.ModelList, 401: schemas.ErrorResponse, 422: schemas.ErrorResponse},
         True,
     ),
     ("delete", "/v1/models/{model_id}"): (
@@ -72,7 +72,7 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
     ("get", "/v1/files"): (
         "List your files, newest first",
         None,
-        {200: schemas.FileList, 401: schemas.ErrorResponse},
+        {200: schemas.FileList, 401: schemas.ErrorResponse, 422: schemas.ErrorResponse},
         True,
     ),
     ("get", "/v1/files/{file_id}"): (
@@ -111,7 +111,7 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
     ("get", "/v1/admin/keys"): (
         "List API keys (admin)",
         None,
-        {200: schemas.KeyList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse},
+        {200: schemas.KeyList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse, 422: schemas.ErrorResponse},
         True,
     ),
     ("delete", "/v1/admin/keys/{key_id}"): (
@@ -137,7 +137,8 @@ ROUTES: dict[tuple[str, str], tuple[str, type[BaseModel] | None, dict[int, type[
     ("get", "/v1/admin/queues"): (
         "Queues: depth, oldest waiting job, live consumers (admin)",
         None,
-        {200: schemas.QueueList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse},
+        {200: schemas.QueueList, 401: schemas.ErrorResponse, 403: schemas.ErrorResponse,
+         422: schemas.ErrorResponse},
         True,
     ),
     ("get", "/healthz"): ("Liveness", None, {200: schemas.Health}, False),

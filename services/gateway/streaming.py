@@ -46,9 +46,10 @@ DB_POLL_S = 1.0
 KEEP_ALIVE_S = 15.0
 KEEP_ALIVE = ": keep-alive\n\n"
 REDIS_RETRY_S = 5.0
-# How often an open stream checks that its key still works: a revoked or expired key's stream
-# ends within this, as its other requests do in other gateway processes (KEY_CACHE_TTL_S).
-KEY_CHECK_S = KEY_CACHE_TTL_S
+# How often an open stream checks that its key still works: with one wait on Redis after it, a
+# revoked or expired key's stream ends within KEY_CACHE_TTL_S, as its requests do in other
+# gateway processes.
+KEY_CHECK_S = KEY_CACHE_TTL_S - BLOCK_MS / 1000
 EVENT_PAGE = 1000
 MAX_EVENT_ID = 2**63 - 1
 MAX_STREAM_ID_PART = 2**64 - 1

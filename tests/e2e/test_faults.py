@@ -341,6 +341,20 @@ def _worker_row(cluster: Cluster, pid: int) -> WorkerRecord | None:
         return session.scalars(select(WorkerRecord).where(WorkerRecord.pid == pid)).first()
 
 
+def test_a_revoke_with_terminate_leaves_a_batching_worker_serving(cluster, redis_url):
+    """Celery's `revoke --terminate` (Flower, `celery control`) on a batching worker must not
+    end its grace: one version of its pool did, and every later job was claimed and handed
+    back in a loop (thousands of attempts in seconds) without ever running."""
+    cluster.start_worker(GEMMA_JOBS_WORKER_CONCURRENCY="2")
+    running = cluster.submit({**LONG, "max_new_tokens": 60})
+    cluster.wait_running(running, tokens_in_s=0.3)
+    make_celery(redis_url).control.revoke(running, terminate=True)
+    later = cluster.submit(SHORT)
+    for job_id in (running, later):
+        job = cluster.wait_done(job_id, timeout_s=60)
+        assert (job["status"], job["attempts"]) == ("succeeded", 1), job
+
+
 def test_cancel_ttl_and_timeout_with_one_worker(cluster):
     cluster.start_worker()
     running = cluster.submit({**LONG, "max_new_tokens": 400})

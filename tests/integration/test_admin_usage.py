@@ -234,6 +234,8 @@ def test_a_list_that_takes_no_query_refuses_one(client, admin, path):
     """Ignored, `?limit=1` on the keys list seemed to page, and every key came back."""
     error = assert_error(client.get(path, headers=admin), 422, "invalid_field")
     assert path.split("?")[1].split("=")[0] in str(error)
+    document = client.get("/openapi.json").get_json()
+    assert "422" in document["paths"][path.split("?")[0]]["get"]["responses"]  # as documented
 
 
 def test_a_key_s_expiry_is_answered_in_utc_as_every_later_read_shows_it(client, admin):

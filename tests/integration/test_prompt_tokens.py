@@ -137,7 +137,7 @@ def test_by_default_once_a_long_prompt_loaded_the_tokenizer_every_prompt_is_coun
 @pytest.mark.parametrize(("limits", "refused_by"), [
     ({"rpm": 1}, "1 requests per minute"),
     ({"max_concurrent": 1}, "1 concurrent jobs"),
-    ({"tpm": 100}, "100 tokens per minute (17 reserved or used this minute, this request needs 90)"),
+    ({"tpm": 100}, "100 tokens per minute (17 reserved or used this minute, this request needs at least 90)"),
 ])
 def test_a_key_over_its_limits_is_refused_before_its_long_prompt_is_counted(counting_app, limits, refused_by):
     """Counting a long prompt costs the gateway up to ~0.1 s of CPU: a key that its limits refuse
@@ -156,11 +156,19 @@ def test_a_key_over_its_limits_is_refused_before_its_long_prompt_is_counted(coun
     assert not counter.is_loaded(DEFAULT_MODEL_ID)
 
 
-def test_a_long_prompt_over_a_whole_minute_of_tokens_is_still_counted_and_422(counting_app):
-    """No retry helps a request over the key's whole tokens per minute: admission's 422 names it."""
+def test_a_request_over_a_whole_minute_of_tokens_is_422_not_429_and_not_counted(counting_app):
+    """No retry helps a request over the key's whole tokens per minute: a 422 names it, before
+    its long prompt is counted, even for a key over its rpm (a 429 sent it to retry in vain)."""
+    counter = counting_app.extensions["gemma_jobs"].token_counter
+    with counting_app.extensions["gemma_jobs"].db.session_scope() as session:
+        _, plaintext = create_key(session, role="user", tpm=150, rpm=1)
+    client, headers = counting_app.test_client(), {"Authorization": f"Bearer {plaintext}"}
+    short = {"model": DEFAULT_MODEL_ID, "prompt": "The capital of France is", "max_new_tokens": 10}
+    assert client.post("/v1/generations", json=short, headers=headers).status_code == 202
     body = {"model": DEFAULT_MODEL_ID, "prompt": "word " * 7000, "max_new_tokens": 200}
-    error = assert_error(post_with_tpm(counting_app, body, tpm=150), 422, "invalid_field")
-    assert "this request reserves 7202 tokens" in error["message"]
+    error = assert_error(client.post("/v1/generations", json=body, headers=headers), 422, "invalid_field")
+    assert "this request reserves at least 200 tokens" in error["message"] and "150 tokens per minute" in error["message"]
+    assert not counter.is_loaded(DEFAULT_MODEL_ID)
 
 
 def test_with_counting_on_the_exact_count_is_what_the_token_budget_reserves(counting_app):

@@ -29,11 +29,28 @@ def test_the_default_sqlite_file_is_under_the_data_dir_whatever_its_name(monkeyp
     assert make_url(url).database == str(tmp_path / name / "gemma-jobs.db")
 
 
+def test_a_database_where_earlier_releases_put_it_is_named_not_left_behind(monkeypatch, tmp_path):
+    """Before the default URL was escaped, a data dir named "my%20data" kept its file in "my data":
+    an upgrade silently started on a new, empty file."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("GEMMA_JOBS_DATA_DIR", str(tmp_path / "my%20data"))
+    (tmp_path / "my data").mkdir()
+    (tmp_path / "my data" / "gemma-jobs.db").write_bytes(b"")
+    with pytest.raises(SettingsError, match="the database is at .*my data/gemma-jobs.db") as raised:
+        load_settings().database_url_or_default
+    from sqlalchemy.engine import make_url
+
+    told = str(raised.value).rsplit("set DATABASE_URL to ", 1)[1]
+    assert make_url(told).database == str(tmp_path / "my data" / "gemma-jobs.db")
+    monkeypatch.setenv("DATABASE_URL", told)
+    assert load_settings().database_url_or_default == told
+
+
 def test_supported_database_and_redis_urls_are_taken(monkeypatch):
     for database_url in ("postgresql://h/db", "postgres://h/db", "postgresql+psycopg://u@h:5432/db", "sqlite:///x.db"):
         monkeypatch.setenv("DATABASE_URL", database_url)
         assert load_settings().database_url == database_url
-    for redis_url in ("redis://h:6379/0", "rediss://u:p@h/1", "unix:///run/redis.sock"):
+    for redis_url in ("redis://h:6379/0", "rediss://u:p@h/1"):
         monkeypatch.setenv("REDIS_URL", redis_url)
         assert load_settings().redis_url == redis_url
 
@@ -62,6 +79,8 @@ def test_environment_names_are_read(monkeypatch):
         ("REDIS_URL", "localhost"),
         ("REDIS_URL", "http://foo"),
         ("REDIS_URL", "redis://host:abc/0"),
+        ("REDIS_URL", "unix:///run/redis.sock"),  # the client takes it, Celery's transport does not
+        ("DATABASE_URL", "postgresql://user@host:99999/db"),
         ("GEMMA_JOBS_LOG_FORMAT", "xml"),
     ],
 )
