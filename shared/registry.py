@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from shared.settings import validation_message
+
 DEFAULT_MODEL_ID = "gemma-3-270m"
 
 
@@ -75,7 +77,7 @@ class ModelRegistry:
                 listed = _ENTRIES.validate_python(raw["models"])
             except ValidationError as exc:
                 # One line, as every start-up error: pydantic's own text takes three per problem.
-                problems = "; ".join(f"{_where(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+                problems = "; ".join(f"{_where(error['loc'])}: {validation_message(error)}"
                                      for error in exc.errors())
                 raise RegistryError(f"GEMMA_JOBS_MODEL_REGISTRY={path}: {problems}") from exc
             except (OSError, ValueError, KeyError, TypeError) as exc:

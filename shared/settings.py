@@ -131,13 +131,15 @@ class Settings(BaseSettings):
         if value is None:
             return value
         try:
-            backend, _, driver = make_url(value).drivername.partition("+")
+            url = make_url(value)
         except (ArgumentError, ValueError) as exc:
             raise ValueError(f"not a database URL ({exc}); e.g. postgresql://user@host:5432/db") from None
+        backend, _, driver = url.drivername.partition("+")
         if backend not in ("postgresql", "postgres", "sqlite") or driver not in ("", "psycopg", "pysqlite"):
             raise ValueError(f"{backend}{'+' + driver if driver else ''} is not supported: use postgresql://… "
                              "(driven by psycopg 3) or sqlite:///path/to/file.db")
-        _check_port(make_url(value).port, "postgresql://user@host:5432/db")
+        if url.port is not None and not 0 < url.port < 65536:  # the driver refused it at the first connection
+            raise ValueError(f"port {url.port} is out of range (1-65535); e.g. postgresql://user@host:5432/db")
         return value
 
     @field_validator("redis_url")
@@ -216,6 +218,11 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def validation_message(error: dict) -> str:
+    """Return a pydantic error's message without the "Value error, " of our own validators."""
+    return error["msg"].removeprefix("Value error, ")
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment, naming the variable on a bad value."""
     try:
@@ -224,11 +231,11 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors():
             if not error["loc"]:  # a check of several settings: its message names them
-                problems.append(error["msg"].removeprefix("Value error, "))
+                problems.append(validation_message(error))
                 continue
             field = str(error["loc"][0])
             name = env_name(field) if field in Settings.model_fields else field
-            problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+            problems.append(f"{name}: {validation_message(error)}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None
 
 
@@ -236,9 +243,3 @@ def load_settings(**overrides: object) -> Settings:
 def get_settings() -> Settings:
     """Return the process-wide settings, read once."""
     return load_settings()
-
-
-def _check_port(port: int | None, example: str) -> None:
-    """Refuse a URL's port out of 1-65535 (the driver refused it at the first connection)."""
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"port {port} is out of range (1-65535); e.g. {example}")
